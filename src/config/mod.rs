@@ -1,0 +1,313 @@
+//! Configuration: the TOML file's raw serde shape ([`raw`]) and the validated [`Config`] it becomes
+//! ([`load`]). Everything downstream reads only the validated types below: names resolved, durations
+//! parsed, credentials resolved into [`Secret`]s, schedules compiled. Field docs are written for
+//! operators; `spec/config.md`'s reference is generated from the same words in `docs/`.
+
+pub mod load;
+pub mod raw;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use url::Url;
+
+use crate::schedule::{Schedule, Window};
+use crate::secret::Secret;
+
+pub use load::{ConfigError, Problem, load_file, load_str};
+
+/// A loaded, validated configuration. Built only by [`load`]; cheap to share behind an `Arc`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub stores: BTreeMap<String, StoreConfig>,
+    pub keys: Vec<KeyConfig>,
+    pub coordination: Option<CoordinationConfig>,
+    /// Things worth saying that do not make the config invalid (manual-only keys, a schedule whose runs
+    /// all fall outside the window, an `http` provider without `status`...). `check-config` prints them.
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    pub fn key(&self, name: &str) -> Option<&KeyConfig> {
+        self.keys.iter().find(|k| k.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Journal, lock file and audit log live here. Default: `$STATE_DIRECTORY` or `./state`.
+    pub state_dir: PathBuf,
+    /// Metrics, health and admin API. Default `127.0.0.1:9464`.
+    pub listen: SocketAddr,
+    /// Bearer token for the admin API's POSTs; `None` = every POST answers 403.
+    pub admin_token: Option<Secret>,
+    /// Rotations running at once across all keys. Default 16.
+    pub max_concurrent_rotations: usize,
+    /// How often every key is compared with its destinations; `None` = reconcile disabled ("0s").
+    pub reconcile_interval: Option<Duration>,
+    pub log_format: LogFormat,
+    /// Start with scheduled rotations paused.
+    pub paused: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    Aos(AosProviderConfig),
+    Http(HttpProviderConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct AosPaths {
+    pub status: String,
+    pub regenerate: String,
+    pub auth_check: String,
+}
+
+impl Default for AosPaths {
+    fn default() -> Self {
+        AosPaths {
+            status: "/v1/api-keys/current".into(),
+            regenerate: "/v1/api-keys/regenerate".into(),
+            auth_check: "/v1/auth/check".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AosProviderConfig {
+    pub base_url: Url,
+    pub management_token: Secret,
+    /// The business account the key must belong to; any other aborts the rotation.
+    pub account_id: Option<String>,
+    /// Per request. Default 10s.
+    pub timeout: Duration,
+    /// Sent with every regenerate. Default `keyrotd@<hostname>`.
+    pub requested_by: String,
+    pub paths: AosPaths,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpAuth {
+    pub header: String,
+    pub prefix: String,
+    pub value: Secret,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpRegenerate {
+    pub method: String,
+    /// May contain `{key_id}`.
+    pub url: String,
+    pub body: Option<String>,
+    pub secret_pointer: String,
+    pub key_id_pointer: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpStatus {
+    pub url: String,
+    pub key_id_pointer: String,
+    pub last_rotated_pointer: Option<String>,
+    pub active_pointer: Option<String>,
+    pub account_id_pointer: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpAuthCheck {
+    pub url: String,
+    pub header: String,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpProviderConfig {
+    pub auth: Option<HttpAuth>,
+    pub regenerate: HttpRegenerate,
+    pub status: Option<HttpStatus>,
+    pub auth_check: Option<HttpAuthCheck>,
+    pub account_id: Option<String>,
+    pub timeout: Duration,
+    pub requested_by: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Vault(VaultStoreConfig),
+    Aws(AwsStoreConfig),
+    File(FileStoreConfig),
+}
+
+impl StoreConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreConfig::Vault(_) => "vault",
+            StoreConfig::Aws(_) => "aws",
+            StoreConfig::File(_) => "file",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum VaultAuth {
+    Token(Secret),
+    AppRole {
+        role_id: Secret,
+        secret_id: Secret,
+        /// Auth mount of the AppRole method. Default "approle".
+        mount: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct VaultStoreConfig {
+    pub address: Url,
+    pub auth: VaultAuth,
+    /// KV v2 mount. Default "secret".
+    pub mount: String,
+    pub namespace: Option<String>,
+    /// Per request. Default 10s.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AwsStoreConfig {
+    /// Default: the standard AWS chain (AWS_REGION, profile...).
+    pub region: Option<String>,
+    /// A local emulator or a VPC endpoint.
+    pub endpoint_url: Option<Url>,
+    /// Per request. Default 10s.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileStoreConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct CoordinationConfig {
+    pub store: String,
+    pub path: String,
+    pub ttl: Duration,
+}
+
+/// One managed key: a `[[keys]]` entry.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub name: String,
+    pub provider: String,
+    pub schedule: Option<Schedule>,
+    pub timezone: Tz,
+    pub max_age: Option<Duration>,
+    pub jitter: Duration,
+    pub window: Option<Window>,
+    pub catch_up: bool,
+    /// `Duration::ZERO` = no watch.
+    pub watch: Duration,
+    pub watch_interval: Duration,
+    pub store_deadline: Duration,
+    pub auto_recover: bool,
+    pub max_rerotations: u32,
+    pub max_regenerations_per_day: u32,
+    pub destinations: Vec<DestinationConfig>,
+    pub dependents: Vec<DependentConfig>,
+}
+
+impl KeyConfig {
+    /// Neither a schedule nor a max age: rotated only on demand.
+    pub fn is_manual_only(&self) -> bool {
+        self.schedule.is_none() && self.max_age.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationConfig {
+    /// Name of a `[stores.*]` entry.
+    pub store: String,
+    pub target: DestinationTarget,
+}
+
+/// Where on its store a destination lives; the variant matches the store's kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DestinationTarget {
+    /// KV v2 `path` under the store's mount; `field` is written, the other fields kept.
+    Vault { path: String, field: String },
+    /// `field` None = the whole SecretString is the key; Some = one field of a JSON object.
+    Aws {
+        secret_id: String,
+        field: Option<String>,
+    },
+    /// Relative to the store's `dir`.
+    File { file: String },
+}
+
+impl std::fmt::Display for DestinationTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DestinationTarget::Vault { path, field } => write!(f, "{path}#{field}"),
+            DestinationTarget::Aws {
+                secret_id,
+                field: Some(field),
+            } => write!(f, "{secret_id}#{field}"),
+            DestinationTarget::Aws {
+                secret_id,
+                field: None,
+            } => write!(f, "{secret_id}"),
+            DestinationTarget::File { file } => write!(f, "{file}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DependentConfig {
+    pub name: String,
+    /// Store names; the hook is called once all of the key's destinations on these stores are
+    /// confirmed. Defaults to every store the key has a destination on.
+    pub reads_from: Vec<String>,
+    pub verify: Option<VerifyConfig>,
+    pub reload: Option<ReloadHook>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    pub url: Url,
+    /// Default 200.
+    pub expect_status: u16,
+    /// Default 5s.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum ReloadHook {
+    Http {
+        url: Url,
+        /// Default POST.
+        method: String,
+        /// Default 5s.
+        timeout: Duration,
+        signing_key: Option<Secret>,
+        /// Attempts after the first. Default 2.
+        retries: u32,
+    },
+    Command {
+        /// argv; run without a shell.
+        command: Vec<String>,
+        /// Default 30s.
+        timeout: Duration,
+        /// Static environment added to PATH, LANG and the KEYROTD_* variables.
+        env: BTreeMap<String, String>,
+        /// Attempts after the first. Default 2.
+        retries: u32,
+    },
+}

@@ -1,0 +1,163 @@
+//! Providers: the systems that issue keys and can regenerate them. `aos` (the AOS portal contract, built
+//! in) and `http` (a generic, fully described HTTP API). The provider layer does I/O and classifies
+//! errors ([`ProviderError`]); what to do about them is the engine's decision.
+
+pub mod aos;
+pub mod http;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::ProviderConfig;
+use crate::secret::Secret;
+
+/// The portal's metadata for the current key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyStatus {
+    pub active: bool,
+    pub key_id: String,
+    pub account_id: Option<String>,
+    pub first_generated: Option<DateTime<Utc>>,
+    pub last_rotated: Option<DateTime<Utc>>,
+    pub generated_by: Option<String>,
+}
+
+/// A regenerate response. The only time the secret is ever seen.
+#[derive(Debug)]
+pub struct Regenerated {
+    pub key_id: String,
+    pub secret: Secret,
+    pub last_rotated: Option<DateTime<Utc>>,
+    pub generated_by: Option<String>,
+}
+
+/// Who a secret authenticates as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthIdentity {
+    pub account_id: Option<String>,
+    pub key_id: Option<String>,
+}
+
+/// Why a provider call failed. Never carries a secret or a response body verbatim beyond a short,
+/// sanitized excerpt of error text.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// 401/403 on a management call: the management credential is bad. Not retryable; nothing happened.
+    #[error("{provider}: {operation}: management credential refused (HTTP {status})")]
+    Auth {
+        provider: String,
+        operation: &'static str,
+        status: u16,
+    },
+    /// 429: wait at least `retry_after`.
+    #[error("{provider}: {operation}: rate limited, retry after {retry_after:?}")]
+    RateLimited {
+        provider: String,
+        operation: &'static str,
+        retry_after: Duration,
+    },
+    /// Failed before the request could have had an effect, or on a read-only call: retry.
+    #[error("{provider}: {operation}: {message}")]
+    Transient {
+        provider: String,
+        operation: &'static str,
+        message: String,
+    },
+    /// A regenerate was sent and its outcome is unknown (timeout, reset, 5xx, unparseable body): the
+    /// portal may have rotated. Only ever returned by `regenerate`.
+    #[error("{provider}: regenerate outcome unknown: {message}")]
+    Ambiguous { provider: String, message: String },
+    /// Anything retrying will not fix (4xx other than 401/403/429, a feature the provider lacks).
+    #[error("{provider}: {operation}: {message}")]
+    Permanent {
+        provider: String,
+        operation: &'static str,
+        message: String,
+    },
+}
+
+impl ProviderError {
+    /// Metric label for `keyrotd_provider_requests_total{outcome}`.
+    pub fn outcome_label(&self) -> &'static str {
+        match self {
+            ProviderError::Auth { .. } => "auth_error",
+            ProviderError::RateLimited { .. } => "rate_limited",
+            ProviderError::Transient { .. } | ProviderError::Permanent { .. } => "transient",
+            ProviderError::Ambiguous { .. } => "ambiguous",
+        }
+    }
+}
+
+/// A configured provider, ready to use.
+pub enum Provider {
+    Aos(aos::AosProvider),
+    Http(http::HttpProvider),
+}
+
+impl Provider {
+    pub fn build(name: &str, config: &ProviderConfig) -> Result<Provider, ProviderError> {
+        Ok(match config {
+            ProviderConfig::Aos(c) => Provider::Aos(aos::AosProvider::new(name, c)?),
+            ProviderConfig::Http(c) => Provider::Http(http::HttpProvider::new(name, c)?),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Provider::Aos(p) => p.name(),
+            Provider::Http(p) => p.name(),
+        }
+    }
+
+    /// The expected business account from config, if any.
+    pub fn expected_account(&self) -> Option<&str> {
+        match self {
+            Provider::Aos(p) => p.expected_account(),
+            Provider::Http(p) => p.expected_account(),
+        }
+    }
+
+    /// False for an `http` provider without a `status` section.
+    pub fn has_status(&self) -> bool {
+        match self {
+            Provider::Aos(_) => true,
+            Provider::Http(p) => p.has_status(),
+        }
+    }
+
+    /// False for an `http` provider without an `auth_check` section.
+    pub fn has_auth_check(&self) -> bool {
+        match self {
+            Provider::Aos(_) => true,
+            Provider::Http(p) => p.has_auth_check(),
+        }
+    }
+
+    pub async fn status(&self) -> Result<KeyStatus, ProviderError> {
+        match self {
+            Provider::Aos(p) => p.status().await,
+            Provider::Http(p) => p.status().await,
+        }
+    }
+
+    /// `current_key_id` fills `{key_id}` in the `http` provider's URL.
+    pub async fn regenerate(
+        &self,
+        reason: &str,
+        current_key_id: Option<&str>,
+    ) -> Result<Regenerated, ProviderError> {
+        match self {
+            Provider::Aos(p) => p.regenerate(reason).await,
+            Provider::Http(p) => p.regenerate(reason, current_key_id).await,
+        }
+    }
+
+    /// `Ok(Some)` when the secret is the active key, `Ok(None)` when it is refused (401/403).
+    pub async fn auth_check(&self, secret: &Secret) -> Result<Option<AuthIdentity>, ProviderError> {
+        match self {
+            Provider::Aos(p) => p.auth_check(secret).await,
+            Provider::Http(p) => p.auth_check(secret).await,
+        }
+    }
+}

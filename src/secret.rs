@@ -1,0 +1,118 @@
+//! Secrets as a type, and the one place credentials are read from the environment or files.
+//!
+//! A [`Secret`] is a `secrecy::SecretString`: it has no `Display`, its `Debug` prints a redaction, it is
+//! zeroized on drop, and the only way to its bytes is `expose_secret()` — so `grep expose_secret` lists
+//! every place a secret is used. Values are identified everywhere else by their [`fingerprint`].
+
+use std::path::PathBuf;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// A secret value: an API key, a management token, a hook signing key.
+pub type Secret = SecretString;
+
+/// Where a credential comes from. Written in TOML as `{ env = "NAME" }` or `{ file = "/path" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SecretRef {
+    /// An environment variable of the keyrotd process.
+    Env(String),
+    /// A file (e.g. under `$CREDENTIALS_DIRECTORY`); its contents, one trailing newline stripped.
+    File(PathBuf),
+}
+
+/// Why a [`SecretRef`] could not be resolved. Never holds the value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretRefError {
+    #[error("environment variable {0} is not set")]
+    EnvMissing(String),
+    #[error("environment variable {0} is empty")]
+    EnvEmpty(String),
+    #[error("cannot read credential file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("credential file {0} is empty")]
+    FileEmpty(String),
+}
+
+impl SecretRef {
+    /// Reads the credential now. Called at config load only.
+    pub fn resolve(&self) -> Result<Secret, SecretRefError> {
+        match self {
+            SecretRef::Env(name) => match std::env::var(name) {
+                Ok(v) if v.is_empty() => Err(SecretRefError::EnvEmpty(name.clone())),
+                Ok(v) => Ok(Secret::from(v)),
+                Err(_) => Err(SecretRefError::EnvMissing(name.clone())),
+            },
+            SecretRef::File(path) => {
+                let mut text = std::fs::read_to_string(path).map_err(|e| SecretRefError::File {
+                    path: path.display().to_string(),
+                    reason: e.kind().to_string(),
+                })?;
+                if text.ends_with('\n') {
+                    text.pop();
+                    if text.ends_with('\r') {
+                        text.pop();
+                    }
+                }
+                if text.is_empty() {
+                    return Err(SecretRefError::FileEmpty(path.display().to_string()));
+                }
+                Ok(Secret::from(text))
+            }
+        }
+    }
+}
+
+/// The short public identity of a secret value: the first 12 hex digits of its SHA-256.
+pub fn fingerprint(secret: &Secret) -> String {
+    fingerprint_bytes(secret.expose_secret().as_bytes())
+}
+
+/// [`fingerprint`] of raw bytes (a value read back from a store before it is wrapped).
+pub fn fingerprint_bytes(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    hex::encode(&digest[..6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_twelve_hex_digits_of_sha256() {
+        // sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
+        assert_eq!(
+            fingerprint(&Secret::from("abc".to_string())),
+            "ba7816bf8f01"
+        );
+    }
+
+    #[test]
+    fn debug_of_a_secret_does_not_show_it() {
+        let s = Secret::from("aos_sk_live_topsecret".to_string());
+        assert!(!format!("{s:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn file_reference_strips_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tok");
+        std::fs::write(&path, "tok-123\n").unwrap();
+        let s = SecretRef::File(path).resolve().unwrap();
+        assert_eq!(s.expose_secret(), "tok-123");
+    }
+
+    #[test]
+    fn missing_sources_are_named() {
+        let e = SecretRef::Env("KEYROTD_TEST_SURELY_UNSET_VAR".into())
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("KEYROTD_TEST_SURELY_UNSET_VAR"));
+        let e = SecretRef::File("/nonexistent/keyrotd/tok".into())
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/keyrotd/tok"));
+    }
+}

@@ -1,0 +1,28 @@
+//! Local file destinations.
+use super::{StoreError, StoredValue, WriteRequest};
+use crate::config::{DestinationTarget, FileStoreConfig};
+
+pub struct FileStore {
+    name: String,
+}
+impl FileStore {
+    pub fn new(name: &str, _c: &FileStoreConfig) -> Self {
+        Self { name: name.into() }
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub async fn preflight(&self, _t: &DestinationTarget) -> Result<(), StoreError> {
+        unimplemented!()
+    }
+    pub async fn write(
+        &self,
+        _t: &DestinationTarget,
+        _r: &WriteRequest<'_>,
+    ) -> Result<Option<String>, StoreError> {
+        unimplemented!()
+    }
+    pub async fn read(&self, _t: &DestinationTarget) -> Result<Option<StoredValue>, StoreError> {
+        unimplemented!()
+    }
+}

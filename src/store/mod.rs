@@ -1,0 +1,158 @@
+//! Destinations: where a key's value is written. One [`Store`] per `[stores.*]` entry, built from its
+//! config; every operation takes the [`DestinationTarget`] (path, secret id, file) it acts on.
+//!
+//! The store layer does I/O and classifies errors ([`StoreErrorKind`]); it decides nothing about
+//! retries or outcomes — the engine reads the error kind.
+
+pub mod aws;
+pub mod file;
+pub mod vault;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::config::{DestinationTarget, StoreConfig};
+use crate::secret::Secret;
+
+/// What a write carries besides the value: the metadata written beside it (Vault custom metadata, AWS
+/// tags, file sidecar) and the idempotency token.
+#[derive(Debug, Clone)]
+pub struct WriteRequest<'a> {
+    /// The key's name (for logs and errors).
+    pub key: &'a str,
+    pub rotation_id: Uuid,
+    pub key_id: &'a str,
+    pub secret: &'a Secret,
+    /// `secret::fingerprint(secret)`.
+    pub fingerprint: &'a str,
+    pub rotated_at: DateTime<Utc>,
+}
+
+impl WriteRequest<'_> {
+    /// AWS `ClientRequestToken`: a UUID derived from (rotation id, new key id), so a retry of one value
+    /// is idempotent and a re-rotation's new value gets a new token.
+    pub fn idempotency_token(&self) -> Uuid {
+        Uuid::new_v5(&self.rotation_id, self.key_id.as_bytes())
+    }
+}
+
+/// What a destination holds now.
+#[derive(Debug, Clone)]
+pub struct StoredValue {
+    /// The value itself: needed to copy it to a stale destination and to adopt it (auth_check).
+    pub secret: Secret,
+    /// Computed from the value read, never taken from metadata.
+    pub fingerprint: String,
+    /// From the metadata written beside it (`keyrotd_key_id`, tag `keyrotd:key_id`, sidecar); None
+    /// when the value was put there by someone else.
+    pub key_id: Option<String>,
+    /// Store version: KV v2 version number, AWS VersionId, file mtime (RFC 3339).
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// Network trouble, 5xx, throttling, timeouts: retry with backoff.
+    Transient,
+    /// Credential invalid or missing permission: retrying will not help.
+    Auth,
+    /// The path/secret/dir does not exist (AWS secrets are not created by keyrotd).
+    NotFound,
+    /// A check-and-set lost against a concurrent writer: re-read and retry.
+    Conflict,
+    /// Anything else that retrying cannot fix (malformed existing value, bad config).
+    Permanent,
+}
+
+/// A store failure. The message names the store and target but never a value.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{store}: {target}: {message}")]
+pub struct StoreError {
+    pub kind: StoreErrorKind,
+    pub store: String,
+    pub target: String,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            StoreErrorKind::Transient | StoreErrorKind::Conflict
+        )
+    }
+}
+
+/// A configured store, ready to use.
+pub enum Store {
+    Vault(vault::VaultStore),
+    Aws(aws::AwsStore),
+    File(file::FileStore),
+}
+
+impl Store {
+    /// Builds the client. Does no network I/O except what the SDK does lazily (Vault AppRole login
+    /// happens on first use).
+    pub async fn build(name: &str, config: &StoreConfig) -> Result<Store, StoreError> {
+        Ok(match config {
+            StoreConfig::Vault(c) => Store::Vault(vault::VaultStore::new(name, c)?),
+            StoreConfig::Aws(c) => Store::Aws(aws::AwsStore::new(name, c).await?),
+            StoreConfig::File(c) => Store::File(file::FileStore::new(name, c)),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Store::Vault(s) => s.name(),
+            Store::Aws(s) => s.name(),
+            Store::File(s) => s.name(),
+        }
+    }
+
+    /// Reachable and writable, proven without changing anything: Vault token valid with create/update
+    /// capability on the path; AWS secret exists and is describable; file dir exists and is writable.
+    pub async fn preflight(&self, target: &DestinationTarget) -> Result<(), StoreError> {
+        match self {
+            Store::Vault(s) => s.preflight(target).await,
+            Store::Aws(s) => s.preflight(target).await,
+            Store::File(s) => s.preflight(target).await,
+        }
+    }
+
+    /// Writes the value and its metadata. Idempotent for the same request. Returns the new version.
+    pub async fn write(
+        &self,
+        target: &DestinationTarget,
+        req: &WriteRequest<'_>,
+    ) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Vault(s) => s.write(target, req).await,
+            Store::Aws(s) => s.write(target, req).await,
+            Store::File(s) => s.write(target, req).await,
+        }
+    }
+
+    /// What the destination holds now; `Ok(None)` when it holds nothing (no field, no file, no value).
+    pub async fn read(
+        &self,
+        target: &DestinationTarget,
+    ) -> Result<Option<StoredValue>, StoreError> {
+        match self {
+            Store::Vault(s) => s.read(target).await,
+            Store::Aws(s) => s.read(target).await,
+            Store::File(s) => s.read(target).await,
+        }
+    }
+
+    /// Work that may follow a write off the hooks' path (AWS tags). Default: nothing.
+    pub async fn after_write(
+        &self,
+        target: &DestinationTarget,
+        req: &WriteRequest<'_>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Aws(s) => s.after_write(target, req).await,
+            _ => Ok(()),
+        }
+    }
+}
