@@ -29,4 +29,5 @@ pub mod schedule;
 pub mod secret;
 pub mod sim;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;

@@ -3,6 +3,8 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::config::{Config, KeyConfig};
+
 /// A parsed `schedule` expression. Keeps the operator's text for display.
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -33,7 +35,23 @@ impl Window {
     }
 }
 
-#[allow(dead_code)]
-fn _now() -> DateTime<Utc> {
-    Utc::now()
+/// Why a key is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DueReason {
+    Schedule,
+    MaxAge,
+    CatchUp,
+}
+
+/// The next `count` scheduled run times of a key after `after` (cron in the key's time zone, moved into
+/// the window; no jitter). Empty for manual-only keys.
+pub fn next_runs(key: &KeyConfig, after: DateTime<Utc>, count: usize) -> Vec<DateTime<Utc>> {
+    let _ = (key, after, count);
+    Vec::new()
+}
+
+/// The `keyrotd plan` table.
+pub fn plan_table(config: &Config, now: DateTime<Utc>, count: usize) -> String {
+    let _ = (config, now, count);
+    String::new()
 }

@@ -1,0 +1,1 @@
+//! The systemd notify protocol (READY, WATCHDOG, RELOADING, STOPPING). Not built yet.
