@@ -31,7 +31,10 @@ pub enum JournalError {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> JournalError {
-    JournalError::Io { path: path.display().to_string(), reason: e.to_string() }
+    JournalError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
 }
 
 /// The phase a key's rotation is in, as recorded before each step (lifecycle.md).
@@ -111,7 +114,10 @@ impl Default for KeyJournal {
 
 impl KeyJournal {
     pub fn new(key: &str) -> Self {
-        KeyJournal { key: key.to_string(), ..Default::default() }
+        KeyJournal {
+            key: key.to_string(),
+            ..Default::default()
+        }
     }
 
     /// Regenerate calls in the 24 hours before `now`.
@@ -149,10 +155,11 @@ impl Journal {
         let path = self.path(key);
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let j: KeyJournal = serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+                let j: KeyJournal =
+                    serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
                 Ok(j)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyJournal::new(key)),
@@ -177,10 +184,17 @@ impl Journal {
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), JournalError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", Uuid::new_v4().simple()));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -216,9 +230,9 @@ impl StateLock {
                 let _ = writeln!(f, "{}", std::process::id());
                 Ok(StateLock { _file: file })
             }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                Err(JournalError::Locked { path: path.display().to_string() })
-            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(JournalError::Locked {
+                path: path.display().to_string(),
+            }),
             Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path, e)),
         }
     }
@@ -259,7 +273,10 @@ impl AuditLog {
             .mode(0o600)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
-        Ok(AuditLog { path, file: std::sync::Mutex::new(file) })
+        Ok(AuditLog {
+            path,
+            file: std::sync::Mutex::new(file),
+        })
     }
 
     /// Appends one record and fsyncs it.
@@ -271,7 +288,9 @@ impl AuditLog {
         line.push(b'\n');
         // A poisoned lock only means another append panicked; the file handle is still good.
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        f.write_all(&line).and_then(|_| f.sync_data()).map_err(|e| io_err(&self.path, e))
+        f.write_all(&line)
+            .and_then(|_| f.sync_data())
+            .map_err(|e| io_err(&self.path, e))
     }
 }
 
@@ -302,7 +321,11 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         let now = Utc::now();
         let mut rec = KeyJournal::new("k");
-        rec.regenerations = vec![now - chrono::Duration::hours(30), now - chrono::Duration::hours(2), now];
+        rec.regenerations = vec![
+            now - chrono::Duration::hours(30),
+            now - chrono::Duration::hours(2),
+            now,
+        ];
         assert_eq!(rec.regenerations_since(now), 2);
         j.store(&rec).unwrap();
         assert_eq!(j.load("k").unwrap().regenerations.len(), 2);
@@ -321,7 +344,11 @@ mod tests {
     fn a_journal_without_newer_fields_still_loads() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        std::fs::write(dir.path().join("journal/k.json"), br#"{"version":1,"key":"k","phase":"notify"}"#).unwrap();
+        std::fs::write(
+            dir.path().join("journal/k.json"),
+            br#"{"version":1,"key":"k","phase":"notify"}"#,
+        )
+        .unwrap();
         assert_eq!(j.load("k").unwrap().phase, Phase::Notify);
     }
 
@@ -340,8 +367,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path()).unwrap();
         for event in ["started", "finished"] {
-            log.append(&AuditRecord { ts: Utc::now(), key: "k".into(), event: event.into(), ..Default::default() })
-                .unwrap();
+            log.append(&AuditRecord {
+                ts: Utc::now(),
+                key: "k".into(),
+                event: event.into(),
+                ..Default::default()
+            })
+            .unwrap();
         }
         let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
         let events: Vec<String> = text

@@ -84,35 +84,69 @@ impl Notifier {
     }
 
     /// One call of a reload hook (no retries: the engine retries).
-    pub async fn reload(&self, hook: &ReloadHook, notice: &ReloadNotice<'_>) -> Result<(), HookError> {
+    pub async fn reload(
+        &self,
+        hook: &ReloadHook,
+        notice: &ReloadNotice<'_>,
+    ) -> Result<(), HookError> {
         match hook {
-            ReloadHook::Http { url, method, timeout, signing_key, .. } => {
-                let body = serde_json::to_vec(notice).map_err(|e| HookError::Request(e.to_string()))?;
-                let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::POST);
+            ReloadHook::Http {
+                url,
+                method,
+                timeout,
+                signing_key,
+                ..
+            } => {
+                let body =
+                    serde_json::to_vec(notice).map_err(|e| HookError::Request(e.to_string()))?;
+                let method =
+                    reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::POST);
                 let mut req = self
                     .http
                     .request(method, url.clone())
                     .timeout(*timeout)
                     .header(reqwest::header::CONTENT_TYPE, "application/json");
                 if let Some(k) = signing_key {
-                    req = req.header("X-Keyrotd-Signature", signature(k.expose_secret().as_bytes(), &body));
+                    req = req.header(
+                        "X-Keyrotd-Signature",
+                        signature(k.expose_secret().as_bytes(), &body),
+                    );
                 }
-                let resp = req.body(body).send().await.map_err(|e| classify_reqwest(e, *timeout))?;
+                let resp = req
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| classify_reqwest(e, *timeout))?;
                 if resp.status().is_success() {
                     Ok(())
                 } else {
                     Err(HookError::Status(resp.status().as_u16()))
                 }
             }
-            ReloadHook::Command { command, timeout, env, .. } => {
+            ReloadHook::Command {
+                command,
+                timeout,
+                env,
+                ..
+            } => {
                 let Some((program, args)) = command.split_first() else {
-                    return Err(HookError::Spawn { program: String::new(), reason: "empty command".into() });
+                    return Err(HookError::Spawn {
+                        program: String::new(),
+                        reason: "empty command".into(),
+                    });
                 };
                 let mut cmd = tokio::process::Command::new(program);
                 cmd.args(args)
                     .env_clear()
-                    .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
-                    .env("LANG", std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()))
+                    .env(
+                        "PATH",
+                        std::env::var("PATH")
+                            .unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+                    )
+                    .env(
+                        "LANG",
+                        std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()),
+                    )
                     .envs(env)
                     .env("KEYROTD_KEY", notice.key)
                     .env("KEYROTD_ROTATION_ID", notice.rotation_id.to_string())
@@ -121,9 +155,10 @@ impl Notifier {
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .kill_on_drop(true);
-                let mut child = cmd
-                    .spawn()
-                    .map_err(|e| HookError::Spawn { program: program.clone(), reason: e.to_string() })?;
+                let mut child = cmd.spawn().map_err(|e| HookError::Spawn {
+                    program: program.clone(),
+                    reason: e.to_string(),
+                })?;
                 match tokio::time::timeout(*timeout, child.wait()).await {
                     Ok(Ok(status)) if status.success() => Ok(()),
                     Ok(Ok(status)) => Err(HookError::Exit(status.to_string())),
@@ -139,7 +174,13 @@ impl Notifier {
 
     /// One probe of a dependent's `verify` endpoint.
     pub async fn probe(&self, verify: &VerifyConfig) -> Probe {
-        match self.http.get(verify.url.clone()).timeout(verify.timeout).send().await {
+        match self
+            .http
+            .get(verify.url.clone())
+            .timeout(verify.timeout)
+            .send()
+            .await
+        {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 if status == verify.expect_status {
@@ -176,7 +217,9 @@ mod tests {
             key: "billing",
             rotation_id: Uuid::nil(),
             key_id: "ak_2",
-            rotated_at: DateTime::parse_from_rfc3339("2026-12-01T03:00:00Z").unwrap().with_timezone(&Utc),
+            rotated_at: DateTime::parse_from_rfc3339("2026-12-01T03:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
         }
     }
 
@@ -194,7 +237,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("env.txt");
         let hook = ReloadHook::Command {
-            command: vec!["/bin/sh".into(), "-c".into(), format!("env > {}", out.display())],
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("env > {}", out.display()),
+            ],
             timeout: Duration::from_secs(5),
             env: BTreeMap::from([("EXTRA".to_string(), "1".to_string())]),
             retries: 0,
@@ -202,7 +249,14 @@ mod tests {
         Notifier::new().reload(&hook, &notice()).await.unwrap();
         let env = std::fs::read_to_string(&out).unwrap();
         let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
-        for want in ["KEYROTD_KEY", "KEYROTD_ROTATION_ID", "KEYROTD_KEY_ID", "PATH", "LANG", "EXTRA"] {
+        for want in [
+            "KEYROTD_KEY",
+            "KEYROTD_ROTATION_ID",
+            "KEYROTD_KEY_ID",
+            "PATH",
+            "LANG",
+            "EXTRA",
+        ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
         assert!(env.contains("KEYROTD_KEY_ID=ak_2"));
@@ -218,14 +272,20 @@ mod tests {
             env: BTreeMap::new(),
             retries: 0,
         };
-        assert!(matches!(Notifier::new().reload(&fail, &notice()).await, Err(HookError::Exit(_))));
+        assert!(matches!(
+            Notifier::new().reload(&fail, &notice()).await,
+            Err(HookError::Exit(_))
+        ));
         let slow = ReloadHook::Command {
             command: vec!["/bin/sleep".into(), "5".into()],
             timeout: Duration::from_millis(100),
             env: BTreeMap::new(),
             retries: 0,
         };
-        assert!(matches!(Notifier::new().reload(&slow, &notice()).await, Err(HookError::Timeout(_))));
+        assert!(matches!(
+            Notifier::new().reload(&slow, &notice()).await,
+            Err(HookError::Timeout(_))
+        ));
     }
 
     #[tokio::test]
@@ -239,8 +299,16 @@ mod tests {
             .respond_with(ResponseTemplate::new(200))
             .mount(&server)
             .await;
-        Mock::given(method("GET")).and(path("/ok")).respond_with(ResponseTemplate::new(200)).mount(&server).await;
-        Mock::given(method("GET")).and(path("/401")).respond_with(ResponseTemplate::new(401)).mount(&server).await;
+        Mock::given(method("GET"))
+            .and(path("/ok"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/401"))
+            .respond_with(ResponseTemplate::new(401))
+            .mount(&server)
+            .await;
         let hook = ReloadHook::Http {
             url: format!("{}/-/reload", server.uri()).parse().unwrap(),
             method: "POST".into(),
@@ -253,8 +321,17 @@ mod tests {
         let req = &server.received_requests().await.unwrap()[0];
         let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
         assert_eq!(body["key_id"], "ak_2");
-        assert_eq!(body.as_object().unwrap().len(), 4, "only key, rotation_id, key_id, rotated_at: {body}");
-        let sig = req.headers.get("X-Keyrotd-Signature").unwrap().to_str().unwrap();
+        assert_eq!(
+            body.as_object().unwrap().len(),
+            4,
+            "only key, rotation_id, key_id, rotated_at: {body}"
+        );
+        let sig = req
+            .headers
+            .get("X-Keyrotd-Signature")
+            .unwrap()
+            .to_str()
+            .unwrap();
         assert_eq!(sig, signature(b"hook-key", &req.body));
 
         let verify = |p: &str| VerifyConfig {
