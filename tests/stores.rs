@@ -199,7 +199,9 @@ async fn vault_concurrent_writers_on_one_path_lose_no_update() {
         }));
     }
     for t in tasks {
-        t.await.unwrap().expect("each writer succeeds (CAS conflicts retried)");
+        t.await
+            .unwrap()
+            .expect("each writer succeeds (CAS conflicts retried)");
     }
     let now = bao.kv_get("shared/path").await;
     for (field, key) in fields.iter().zip(&keys) {
@@ -294,7 +296,10 @@ async fn vault_preflight_accepts_a_writer_and_names_the_missing_capability() {
     let writer = vault_store(&bao, &bao.create_token(&["billing-writer"]).await);
     writer.preflight(&target).await.expect("writer passes");
     let key = NewKey::new("key_w");
-    writer.write(&target, &key.req()).await.expect("and can write");
+    writer
+        .write(&target, &key.req())
+        .await
+        .expect("and can write");
 
     let reader = vault_store(&bao, &bao.create_token(&["billing-reader"]).await);
     let e = reader.preflight(&target).await.unwrap_err();
@@ -351,7 +356,10 @@ async fn vault_approle_logs_in_on_first_use_and_writes() {
     );
     let store = Store::Vault(VaultStore::new("vault-main", &c).unwrap());
     let target = vault_target("apps/z", "api_key");
-    store.preflight(&target).await.expect("approle token passes");
+    store
+        .preflight(&target)
+        .await
+        .expect("approle token passes");
     let key = NewKey::new("key_ar");
     store.write(&target, &key.req()).await.unwrap();
     assert_eq!(
@@ -376,6 +384,36 @@ async fn vault_approle_logs_in_on_first_use_and_writes() {
 }
 
 #[tokio::test]
+async fn vault_namespace_is_sent_with_every_request() {
+    let bao = Bao::start();
+    bao.create_namespace("ops").await;
+    let mut c = vault_config(
+        &bao.addr,
+        VaultAuth::Token(Secret::from(bao.root_token.clone())),
+    );
+    c.namespace = Some("ops".into());
+    let store = Store::Vault(VaultStore::new("vault-ops", &c).unwrap());
+    let target = vault_target("apps/ns", "api_key");
+    store.preflight(&target).await.unwrap();
+    let key = NewKey::new("key_ns");
+    store.write(&target, &key.req()).await.unwrap();
+    assert_eq!(
+        store.read(&target).await.unwrap().unwrap().fingerprint,
+        key.fingerprint
+    );
+    let inside = bao
+        .api_in_namespace("ops", reqwest::Method::GET, "secret/data/apps/ns", None)
+        .await;
+    assert_eq!(
+        inside["data"]["data"]["api_key"].as_str(),
+        Some(key.value())
+    );
+    // Nothing landed in the root namespace.
+    let root_store = vault_store(&bao, &bao.root_token);
+    assert!(root_store.read(&target).await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn vault_down_is_transient_and_the_error_holds_no_secret() {
     let mut bao = Bao::start();
     let store = vault_store(&bao, &bao.root_token);
@@ -387,7 +425,10 @@ async fn vault_down_is_transient_and_the_error_holds_no_secret() {
     assert!(e.is_retryable());
     assert!(e.message.contains("cannot reach Vault"), "{e}");
     assert_no_value(&e, &key);
-    assert!(!e.to_string().contains(&bao.root_token), "token leaked: {e}");
+    assert!(
+        !e.to_string().contains(&bao.root_token),
+        "token leaked: {e}"
+    );
     let e = store.preflight(&target).await.unwrap_err();
     assert_eq!(e.kind, StoreErrorKind::Transient, "{e}");
 
@@ -557,7 +598,8 @@ async fn aws_json_field_mode_keeps_the_other_fields() {
 #[tokio::test]
 async fn aws_json_field_mode_refuses_a_non_json_secret_without_showing_it() {
     let moto = Moto::start();
-    moto.create_secret("prod/plain", "plain-old-secret-value").await;
+    moto.create_secret("prod/plain", "plain-old-secret-value")
+        .await;
     let store = Store::Aws(moto.store("aws-main").await);
     let key = NewKey::new("key_p");
     let e = store
@@ -565,10 +607,17 @@ async fn aws_json_field_mode_refuses_a_non_json_secret_without_showing_it() {
         .await
         .unwrap_err();
     assert_eq!(e.kind, StoreErrorKind::Permanent, "{e}");
-    assert!(e.message.contains("secret prod/plain holds a value that is not JSON"), "{e}");
+    assert!(
+        e.message
+            .contains("secret prod/plain holds a value that is not JSON"),
+        "{e}"
+    );
     assert!(!e.to_string().contains("plain-old-secret-value"), "{e}");
     assert_no_value(&e, &key);
-    assert_eq!(current_string(&moto, "prod/plain").await, "plain-old-secret-value");
+    assert_eq!(
+        current_string(&moto, "prod/plain").await,
+        "plain-old-secret-value"
+    );
 }
 
 #[tokio::test]
@@ -676,13 +725,16 @@ async fn file_write_is_0600_exactly_the_bytes_with_a_sidecar() {
     assert_eq!(mode, 0o600, "mode {mode:o}");
 
     let sidecar_path = dir.path().join("billing-api.key.meta.json");
-    let sidecar: Value =
-        serde_json::from_slice(&std::fs::read(&sidecar_path).unwrap()).unwrap();
+    let sidecar: Value = serde_json::from_slice(&std::fs::read(&sidecar_path).unwrap()).unwrap();
     assert_eq!(sidecar["key_id"], "key_f");
     assert_eq!(sidecar["fingerprint"], key.fingerprint.as_str());
     assert_eq!(sidecar["rotation_id"], key.rotation_id.to_string());
     assert_eq!(sidecar["rotated_at"], "2026-03-02T09:00:00Z");
-    let smode = std::fs::metadata(&sidecar_path).unwrap().permissions().mode() & 0o777;
+    let smode = std::fs::metadata(&sidecar_path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(smode, 0o600);
 
     // Nothing but the file and its sidecar: no temp file left behind.
@@ -728,7 +780,10 @@ async fn file_preflight_names_a_missing_or_unusable_dir() {
     let e = store.preflight(&file_target("k.key")).await.unwrap_err();
     assert_eq!(e.kind, StoreErrorKind::NotFound, "{e}");
     assert!(e.message.contains(&missing.display().to_string()), "{e}");
-    let e = store.write(&file_target("k.key"), &key.req()).await.unwrap_err();
+    let e = store
+        .write(&file_target("k.key"), &key.req())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, StoreErrorKind::NotFound, "{e}");
     assert_no_value(&e, &key);
 

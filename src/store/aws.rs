@@ -18,9 +18,9 @@
 
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::config::Region;
 use aws_sdk_secretsmanager::config::http::HttpResponse;
 use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
-use aws_sdk_secretsmanager::config::Region;
 use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::types::Tag;
 use secrecy::ExposeSecret;
@@ -130,7 +130,9 @@ impl AwsStore {
             )
         };
         match e {
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            SdkError::TimeoutError(_)
+            | SdkError::DispatchFailure(_)
+            | SdkError::ResponseError(_) => {
                 return transport(StoreErrorKind::Transient);
             }
             SdkError::ConstructionFailure(_) => return transport(StoreErrorKind::Permanent),
@@ -226,9 +228,12 @@ impl AwsStore {
             .send()
             .await;
         match out {
-            Ok(o) => Ok(o
-                .secret_string()
-                .map(|s| (Secret::from(s.to_string()), o.version_id().map(str::to_string)))),
+            Ok(o) => Ok(o.secret_string().map(|s| {
+                (
+                    Secret::from(s.to_string()),
+                    o.version_id().map(str::to_string),
+                )
+            })),
             // A secret created without a value has no AWSCURRENT version yet.
             Err(e)
                 if e.code() == Some("ResourceNotFoundException")
@@ -241,7 +246,13 @@ impl AwsStore {
     }
 
     async fn exists(&self, label: &str, secret_id: &str) -> Result<bool, StoreError> {
-        match self.client.describe_secret().secret_id(secret_id).send().await {
+        match self
+            .client
+            .describe_secret()
+            .secret_id(secret_id)
+            .send()
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) if e.code() == Some("ResourceNotFoundException") => Ok(false),
             Err(e) => Err(self.classify(label, secret_id, "DescribeSecret", &e)),

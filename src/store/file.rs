@@ -238,10 +238,7 @@ fn probe_dir(dir: &Path) -> BlockingResult<()> {
     match open_private(&probe) {
         Ok(_) => {
             std::fs::remove_file(&probe).map_err(|e| {
-                io_err(
-                    &format!("cannot remove probe file {}", probe.display()),
-                    &e,
-                )
+                io_err(&format!("cannot remove probe file {}", probe.display()), &e)
             })?;
             Ok(())
         }

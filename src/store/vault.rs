@@ -249,11 +249,7 @@ impl VaultStore {
             mount,
         } = &self.auth
         else {
-            return Err(self.err(
-                StoreErrorKind::Auth,
-                label,
-                "no Vault token configured",
-            ));
+            return Err(self.err(StoreErrorKind::Auth, label, "no Vault token configured"));
         };
         let body = json!({
             "role_id": role_id.expose_secret(),
@@ -261,7 +257,13 @@ impl VaultStore {
         });
         let mount = mount.trim_matches('/');
         let reply = self
-            .send(label, Method::POST, &format!("auth/{mount}/login"), Some(&body), None)
+            .send(
+                label,
+                Method::POST,
+                &format!("auth/{mount}/login"),
+                Some(&body),
+                None,
+            )
             .await?;
         if !reply.ok() {
             let mut e = self.classify(label, &format!("AppRole login at auth/{mount}"), &reply);
@@ -530,7 +532,11 @@ impl VaultStore {
             .call(label, Method::POST, &meta_path, Some(&body))
             .await?;
         if !reply.ok() {
-            return Err(self.classify(label, &format!("write custom metadata {meta_path}"), &reply));
+            return Err(self.classify(
+                label,
+                &format!("write custom metadata {meta_path}"),
+                &reply,
+            ));
         }
         Ok(())
     }
@@ -579,4 +585,168 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = cause.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    //! Behaviour that a healthy OpenBao will not show on demand (endless CAS races, expired AppRole
+    //! tokens, 5xx) against a scripted server; the real-server tests are in `tests/stores.rs`.
+    use super::*;
+    use chrono::Utc;
+    use uuid::Uuid;
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    fn store(server: &MockServer, auth: VaultAuth) -> VaultStore {
+        let c = VaultStoreConfig {
+            address: server.uri().parse().unwrap(),
+            auth,
+            mount: "secret".into(),
+            namespace: None,
+            timeout: Duration::from_secs(5),
+        };
+        VaultStore::new("vault-main", &c).unwrap()
+    }
+
+    fn target() -> DestinationTarget {
+        DestinationTarget::Vault {
+            path: "apps/x".into(),
+            field: "api_key".into(),
+        }
+    }
+
+    fn current(version: u64) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(json!({
+            "data": { "data": { "other": "kept" }, "metadata": { "version": version } }
+        }))
+    }
+
+    async fn write_with(store: &VaultStore) -> Result<Option<String>, StoreError> {
+        let secret = Secret::from("aos_sk_live_unit".to_string());
+        let fp = crate::secret::fingerprint(&secret);
+        let req = WriteRequest {
+            key: "k",
+            rotation_id: Uuid::new_v4(),
+            key_id: "key_1",
+            secret: &secret,
+            fingerprint: &fp,
+            rotated_at: Utc::now(),
+        };
+        store.write(&target(), &req).await
+    }
+
+    #[tokio::test]
+    async fn a_check_and_set_lost_every_time_ends_as_conflict() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/v1/secret/data/apps/x"))
+            .respond_with(current(3))
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/v1/secret/data/apps/x"))
+            .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+                "errors": ["check-and-set parameter did not match the current version"]
+            })))
+            .expect(u64::from(CAS_ATTEMPTS))
+            .mount(&server)
+            .await;
+        let s = store(&server, VaultAuth::Token(Secret::from("t".to_string())));
+        let e = write_with(&s).await.unwrap_err();
+        assert_eq!(e.kind, StoreErrorKind::Conflict, "{e}");
+        assert!(e.is_retryable());
+        assert!(!e.to_string().contains("aos_sk_live_unit"));
+    }
+
+    #[tokio::test]
+    async fn a_sealed_or_broken_server_is_transient_and_a_403_is_auth() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/v1/secret/data/apps/x"))
+            .and(header("X-Vault-Token", "sealed"))
+            .respond_with(
+                ResponseTemplate::new(503).set_body_json(json!({ "errors": ["Vault is sealed"] })),
+            )
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1/secret/data/apps/x"))
+            .and(header("X-Vault-Token", "denied"))
+            .respond_with(ResponseTemplate::new(403).set_body_json(
+                json!({ "errors": ["1 error occurred:\n\t* permission denied\n\n"] }),
+            ))
+            .mount(&server)
+            .await;
+        let e = write_with(&store(
+            &server,
+            VaultAuth::Token(Secret::from("sealed".to_string())),
+        ))
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind, StoreErrorKind::Transient, "{e}");
+        assert!(e.message.contains("Vault is sealed"), "{e}");
+        let e = write_with(&store(
+            &server,
+            VaultAuth::Token(Secret::from("denied".to_string())),
+        ))
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind, StoreErrorKind::Auth, "{e}");
+        assert!(e.message.contains("permission denied"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_expired_approle_token_is_replaced_by_one_new_login() {
+        let server = MockServer::start().await;
+        let login = |token: &str| {
+            ResponseTemplate::new(200).set_body_json(json!({ "auth": { "client_token": token } }))
+        };
+        Mock::given(method("POST"))
+            .and(path("/v1/auth/approle/login"))
+            .respond_with(login("first"))
+            .up_to_n_times(1)
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/v1/auth/approle/login"))
+            .respond_with(login("second"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1/secret/data/apps/x"))
+            .and(header("X-Vault-Token", "first"))
+            .respond_with(
+                ResponseTemplate::new(403)
+                    .set_body_json(json!({ "errors": ["permission denied"] })),
+            )
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1/secret/data/apps/x"))
+            .and(header("X-Vault-Token", "second"))
+            .respond_with(current(1))
+            .mount(&server)
+            .await;
+        let s = store(
+            &server,
+            VaultAuth::AppRole {
+                role_id: Secret::from("r".to_string()),
+                secret_id: Secret::from("s".to_string()),
+                mount: "approle".into(),
+            },
+        );
+        let got = s
+            .read(&DestinationTarget::Vault {
+                path: "apps/x".into(),
+                field: "other".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.secret.expose_secret(), "kept");
+        assert_eq!(got.version.as_deref(), Some("1"));
+    }
 }

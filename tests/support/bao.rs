@@ -57,7 +57,9 @@ impl Bao {
                 return bao;
             }
         }
-        panic!("OpenBao did not come up on 127.0.0.1:{last_port} after 3 attempts (its log is above)");
+        panic!(
+            "OpenBao did not come up on 127.0.0.1:{last_port} after 3 attempts (its log is above)"
+        );
     }
 
     fn binary() -> PathBuf {
@@ -90,9 +92,7 @@ impl Bao {
             .stdout(Stdio::from(out.0))
             .stderr(Stdio::from(out.1))
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start OpenBao ({e}): run scripts/install-tools.sh")
-            });
+            .unwrap_or_else(|e| panic!("cannot start OpenBao ({e}): run scripts/install-tools.sh"));
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -137,7 +137,10 @@ impl Bao {
 
     /// Starts a fresh dev server on the same address with the same root token (empty again).
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "OpenBao is still running: stop() it first");
+        assert!(
+            self.child.is_none(),
+            "OpenBao is still running: stop() it first"
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         // The old process's socket may linger for a moment.
         while self.spawn_and_wait().is_err() {
@@ -166,10 +169,36 @@ impl Bao {
         path: &str,
         body: Option<Value>,
     ) -> Value {
+        self.request(token, None, method, path, body).await
+    }
+
+    /// A request as root inside namespace `ns`.
+    pub async fn api_in_namespace(
+        &self,
+        ns: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Value {
+        self.request(&self.root_token, Some(ns), method, path, body)
+            .await
+    }
+
+    async fn request(
+        &self,
+        token: &str,
+        ns: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Value {
         let mut req = self
             .http
             .request(method.clone(), format!("{}/v1/{path}", self.addr))
             .header("X-Vault-Token", token);
+        if let Some(ns) = ns {
+            req = req.header("X-Vault-Namespace", ns);
+        }
         if let Some(b) = &body {
             req = req.json(b);
         }
@@ -184,6 +213,19 @@ impl Bao {
             "OpenBao {method} {path} answered {status}: {text}"
         );
         serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// Creates namespace `ns` with a KV v2 engine mounted at `secret/` inside it.
+    pub async fn create_namespace(&self, ns: &str) {
+        self.api(reqwest::Method::POST, &format!("sys/namespaces/{ns}"), None)
+            .await;
+        self.api_in_namespace(
+            ns,
+            reqwest::Method::POST,
+            "sys/mounts/secret",
+            Some(json!({ "type": "kv", "options": { "version": "2" } })),
+        )
+        .await;
     }
 
     /// Creates or replaces an ACL policy.
@@ -215,8 +257,8 @@ impl Bao {
     /// (role_id, secret_id).
     pub async fn enable_approle(&self, role: &str, policies: &[&str]) -> (String, String) {
         let mounts = self.api(reqwest::Method::GET, "sys/auth", None).await;
-        let mounted = mounts.get("approle/").is_some()
-            || mounts.pointer("/data/approle~1").is_some();
+        let mounted =
+            mounts.get("approle/").is_some() || mounts.pointer("/data/approle~1").is_some();
         if !mounted {
             self.api(
                 reqwest::Method::POST,
@@ -280,11 +322,15 @@ impl Bao {
 
     /// The KV v2 metadata under `secret/` (versions, custom_metadata...).
     pub async fn kv_metadata(&self, path: &str) -> Value {
-        self.api(reqwest::Method::GET, &format!("secret/metadata/{path}"), None)
-            .await
-            .get("data")
-            .cloned()
-            .unwrap_or(Value::Null)
+        self.api(
+            reqwest::Method::GET,
+            &format!("secret/metadata/{path}"),
+            None,
+        )
+        .await
+        .get("data")
+        .cloned()
+        .unwrap_or(Value::Null)
     }
 }
 
@@ -314,8 +360,5 @@ pub(crate) fn http_status(port: u16, path: &str) -> Option<u16> {
         }
     }
     let line = std::str::from_utf8(&head[..n]).ok()?;
-    line.strip_prefix("HTTP/1.")?
-        .get(2..5)?
-        .parse()
-        .ok()
+    line.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
 }

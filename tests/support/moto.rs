@@ -86,7 +86,9 @@ impl Moto {
             .stdout(Stdio::from(out.0))
             .stderr(Stdio::from(out.1))
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start moto_server ({e}): run scripts/install-tools.sh"));
+            .unwrap_or_else(|e| {
+                panic!("cannot start moto_server ({e}): run scripts/install-tools.sh")
+            });
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -130,7 +132,10 @@ impl Moto {
 
     /// Starts a fresh (empty) moto on the same port.
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "moto is still running: stop() it first");
+        assert!(
+            self.child.is_none(),
+            "moto is still running: stop() it first"
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.spawn_and_wait().is_err() {
             assert!(
@@ -149,7 +154,13 @@ impl Moto {
     /// An SDK config pointing at this moto, with static dummy credentials.
     pub async fn sdk_config(&self) -> SdkConfig {
         aws_config::defaults(BehaviorVersion::latest())
-            .credentials_provider(Credentials::new("test", "test", None, None, "keyrotd-tests"))
+            .credentials_provider(Credentials::new(
+                "test",
+                "test",
+                None,
+                None,
+                "keyrotd-tests",
+            ))
             .region(Region::new(REGION))
             .endpoint_url(&self.endpoint)
             .load()
