@@ -1,37 +1,415 @@
 //! AWS Secrets Manager destinations.
-use super::{StoreError, StoredValue, WriteRequest};
+//!
+//! Owns how keyrotd writes a secret's value: `PutSecretValue` with `ClientRequestToken` =
+//! [`WriteRequest::idempotency_token`], so a retried write of one value makes no second version, and
+//! without `VersionStages`, so the new version takes `AWSCURRENT`. A destination is either the whole
+//! `SecretString` (no `field`) or one field of a JSON object (the other fields kept). Tags
+//! `keyrotd:key_id`, `keyrotd:fingerprint`, `keyrotd:rotated_at` are set by
+//! [`AwsStore::after_write`], off the hooks' path. keyrotd never creates secrets: a missing one is a
+//! preflight failure.
+//!
+//! Limitation, JSON-field mode: Secrets Manager has no check-and-set, so the read-modify-write of a
+//! JSON object can lose a concurrent change to *another* field made between our `GetSecretValue` and
+//! `PutSecretValue` (last writer wins). Keys sharing one AWS secret should not be rotated by two
+//! writers at once; the read-back of the store phase catches the case where our own field was lost.
+//!
+//! Credentials come from the standard AWS chain ([`AwsStore::new`]); tests and embedders that hold
+//! an `SdkConfig` of their own use [`AwsStore::with_sdk_config`].
+
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::config::Region;
+use aws_sdk_secretsmanager::config::http::HttpResponse;
+use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
+use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::types::Tag;
+use secrecy::ExposeSecret;
+use serde_json::{Map, Value};
+
+use super::{StoreError, StoreErrorKind, StoredValue, WriteRequest};
 use crate::config::{AwsStoreConfig, DestinationTarget};
+use crate::secret::{Secret, fingerprint_bytes};
+
+pub const TAG_KEY_ID: &str = "keyrotd:key_id";
+pub const TAG_FINGERPRINT: &str = "keyrotd:fingerprint";
+pub const TAG_ROTATED_AT: &str = "keyrotd:rotated_at";
 
 pub struct AwsStore {
     name: String,
+    client: Client,
 }
+
 impl AwsStore {
-    pub async fn new(name: &str, _c: &AwsStoreConfig) -> Result<Self, StoreError> {
-        Ok(Self { name: name.into() })
+    /// A client from the standard AWS chain (env, profile, IMDS...), with the config's region and
+    /// endpoint override. Loads the chain's settings; credentials are resolved lazily on first call.
+    pub async fn new(name: &str, c: &AwsStoreConfig) -> Result<Self, StoreError> {
+        let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        Self::with_sdk_config(name, c, &sdk)
     }
+
+    /// Like [`AwsStore::new`] on a given `SdkConfig` (its credentials, region, HTTP client); the store
+    /// config's region, endpoint and timeout take precedence.
+    pub fn with_sdk_config(
+        name: &str,
+        c: &AwsStoreConfig,
+        sdk: &SdkConfig,
+    ) -> Result<Self, StoreError> {
+        let mut b = aws_sdk_secretsmanager::config::Builder::from(sdk).timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(c.timeout)
+                .operation_attempt_timeout(c.timeout)
+                .build(),
+        );
+        if let Some(region) = &c.region {
+            b = b.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &c.endpoint_url {
+            b = b.endpoint_url(url.as_str().trim_end_matches('/'));
+        }
+        let conf = b.build();
+        if conf.region().is_none() {
+            return Err(StoreError {
+                kind: StoreErrorKind::Permanent,
+                store: name.into(),
+                target: String::new(),
+                message: "no AWS region: set `region` in the store or AWS_REGION".into(),
+            });
+        }
+        Ok(Self {
+            name: name.into(),
+            client: Client::from_conf(conf),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
-    pub async fn preflight(&self, _t: &DestinationTarget) -> Result<(), StoreError> {
-        unimplemented!()
+
+    fn err(&self, kind: StoreErrorKind, target: &str, message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind,
+            store: self.name.clone(),
+            target: target.to_string(),
+            message: message.into(),
+        }
     }
+
+    fn target<'t>(
+        &self,
+        t: &'t DestinationTarget,
+    ) -> Result<(&'t str, Option<&'t str>), StoreError> {
+        match t {
+            DestinationTarget::Aws { secret_id, field } => {
+                Ok((secret_id.as_str(), field.as_deref()))
+            }
+            other => Err(self.err(
+                StoreErrorKind::Permanent,
+                &other.to_string(),
+                "not an aws destination (config error: the destination's kind does not match the store)",
+            )),
+        }
+    }
+
+    /// An SDK failure as a [`StoreError`] of the right kind. Built from the error code, AWS's message
+    /// and transport errors; request parameters (the value) are not part of any of them.
+    fn classify<E>(
+        &self,
+        label: &str,
+        secret_id: &str,
+        what: &str,
+        e: &SdkError<E, HttpResponse>,
+    ) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let transport = |kind| {
+            self.err(
+                kind,
+                label,
+                format!("{what} failed: {}", DisplayErrorContext(e)),
+            )
+        };
+        match e {
+            SdkError::TimeoutError(_)
+            | SdkError::DispatchFailure(_)
+            | SdkError::ResponseError(_) => {
+                return transport(StoreErrorKind::Transient);
+            }
+            SdkError::ConstructionFailure(_) => return transport(StoreErrorKind::Permanent),
+            _ => {}
+        }
+        let code = e.code().unwrap_or("unknown error");
+        let message = e.message().unwrap_or("");
+        let status = e.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
+        let (kind, hint) = match code {
+            "ResourceNotFoundException" => (
+                StoreErrorKind::NotFound,
+                format!(
+                    "secret {secret_id} does not exist; keyrotd does not create secrets — create it first"
+                ),
+            ),
+            "AccessDeniedException"
+            | "UnrecognizedClientException"
+            | "InvalidClientTokenId"
+            | "InvalidSignatureException"
+            | "IncompleteSignature"
+            | "MissingAuthenticationToken"
+            | "ExpiredTokenException"
+            | "ExpiredToken" => (
+                StoreErrorKind::Auth,
+                "AWS credentials invalid or lacking permission".to_string(),
+            ),
+            "ThrottlingException"
+            | "Throttling"
+            | "TooManyRequestsException"
+            | "RequestLimitExceeded"
+            | "InternalServiceError"
+            | "InternalFailure"
+            | "ServiceUnavailable" => (StoreErrorKind::Transient, String::new()),
+            "ResourceExistsException" => (
+                StoreErrorKind::Permanent,
+                "a version with this request token exists with different content (the secret changed after keyrotd wrote it)".to_string(),
+            ),
+            _ if status >= 500 || status == 429 => (StoreErrorKind::Transient, String::new()),
+            _ => (StoreErrorKind::Permanent, String::new()),
+        };
+        let mut text = format!("{what} failed: {code}");
+        if !message.is_empty() {
+            text.push_str(&format!(": {message}"));
+        }
+        if !hint.is_empty() {
+            text.push_str(&format!(" ({hint})"));
+        }
+        self.err(kind, label, text)
+    }
+
+    /// Belt and braces: no error leaves [`AwsStore::write`] holding the value.
+    fn redact(mut e: StoreError, secret: &Secret) -> StoreError {
+        let value = secret.expose_secret();
+        if !value.is_empty() && e.message.contains(value) {
+            e.message = e.message.replace(value, "[redacted]");
+        }
+        e
+    }
+
+    /// The secret exists and can be described. Changes nothing.
+    pub async fn preflight(&self, t: &DestinationTarget) -> Result<(), StoreError> {
+        let label = t.to_string();
+        let (secret_id, _) = self.target(t)?;
+        let out = self
+            .client
+            .describe_secret()
+            .secret_id(secret_id)
+            .send()
+            .await
+            .map_err(|e| self.classify(&label, secret_id, "DescribeSecret", &e))?;
+        if out.deleted_date().is_some() {
+            return Err(self.err(
+                StoreErrorKind::Permanent,
+                &label,
+                format!("secret {secret_id} is scheduled for deletion; restore it first"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The current value (`AWSCURRENT`) and its version id; `None` when the secret has no current
+    /// string value.
+    async fn get_current(
+        &self,
+        label: &str,
+        secret_id: &str,
+    ) -> Result<Option<(Secret, Option<String>)>, StoreError> {
+        let out = self
+            .client
+            .get_secret_value()
+            .secret_id(secret_id)
+            .version_stage("AWSCURRENT")
+            .send()
+            .await;
+        match out {
+            Ok(o) => Ok(o.secret_string().map(|s| {
+                (
+                    Secret::from(s.to_string()),
+                    o.version_id().map(str::to_string),
+                )
+            })),
+            // A secret created without a value has no AWSCURRENT version yet.
+            Err(e)
+                if e.code() == Some("ResourceNotFoundException")
+                    && self.exists(label, secret_id).await? =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(self.classify(label, secret_id, "GetSecretValue", &e)),
+        }
+    }
+
+    async fn exists(&self, label: &str, secret_id: &str) -> Result<bool, StoreError> {
+        match self
+            .client
+            .describe_secret()
+            .secret_id(secret_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("ResourceNotFoundException") => Ok(false),
+            Err(e) => Err(self.classify(label, secret_id, "DescribeSecret", &e)),
+        }
+    }
+
+    /// `PutSecretValue` of the value (or of the JSON object with the field set). Returns the new
+    /// VersionId. The same request twice yields the same version (request token); in JSON mode, a
+    /// field that already holds the value is not written again.
     pub async fn write(
         &self,
-        _t: &DestinationTarget,
-        _r: &WriteRequest<'_>,
+        t: &DestinationTarget,
+        r: &WriteRequest<'_>,
     ) -> Result<Option<String>, StoreError> {
-        unimplemented!()
+        self.write_inner(t, r)
+            .await
+            .map_err(|e| Self::redact(e, r.secret))
     }
-    pub async fn read(&self, _t: &DestinationTarget) -> Result<Option<StoredValue>, StoreError> {
-        unimplemented!()
+
+    async fn write_inner(
+        &self,
+        t: &DestinationTarget,
+        r: &WriteRequest<'_>,
+    ) -> Result<Option<String>, StoreError> {
+        let label = t.to_string();
+        let (secret_id, field) = self.target(t)?;
+        let value = r.secret.expose_secret();
+        let new_string: Secret = match field {
+            None => r.secret.clone(),
+            Some(field) => {
+                let current = self.get_current(&label, secret_id).await?;
+                let mut obj = match &current {
+                    None => Map::new(),
+                    Some((s, _)) => parse_object(s).map_err(|why| {
+                        self.err(
+                            StoreErrorKind::Permanent,
+                            &label,
+                            format!(
+                                "secret {secret_id} holds {why}, so field {field} cannot be set; \
+                                 fix the secret or drop `field` to store the key as the whole value"
+                            ),
+                        )
+                    })?,
+                };
+                if obj.get(field).and_then(Value::as_str) == Some(value) {
+                    return Ok(current.and_then(|(_, v)| v));
+                }
+                obj.insert(field.to_string(), Value::String(value.to_string()));
+                let text = serde_json::to_string(&obj).map_err(|e| {
+                    self.err(
+                        StoreErrorKind::Permanent,
+                        &label,
+                        format!("cannot encode JSON: {e}"),
+                    )
+                })?;
+                Secret::from(text)
+            }
+        };
+        let out = self
+            .client
+            .put_secret_value()
+            .secret_id(secret_id)
+            .secret_string(new_string.expose_secret())
+            .client_request_token(r.idempotency_token().to_string())
+            .send()
+            .await
+            .map_err(|e| self.classify(&label, secret_id, "PutSecretValue", &e))?;
+        Ok(out.version_id().map(str::to_string))
     }
-}
-impl AwsStore {
+
+    /// Tags the secret with the key id, fingerprint and rotation time (replacing keyrotd's previous
+    /// tags, leaving others alone).
     pub async fn after_write(
         &self,
-        _t: &DestinationTarget,
-        _r: &WriteRequest<'_>,
+        t: &DestinationTarget,
+        r: &WriteRequest<'_>,
     ) -> Result<(), StoreError> {
+        let label = t.to_string();
+        let (secret_id, _) = self.target(t)?;
+        let tag = |k: &str, v: String| Tag::builder().key(k).value(v).build();
+        self.client
+            .tag_resource()
+            .secret_id(secret_id)
+            .tags(tag(TAG_KEY_ID, r.key_id.to_string()))
+            .tags(tag(TAG_FINGERPRINT, r.fingerprint.to_string()))
+            .tags(tag(TAG_ROTATED_AT, r.rotated_at.to_rfc3339()))
+            .send()
+            .await
+            .map_err(|e| self.classify(&label, secret_id, "TagResource", &e))?;
         Ok(())
+    }
+
+    /// The current value (or the field of it), its fingerprint and VersionId; the key id from the
+    /// `keyrotd:key_id` tag when `keyrotd:fingerprint` matches this value. `Ok(None)` when there is
+    /// no current value or no such field.
+    pub async fn read(&self, t: &DestinationTarget) -> Result<Option<StoredValue>, StoreError> {
+        let label = t.to_string();
+        let (secret_id, field) = self.target(t)?;
+        let Some((whole, version)) = self.get_current(&label, secret_id).await? else {
+            return Ok(None);
+        };
+        let secret = match field {
+            None => whole,
+            Some(field) => {
+                let obj = parse_object(&whole).map_err(|why| {
+                    self.err(
+                        StoreErrorKind::Permanent,
+                        &label,
+                        format!("secret {secret_id} holds {why}, so field {field} cannot be read"),
+                    )
+                })?;
+                match obj.get(field) {
+                    None => return Ok(None),
+                    Some(Value::String(s)) => Secret::from(s.clone()),
+                    Some(_) => {
+                        return Err(self.err(
+                            StoreErrorKind::Permanent,
+                            &label,
+                            format!("field {field} of secret {secret_id} is not a string"),
+                        ));
+                    }
+                }
+            }
+        };
+        let fingerprint = fingerprint_bytes(secret.expose_secret().as_bytes());
+        let described = self
+            .client
+            .describe_secret()
+            .secret_id(secret_id)
+            .send()
+            .await
+            .map_err(|e| self.classify(&label, secret_id, "DescribeSecret", &e))?;
+        let tag = |k: &str| {
+            described
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some(k))
+                .and_then(|t| t.value())
+        };
+        let key_id = match (tag(TAG_KEY_ID), tag(TAG_FINGERPRINT)) {
+            (Some(id), Some(fp)) if fp == fingerprint => Some(id.to_string()),
+            _ => None,
+        };
+        Ok(Some(StoredValue {
+            secret,
+            fingerprint,
+            key_id,
+            version,
+        }))
+    }
+}
+
+/// The secret's JSON object, or a description of what it holds instead (never the content).
+fn parse_object(s: &Secret) -> Result<Map<String, Value>, &'static str> {
+    match serde_json::from_str::<Value>(s.expose_secret()) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err("JSON that is not an object"),
+        Err(_) => Err("a value that is not JSON"),
     }
 }
