@@ -1,1 +1,160 @@
-//! (not built yet)
+//! `keyrotd run`: the daemon. Takes the state-dir lock, serves the admin API, runs the recovery scan,
+//! then the per-key schedulers, the reconcile loop and the recovery tick, until a signal says stop.
+//!
+//! Signals: SIGHUP reloads the config (a bad one is refused and the old one kept); SIGTERM/SIGINT shut
+//! down gracefully — no new rotation starts, watches end, and a rotation between regenerate and the end
+//! of store is waited for (bounded by the longest `store_deadline`); a second signal exits at once.
+//! Under systemd (`Type=notify`) it reports READY after recovery, WATCHDOG from the main loop,
+//! RELOADING/READY around reloads and STOPPING on shutdown.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{self, Config};
+use crate::engine::{Engine, Runtime, recovery, scheduler};
+use crate::journal::StateLock;
+use crate::systemd::SystemdNotifier;
+use crate::telemetry::Metrics;
+
+/// How often owed re-rotations (lost keys) and unresolved ambiguous regenerates are looked at.
+const RECOVERY_TICK: Duration = Duration::from_secs(3);
+
+/// Runs the daemon until shutdown. `config_path` is re-read on SIGHUP.
+pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let sd = SystemdNotifier::from_env();
+    let _lock = StateLock::acquire(&config.daemon.state_dir)?;
+    let listen = config.daemon.listen;
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine::new(Arc::new(config), metrics).await?;
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("daemon.listen: cannot listen on {listen}"))?;
+    tracing::info!(%listen, "Admin API listening.");
+    let admin = tokio::spawn(crate::admin::serve(listener, engine.clone()));
+
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    // Recovery first: nothing is scheduled before every journal is decided.
+    let decisions = recovery::recover_all(&engine).await;
+    tracing::info!(keys = decisions.len(), "Recovery scan done.");
+    sd.ready();
+
+    let mut scheduled: HashSet<String> = HashSet::new();
+    spawn_schedulers(&engine, &mut scheduled);
+    spawn_loops(&engine);
+
+    let watchdog = sd.watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    loop {
+        tokio::select! {
+            _ = watchdog_tick.tick() => if watchdog.is_some() { sd.watchdog() },
+            _ = hup.recv() => {
+                sd.reloading();
+                reload(&engine, &config_path).await;
+                spawn_schedulers(&engine, &mut scheduled);
+                sd.ready();
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    sd.stopping();
+    tracing::info!(
+        "Shutting down: no new rotations; waiting for rotations between regenerate and store."
+    );
+    engine.shutdown.cancel();
+    engine.tasks.close();
+    let bound = engine
+        .config()
+        .keys
+        .iter()
+        .map(|k| k.store_deadline)
+        .max()
+        .unwrap_or_default()
+        + Duration::from_secs(15);
+    tokio::select! {
+        _ = engine.tasks.wait() => tracing::info!("All rotations ended."),
+        _ = tokio::time::sleep(bound) => tracing::warn!("Shutdown bound reached with rotations still running."),
+        _ = term.recv() => tracing::warn!("Second signal: exiting now."),
+        _ = int.recv() => tracing::warn!("Second signal: exiting now."),
+    }
+    admin.abort();
+    Ok(())
+}
+
+fn spawn_schedulers(engine: &Arc<Engine>, scheduled: &mut HashSet<String>) {
+    let names: HashSet<String> = engine.key_names().into_iter().collect();
+    scheduled.retain(|k| names.contains(k));
+    for name in names {
+        if scheduled.insert(name.clone()) {
+            tokio::spawn(scheduler::run_key(engine.clone(), name));
+        }
+    }
+}
+
+fn spawn_loops(engine: &Arc<Engine>) {
+    let e = engine.clone();
+    tokio::spawn(async move {
+        loop {
+            let Some(interval) = e.config().daemon.reconcile_interval else {
+                tokio::select! {
+                    _ = e.shutdown.cancelled() => return,
+                    _ = e.changed.notified() => continue,
+                }
+            };
+            tokio::select! {
+                _ = e.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            recovery::reconcile_all(&e).await;
+        }
+    });
+    let e = engine.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = e.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RECOVERY_TICK) => {}
+            }
+            recovery::recovery_tick(&e).await;
+        }
+    });
+}
+
+/// SIGHUP: load and validate the file again; keep the old config if the new one is bad.
+async fn reload(engine: &Arc<Engine>, path: &std::path::Path) {
+    let result = match config::load_file(path) {
+        Ok(c) => Runtime::build(Arc::new(c)).await.map_err(|e| e.to_string()),
+        Err(config::ConfigError::Invalid(problems)) => Err(problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")),
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(rt) => {
+            if rt.config.daemon.state_dir != engine.config().daemon.state_dir {
+                tracing::warn!(
+                    "daemon.state_dir changed: it takes effect at the next start, not on reload."
+                );
+            }
+            engine.replace_runtime(rt);
+            engine.metrics.config_reload(true);
+            tracing::info!("Configuration reloaded.");
+        }
+        Err(e) => {
+            engine.metrics.config_reload(false);
+            tracing::error!(error = %e, "Configuration reload refused; keeping the old configuration.");
+        }
+    }
+}
