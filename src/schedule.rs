@@ -1,57 +1,804 @@
 //! When is a key next due: cron (5, 6 or 7 fields, `@daily`-style macros) in a time zone, a rotation
-//! window, jitter, max age and catch-up. Pure functions of their inputs and an injected "now".
+//! window, jitter, max age and catch-up. Pure functions of their inputs and an injected "now" (and an
+//! injected random sample for jitter): nothing here reads the clock except
+//! [`all_runs_outside_window`], the validator's convenience wrapper.
+//!
+//! # Cron dialect
+//! keyrotd's cron is Unix cron, optionally with a seconds field in front and a year field at the end:
+//! - 5 fields `minute hour day-of-month month day-of-week` (runs at second 0);
+//! - 6 fields `second minute hour day-of-month month day-of-week`;
+//! - 7 fields `second minute hour day-of-month month day-of-week year` (year 1970-2100);
+//! - macros `@yearly`/`@annually`, `@monthly`, `@weekly` (Sunday 00:00), `@daily`/`@midnight`,
+//!   `@hourly`.
+//!
+//! Day-of-week numbers are Unix numbers in every form: 0 or 7 = Sunday, 1 = Monday ... 6 = Saturday;
+//! names `Mon`..`Sun` (or full names) work too. (The `cron` crate underneath counts 1 = Sunday, Quartz
+//! style; we translate, so `0 9 * * 1` is Monday 09:00.) As in Unix cron, when both day-of-month and
+//! day-of-week are restricted (neither starts with `*`), a day matches if *either* matches:
+//! `0 9 1 * Mon` runs on the 1st and on every Monday.
+//!
+//! # Time zones and daylight saving time
+//! Occurrences are computed on the key's local wall clock (`timezone`):
+//! - a local time that does not exist (02:30 on the spring-forward day in Europe/Zurich) is **skipped**
+//!   (the `cron` crate's behaviour, kept on purpose): a daily 02:30 schedule does not run that day, an
+//!   hourly one runs at 01:00 and 03:00. `max_age` is the safety net for rare schedules;
+//! - a local time that happens twice (02:30 on the fall-back day) runs **once**, at its first
+//!   (summer-time) occurrence; an hourly schedule runs at 02:00 CEST and then 03:00 CET.
+//!
+//! # Window, jitter, catch-up, max age
+//! - A due time outside the window waits for the window's next opening ([`Window::next_opening`]).
+//! - Jitter is applied *after* moving into the window, and is bounded by what is left of that opening,
+//!   so a jittered run never leaves the window and runs at a window's opening are still spread out.
+//! - Catch-up: the engine passes when its last schedule-driven run started. A cron occurrence after
+//!   that whose due time has already passed was missed (the daemon was down): with `catch_up` it is
+//!   due now (moved into the window), several missed occurrences coalescing into one run; without, it is
+//!   dropped. A first start (no previous run) catches up nothing.
+//! - Max age: due at `last_rotated + max_age` (now if already past), moved into the window, no jitter.
+//!   Without a known `last_rotated` there is no age to assess and no max-age due time.
 
-use chrono::{DateTime, Utc};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{
+    DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, TimeDelta, TimeZone, Timelike, Utc,
+    Weekday,
+};
+use chrono_tz::Tz;
 
 use crate::config::{Config, KeyConfig};
+
+/// Bound on iterations when stepping through cron occurrences (DST skips, runs mapped into the same
+/// window opening). Generous: a per-second schedule across a repeated DST hour needs ~7200.
+const MAX_STEPS: usize = 20_000;
 
 /// A parsed `schedule` expression. Keeps the operator's text for display.
 #[derive(Debug, Clone)]
 pub struct Schedule {
     pub text: String,
+    /// One cron schedule, or two whose union is meant (Unix day-of-month OR day-of-week).
+    crons: Vec<cron::Schedule>,
 }
+
+const FIELD_NAMES: [&str; 7] = [
+    "second",
+    "minute",
+    "hour",
+    "day-of-month",
+    "month",
+    "day-of-week",
+    "year",
+];
+const FIELD_HELP: [&str; 7] = [
+    "0-59",
+    "0-59",
+    "0-23",
+    "1-31",
+    "1-12 or Jan-Dec",
+    "0-7 (0 and 7 = Sunday) or Mon-Sun",
+    "1970-2100",
+];
 
 impl Schedule {
     /// Parses 5-field cron (minute hour day-of-month month day-of-week), 6/7-field cron with seconds
     /// (and year), or a macro (`@yearly @annually @monthly @weekly @daily @midnight @hourly`).
     pub fn parse(text: &str) -> Result<Schedule, String> {
-        let _ = text;
-        Err("schedule parsing is not built yet".into())
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
+            return Err("schedule is empty (use a cron expression like \"0 9 * * Mon\" or a macro like \"@daily\")".into());
+        }
+        let expanded;
+        let source = if trimmed.starts_with('@') {
+            expanded = expand_macro(trimmed)?;
+            expanded.as_str()
+        } else {
+            trimmed
+        };
+        let mut fields: Vec<&str> = source.split_whitespace().collect();
+        match fields.len() {
+            5 => fields.insert(0, "0"),
+            6 | 7 => {}
+            n => {
+                return Err(format!(
+                    "schedule \"{trimmed}\" has {n} fields; expected 5 (minute hour day-of-month month \
+                     day-of-week), 6 (second first) or 7 (second first, year last)"
+                ));
+            }
+        }
+        let fields: Vec<String> = fields.into_iter().map(str::to_owned).collect();
+        let (dow, dow_restricted) = translate_day_of_week(&fields[5])
+            .map_err(|e| format!("schedule \"{trimmed}\": day-of-week field \"{}\": {e}", fields[5]))?;
+        let dom_restricted = !(fields[3].starts_with('*') || fields[3] == "?");
+
+        // Each field on its own first, so an error names the field at fault.
+        for (i, value) in fields.iter().enumerate() {
+            if i == 5 {
+                continue;
+            }
+            let mut probe: Vec<&str> = vec!["0", "0", "0", "*", "*", "*"];
+            if i == 6 {
+                probe.push(value);
+            } else {
+                probe[i] = value;
+            }
+            if let Err(e) = cron::Schedule::from_str(&probe.join(" ")) {
+                return Err(format!(
+                    "schedule \"{trimmed}\": {} field \"{value}\" is invalid (allowed: {}, `*`, lists \
+                     `a,b`, ranges `a-b`, steps `*/n`): {}",
+                    FIELD_NAMES[i],
+                    FIELD_HELP[i],
+                    crate_error_text(&e)
+                ));
+            }
+        }
+
+        let build = |dom: &str, dow: &str| -> Result<cron::Schedule, String> {
+            let mut parts = vec![
+                fields[0].as_str(),
+                fields[1].as_str(),
+                fields[2].as_str(),
+                dom,
+                fields[4].as_str(),
+                dow,
+            ];
+            if let Some(year) = fields.get(6) {
+                parts.push(year);
+            }
+            cron::Schedule::from_str(&parts.join(" "))
+                .map_err(|e| format!("schedule \"{trimmed}\" is invalid: {}", crate_error_text(&e)))
+        };
+        let crons = if dom_restricted && dow_restricted {
+            vec![build(&fields[3], "*")?, build("*", &dow)?]
+        } else {
+            vec![build(&fields[3], &dow)?]
+        };
+        Ok(Schedule {
+            text: trimmed.to_owned(),
+            crons,
+        })
+    }
+
+    /// The first occurrence strictly after `after`, on `tz`'s wall clock (DST rules in the module doc).
+    pub fn next_after(&self, after: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+        self.crons
+            .iter()
+            .filter_map(|c| cron_next_after(c, after, tz))
+            .min()
+    }
+
+    /// The latest occurrence at or before `at`.
+    pub fn latest_at_or_before(&self, at: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+        self.crons
+            .iter()
+            .filter_map(|c| cron_latest_at_or_before(c, at, tz))
+            .max()
+    }
+
+    /// The first occurrence at or after `at`.
+    fn first_at_or_after(&self, at: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+        self.next_after(at - TimeDelta::nanoseconds(1), tz)
     }
 }
 
-/// A rotation window: days of the week and a daily time range, in the key's time zone.
-#[derive(Debug, Clone)]
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn expand_macro(text: &str) -> Result<String, String> {
+    let six = match text.to_ascii_lowercase().as_str() {
+        "@yearly" | "@annually" => "0 0 0 1 1 *",
+        "@monthly" => "0 0 0 1 * *",
+        "@weekly" => "0 0 0 * * Sun",
+        "@daily" | "@midnight" => "0 0 0 * * *",
+        "@hourly" => "0 0 * * * *",
+        "@reboot" => {
+            return Err(
+                "schedule \"@reboot\" is not supported: keyrotd rotates on a calendar, not at start"
+                    .into(),
+            );
+        }
+        _ => {
+            return Err(format!(
+                "schedule \"{text}\" is not a known macro (known: @yearly, @annually, @monthly, \
+                 @weekly, @daily, @midnight, @hourly)"
+            ));
+        }
+    };
+    Ok(six.to_owned())
+}
+
+/// The `cron` crate's own message, flattened to one line.
+fn crate_error_text(e: &cron::error::Error) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+const DAY_NAMES_FROM_SUNDAY: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+
+/// Parses one day name (`Mon`, `monday`...) into its index from Monday (0 = Monday).
+fn weekday_from_name(name: &str) -> Option<Weekday> {
+    Weekday::from_str(name).ok()
+}
+
+/// Translates a Unix day-of-week field (0/7 = Sunday, names, lists, ranges, steps) into the `cron`
+/// crate's terms (names only). Returns the translated field and whether it restricts days (Vixie
+/// rule: a field starting with `*` does not, for the day-of-month/day-of-week OR).
+fn translate_day_of_week(field: &str) -> Result<(String, bool), String> {
+    let restricted = !(field.starts_with('*') || field == "?");
+    let mut days = [false; 7]; // indexed from Sunday
+    for item in field.split(',') {
+        let (base, step) = match item.split_once('/') {
+            Some((base, step)) => {
+                let step: u32 = step
+                    .parse()
+                    .ok()
+                    .filter(|s| (1..=7).contains(s))
+                    .ok_or_else(|| format!("step \"{step}\" must be a number from 1 to 7"))?;
+                (base, Some(step))
+            }
+            None => (item, None),
+        };
+        let (from, to) = if base == "*" || base == "?" {
+            (0, 6)
+        } else if let Some((a, b)) = base.split_once('-') {
+            let a = day_number(a)?;
+            let mut b = day_number(b)?;
+            if b == 0 && a > 0 {
+                b = 7; // "Fri-Sun", "5-0": Sunday at the end of a range is day 7
+            }
+            if a > b {
+                return Err(format!(
+                    "range \"{base}\" runs backwards (use a list, e.g. \"Fri,Sat,Sun,Mon\")"
+                ));
+            }
+            (a, b)
+        } else {
+            let a = day_number(base)?;
+            // "a/n" means "from a to the end, every n" as in Vixie cron.
+            (a, if step.is_some() { 6.max(a) } else { a })
+        };
+        let mut d = from;
+        while d <= to {
+            days[(d % 7) as usize] = true;
+            d += step.unwrap_or(1);
+        }
+    }
+    if days.iter().all(|&d| d) {
+        return Ok(("*".into(), restricted));
+    }
+    let names: Vec<&str> = (0..7)
+        .filter(|&i| days[i])
+        .map(|i| DAY_NAMES_FROM_SUNDAY[i])
+        .collect();
+    Ok((names.join(","), restricted))
+}
+
+/// A day-of-week number 0-7 (0 and 7 = Sunday) or name, as a number from Sunday (0-7).
+fn day_number(text: &str) -> Result<u32, String> {
+    if text.is_empty() {
+        return Err("a day is missing".into());
+    }
+    if let Ok(n) = text.parse::<u32>() {
+        if n <= 7 {
+            return Ok(n);
+        }
+        return Err(format!(
+            "\"{text}\" is not a day of the week (0-7, 0 and 7 = Sunday, or Mon-Sun)"
+        ));
+    }
+    weekday_from_name(text)
+        .map(|w| w.num_days_from_sunday())
+        .ok_or_else(|| format!("\"{text}\" is not a day of the week (0-7, 0 and 7 = Sunday, or Mon-Sun)"))
+}
+
+/// True when `t` is the second (standard-time) instance of a wall-clock time that happens twice.
+fn is_repeat_of_ambiguous(t: &DateTime<Tz>, tz: Tz) -> bool {
+    match tz.from_local_datetime(&t.naive_local()) {
+        LocalResult::Ambiguous(first, _) => first != *t,
+        _ => false,
+    }
+}
+
+fn cron_next_after(c: &cron::Schedule, after: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+    c.after(&after.with_timezone(&tz))
+        .take(MAX_STEPS)
+        .filter(|o| o.with_timezone(&Utc) > after && !is_repeat_of_ambiguous(o, tz))
+        .map(|o| o.with_timezone(&Utc))
+        .next()
+}
+
+fn cron_latest_at_or_before(c: &cron::Schedule, at: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+    let start = at.checked_add_signed(TimeDelta::seconds(1))?;
+    c.after(&start.with_timezone(&tz))
+        .rev()
+        .take(MAX_STEPS)
+        .filter(|o| o.with_timezone(&Utc) <= at && !is_repeat_of_ambiguous(o, tz))
+        .map(|o| o.with_timezone(&Utc))
+        .next()
+}
+
+/// The instant a local wall-clock time means: the first of two if it happens twice, the end of the
+/// gap (the first valid minute after it) if it does not exist.
+fn resolve_local(tz: Tz, local: NaiveDateTime) -> DateTime<Utc> {
+    let mut probe = local;
+    for _ in 0..(24 * 60) {
+        match tz.from_local_datetime(&probe) {
+            LocalResult::Single(t) => return t.with_timezone(&Utc),
+            LocalResult::Ambiguous(first, _) => return first.with_timezone(&Utc),
+            LocalResult::None => {
+                probe = probe
+                    .with_second(0)
+                    .unwrap_or(probe)
+                    .checked_add_signed(TimeDelta::minutes(1))
+                    .unwrap_or(probe);
+            }
+        }
+    }
+    // No zone has a gap a day long; reading the wall clock as UTC is a harmless last resort.
+    local.and_utc()
+}
+
+/// A rotation window: days of the week and a daily time range, in the key's time zone. Half-open:
+/// it includes `start` and excludes `end`. An opening belongs to the day it starts on, so
+/// `Fri 22:00-06:00` is open from Friday 22:00 to Saturday 06:00.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
+    /// The operator's `days` text, for display.
     pub days: String,
+    /// Which days an opening starts on, indexed from Monday.
+    day_set: [bool; 7],
+    /// Minutes after local midnight, 0..1440.
+    start: u32,
+    /// Minutes after local midnight, 0..=1440 (1440 = "24:00").
+    end: u32,
 }
 
 impl Window {
-    /// `days` like "Mon-Fri" or "Mon,Wed,Sat-Sun"; `start`/`end` "HH:MM". `end` before `start` wraps
-    /// past midnight.
+    /// `days` like "Mon-Fri", "Mon,Wed,Sat-Sun", "Fri-Mon" (wraps over the weekend), "*" or "daily";
+    /// `start`/`end` "HH:MM" (`end` may be "24:00"). `end` before `start` wraps past midnight.
     pub fn parse(days: &str, start: &str, end: &str) -> Result<Window, String> {
-        let _ = (days, start, end);
-        Err("window parsing is not built yet".into())
+        let day_set = parse_days(days)?;
+        let start_min =
+            parse_hhmm(start, false).map_err(|e| format!("window start \"{start}\": {e}"))?;
+        let end_min = parse_hhmm(end, true).map_err(|e| format!("window end \"{end}\": {e}"))?;
+        if start_min == end_min {
+            return Err(format!(
+                "window start and end are both \"{start}\", so it would never open (for whole days \
+                 use start = \"00:00\", end = \"24:00\")"
+            ));
+        }
+        Ok(Window {
+            days: days.trim().to_owned(),
+            day_set,
+            start: start_min,
+            end: end_min,
+        })
     }
+
+    fn wraps(&self) -> bool {
+        self.end < self.start
+    }
+
+    fn opens_on(&self, date: NaiveDate) -> bool {
+        self.day_set[date.weekday().num_days_from_monday() as usize]
+    }
+
+    fn at(date: NaiveDate, minutes: u32) -> NaiveDateTime {
+        date.and_time(chrono::NaiveTime::MIN) + TimeDelta::minutes(i64::from(minutes))
+    }
+
+    /// The opening (local start, local end) that contains this local wall-clock time, if any.
+    fn opening_containing(&self, local: NaiveDateTime) -> Option<(NaiveDateTime, NaiveDateTime)> {
+        let date = local.date();
+        let secs = local.time().num_seconds_from_midnight();
+        let (start, end) = (self.start * 60, self.end * 60);
+        if !self.wraps() {
+            return (self.opens_on(date) && secs >= start && secs < end)
+                .then(|| (Self::at(date, self.start), Self::at(date, self.end)));
+        }
+        if self.opens_on(date) && secs >= start {
+            return Some((Self::at(date, self.start), Self::at(date + TimeDelta::days(1), self.end)));
+        }
+        let yesterday = date.pred_opt()?;
+        (self.opens_on(yesterday) && secs < end)
+            .then(|| (Self::at(yesterday, self.start), Self::at(date, self.end)))
+    }
+
+    /// Is this local wall-clock time inside the window?
+    pub fn contains(&self, local: NaiveDateTime) -> bool {
+        self.opening_containing(local).is_some()
+    }
+
+    /// Is this instant inside the window, read on `tz`'s wall clock? (Preflight's window check.)
+    pub fn contains_at(&self, at: DateTime<Utc>, tz: Tz) -> bool {
+        self.contains(at.with_timezone(&tz).naive_local())
+    }
+
+    /// The earliest instant at or after `after` that is inside the window: `after` itself when the
+    /// window is open, else the next opening (an opening at a local time skipped by DST opens when
+    /// the clock resumes, e.g. 03:00). Every parsed window opens at least weekly; should a DST oddity
+    /// leave no opening in the next two weeks, `after` is returned rather than never.
+    pub fn next_opening(&self, after: DateTime<Utc>, tz: Tz) -> DateTime<Utc> {
+        let local = after.with_timezone(&tz).naive_local();
+        if self.contains(local) {
+            return after;
+        }
+        let today = local.date();
+        (-1..=15)
+            .filter_map(|d| today.checked_add_signed(TimeDelta::days(d)))
+            .filter(|date| self.opens_on(*date))
+            .map(|date| resolve_local(tz, Self::at(date, self.start)))
+            .filter(|open| *open >= after && self.contains_at(*open, tz))
+            .min()
+            .unwrap_or(after)
+    }
+
+    /// When the opening containing `at` closes (`None` if `at` is outside the window).
+    pub fn closes_after(&self, at: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+        let (_, end) = self.opening_containing(at.with_timezone(&tz).naive_local())?;
+        Some(resolve_local(tz, end))
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hhmm = |m: u32| format!("{:02}:{:02}", m / 60, m % 60);
+        write!(f, "{} {}-{}", self.days, hhmm(self.start), hhmm(self.end))?;
+        if self.wraps() {
+            f.write_str(" (ends the next day)")?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_days(text: &str) -> Result<[bool; 7], String> {
+    let trimmed = text.trim();
+    if trimmed == "*" || trimmed.eq_ignore_ascii_case("daily") {
+        return Ok([true; 7]);
+    }
+    if trimmed.is_empty() {
+        return Err("window days are empty (e.g. \"Mon-Fri\", \"Mon,Wed,Fri\", \"*\")".into());
+    }
+    let day = |name: &str| {
+        weekday_from_name(name.trim()).ok_or_else(|| {
+            format!("window days \"{trimmed}\": \"{}\" is not a day (Mon..Sun)", name.trim())
+        })
+    };
+    let mut set = [false; 7];
+    for item in trimmed.split(',') {
+        match item.split_once('-') {
+            Some((a, b)) => {
+                // Ranges may wrap: "Fri-Mon" is Fri, Sat, Sun, Mon.
+                let (mut d, last) = (day(a)?, day(b)?);
+                loop {
+                    set[d.num_days_from_monday() as usize] = true;
+                    if d == last {
+                        break;
+                    }
+                    d = d.succ();
+                }
+            }
+            None => set[day(item)?.num_days_from_monday() as usize] = true,
+        }
+    }
+    Ok(set)
+}
+
+/// "HH:MM" as minutes after midnight; "24:00" only where `allow_24` (a window's end).
+fn parse_hhmm(text: &str, allow_24: bool) -> Result<u32, String> {
+    let bad = || "expected HH:MM, e.g. \"08:00\"".to_owned();
+    let (h, m) = text.trim().split_once(':').ok_or_else(bad)?;
+    if h.is_empty() || h.len() > 2 || m.len() != 2 {
+        return Err(bad());
+    }
+    let h: u32 = h.parse().map_err(|_| bad())?;
+    let m: u32 = m.parse().map_err(|_| bad())?;
+    if allow_24 && h == 24 && m == 0 {
+        return Ok(24 * 60);
+    }
+    if h > 23 || m > 59 {
+        return Err(format!(
+            "{h:02}:{m:02} is not a time of day (00:00-23:59{})",
+            if allow_24 { ", or 24:00" } else { "" }
+        ));
+    }
+    Ok(h * 60 + m)
 }
 
 /// Why a key is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DueReason {
+    /// A cron occurrence (jittered, moved into the window).
     Schedule,
+    /// The key's Last Rotated is (or will be) older than `max_age`.
     MaxAge,
+    /// A cron occurrence was missed while the daemon was down; `catch_up` runs it now.
     CatchUp,
 }
 
-/// The next `count` scheduled run times of a key after `after` (cron in the key's time zone, moved into
-/// the window; no jitter). Empty for manual-only keys.
-pub fn next_runs(key: &KeyConfig, after: DateTime<Utc>, count: usize) -> Vec<DateTime<Utc>> {
-    let _ = (key, after, count);
-    Vec::new()
+impl DueReason {
+    /// Stable lowercase name, for logs, metrics labels and the journal.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DueReason::Schedule => "schedule",
+            DueReason::MaxAge => "max_age",
+            DueReason::CatchUp => "catch_up",
+        }
+    }
 }
 
-/// The `keyrotd plan` table.
+impl fmt::Display for DueReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// When a key is next due, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    pub at: DateTime<Utc>,
+    pub reason: DueReason,
+}
+
+/// `t` plus `jitter × sample`. `sample` is the injected random number in [0, 1); values outside are
+/// clamped (NaN counts as 0), and the result is always strictly before `t + jitter` when jitter > 0.
+pub fn apply_jitter(t: DateTime<Utc>, jitter: Duration, sample: f64) -> DateTime<Utc> {
+    let sample = if sample.is_finite() {
+        sample.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let jitter_ms = i64::try_from(jitter.as_millis()).unwrap_or(i64::MAX);
+    if jitter_ms == 0 {
+        return t;
+    }
+    // Float rounding could land exactly on jitter_ms for a sample just below 1: keep it below.
+    let offset = ((jitter_ms as f64 * sample).floor() as i64).min(jitter_ms - 1);
+    t.checked_add_signed(TimeDelta::milliseconds(offset))
+        .unwrap_or(t)
+}
+
+/// Moves `t` to the window's next opening (unchanged without a window).
+fn into_window(key: &KeyConfig, t: DateTime<Utc>) -> DateTime<Utc> {
+    match &key.window {
+        Some(w) => w.next_opening(t, key.timezone),
+        None => t,
+    }
+}
+
+/// A cron occurrence's due time: into the window, then jitter bounded by what is left of the opening.
+fn scheduled_due(key: &KeyConfig, occurrence: DateTime<Utc>, sample: f64) -> DateTime<Utc> {
+    let t0 = into_window(key, occurrence);
+    let Some(window) = &key.window else {
+        return apply_jitter(t0, key.jitter, sample);
+    };
+    let Some(close) = window.closes_after(t0, key.timezone) else {
+        return t0;
+    };
+    let left = (close - t0).to_std().unwrap_or(Duration::ZERO);
+    let jittered = apply_jitter(t0, key.jitter.min(left), sample);
+    if window.contains_at(jittered, key.timezone) {
+        jittered
+    } else {
+        t0
+    }
+}
+
+/// When `key` is next due, the earliest of:
+/// - **catch-up / schedule**: the latest cron occurrence after `last_scheduled_run` and at or before
+///   `now` is still pending if its due time (window, jitter) is not yet past → that time, `Schedule`;
+///   if its due time is past it was missed → now (moved into the window), `CatchUp`, when the key has
+///   `catch_up`, else it is dropped. With no such occurrence (or on a first start, `None`), the next
+///   occurrence after `now` → `Schedule`.
+/// - **max age**: `last_rotated + max_age` (now if already past), moved into the window → `MaxAge`.
+///   No `last_rotated` (unknown), no max-age due time.
+///
+/// `last_scheduled_run` is when the last schedule-driven (or catch-up) rotation *started*; one run
+/// covers every occurrence before it. `jitter_sample` in [0, 1): draw it once per pending occurrence
+/// so that re-evaluating does not move the time. On a tie the schedule's reason wins. Manual-only keys
+/// (and keys whose schedule never fires again) give `None`.
+pub fn next_due(
+    key: &KeyConfig,
+    now: DateTime<Utc>,
+    last_scheduled_run: Option<DateTime<Utc>>,
+    last_rotated: Option<DateTime<Utc>>,
+    jitter_sample: f64,
+) -> Option<Due> {
+    let scheduled = key.schedule.as_ref().and_then(|schedule| {
+        let tz = key.timezone;
+        let pending = last_scheduled_run.and_then(|prev| {
+            schedule
+                .latest_at_or_before(now, tz)
+                .filter(|latest| *latest > prev)
+        });
+        if let Some(occurrence) = pending {
+            let at = scheduled_due(key, occurrence, jitter_sample);
+            if at >= now {
+                return Some(Due {
+                    at,
+                    reason: DueReason::Schedule,
+                });
+            }
+            if key.catch_up {
+                return Some(Due {
+                    at: into_window(key, now),
+                    reason: DueReason::CatchUp,
+                });
+            }
+        }
+        let from = last_scheduled_run.map_or(now, |prev| prev.max(now));
+        schedule.next_after(from, tz).map(|o| Due {
+            at: scheduled_due(key, o, jitter_sample),
+            reason: DueReason::Schedule,
+        })
+    });
+
+    let aged = key.max_age.zip(last_rotated).and_then(|(max_age, rotated)| {
+        let limit = rotated.checked_add_signed(TimeDelta::from_std(max_age).ok()?)?;
+        Some(Due {
+            at: into_window(key, limit.max(now)),
+            reason: DueReason::MaxAge,
+        })
+    });
+
+    match (scheduled, aged) {
+        (Some(s), Some(a)) => Some(if a.at < s.at { a } else { s }),
+        (s, a) => s.or(a),
+    }
+}
+
+/// The next `count` scheduled run times of a key after `after` (cron in the key's time zone, moved into
+/// the window; no jitter). Occurrences that wait for the same window opening count once. Empty for
+/// keys without a schedule.
+pub fn next_runs(key: &KeyConfig, after: DateTime<Utc>, count: usize) -> Vec<DateTime<Utc>> {
+    let Some(schedule) = &key.schedule else {
+        return Vec::new();
+    };
+    let mut runs = Vec::with_capacity(count);
+    let mut cursor = after;
+    while runs.len() < count {
+        let Some(occurrence) = schedule.next_after(cursor, key.timezone) else {
+            break;
+        };
+        let run = into_window(key, occurrence);
+        // Every occurrence before `run` maps to `run` too: continue from it.
+        cursor = run.max(occurrence);
+        if runs.last().is_none_or(|last| run > *last) {
+            runs.push(run);
+        }
+    }
+    runs
+}
+
+/// The validator's heuristic for "each run will wait for the window": the key has a schedule and a
+/// window, the schedule fires at least once in the year after `from`, and never inside the window.
+pub fn all_runs_outside_window_from(key: &KeyConfig, from: DateTime<Utc>) -> bool {
+    let (Some(schedule), Some(window)) = (&key.schedule, &key.window) else {
+        return false;
+    };
+    let tz = key.timezone;
+    let Some(first) = schedule.next_after(from, tz) else {
+        return false;
+    };
+    let horizon = first + TimeDelta::days(370);
+    let first_local = first.with_timezone(&tz).naive_local().date();
+    // For every opening in the horizon: does an occurrence fall in [open, close)?
+    let any_inside = (-1..=371)
+        .filter_map(|d| first_local.checked_add_signed(TimeDelta::days(d)))
+        .filter(|date| window.opens_on(*date))
+        .map(|date| resolve_local(tz, Window::at(date, window.start)))
+        .take_while(|open| *open <= horizon)
+        .filter(|open| window.contains_at(*open, tz))
+        .any(|open| {
+            let close = window.closes_after(open, tz).unwrap_or(open);
+            schedule
+                .first_at_or_after(open, tz)
+                .is_some_and(|o| o < close && window.contains_at(o, tz))
+        });
+    !any_inside
+}
+
+/// [`all_runs_outside_window_from`] from the current time (for the config validator's warning).
+pub fn all_runs_outside_window(key: &KeyConfig) -> bool {
+    all_runs_outside_window_from(key, Utc::now())
+}
+
+fn format_run(t: DateTime<Utc>, tz: Tz) -> String {
+    format!(
+        "{} ({} UTC)",
+        t.with_timezone(&tz).format("%a %Y-%m-%d %H:%M:%S %:z"),
+        t.format("%Y-%m-%d %H:%M:%S")
+    )
+}
+
+fn key_notes(key: &KeyConfig) -> Vec<String> {
+    let mut notes = Vec::new();
+    if key.is_manual_only() {
+        notes.push("manual only: no schedule and no max_age; rotate with `keyrotd rotate`".into());
+        return notes;
+    }
+    if let Some(w) = &key.window {
+        notes.push(format!("window {w}: runs outside it wait for its next opening"));
+    }
+    if !key.jitter.is_zero() {
+        notes.push(format!(
+            "jitter: each scheduled run is delayed by up to {}",
+            humantime::format_duration(key.jitter)
+        ));
+    }
+    if let Some(max_age) = key.max_age {
+        notes.push(format!(
+            "max_age {}: also due when the portal's Last Rotated is older",
+            humantime::format_duration(max_age)
+        ));
+    }
+    if key.schedule.is_none() {
+        notes.push("no schedule: rotated by age only".into());
+    } else if !key.catch_up {
+        notes.push("catch_up off: runs missed while the daemon is down are dropped".into());
+    }
+    notes
+}
+
+/// The `keyrotd plan` table: per key its time zone, schedule and next `count` runs after `now` (local
+/// time with offset, and UTC), then notes on window, jitter, max age and manual-only keys.
 pub fn plan_table(config: &Config, now: DateTime<Utc>, count: usize) -> String {
-    let _ = (config, now, count);
-    String::new()
+    struct Row {
+        key: String,
+        tz: String,
+        schedule: String,
+        runs: Vec<String>,
+        notes: Vec<String>,
+    }
+    let rows: Vec<Row> = config
+        .keys
+        .iter()
+        .map(|key| {
+            let runs: Vec<String> = next_runs(key, now, count)
+                .into_iter()
+                .map(|t| format_run(t, key.timezone))
+                .collect();
+            let runs = if runs.is_empty() && key.schedule.is_some() {
+                vec!["none: the schedule never fires again".into()]
+            } else if runs.is_empty() {
+                vec!["-".into()]
+            } else {
+                runs
+            };
+            Row {
+                key: key.name.clone(),
+                tz: key.timezone.name().to_owned(),
+                schedule: key.schedule.as_ref().map_or("-".into(), |s| s.text.clone()),
+                runs,
+                notes: key_notes(key),
+            }
+        })
+        .collect();
+    let width = |header: &str, f: &dyn Fn(&Row) -> usize| {
+        rows.iter().map(f).max().unwrap_or(0).max(header.len())
+    };
+    let wk = width("KEY", &|r| r.key.chars().count());
+    let wt = width("TIMEZONE", &|r| r.tz.chars().count());
+    let ws = width("SCHEDULE", &|r| r.schedule.chars().count());
+    let mut out = String::new();
+    let mut line = |a: &str, b: &str, c: &str, d: &str| {
+        let text = format!("{a:<wk$}  {b:<wt$}  {c:<ws$}  {d}");
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line("KEY", "TIMEZONE", "SCHEDULE", "NEXT RUNS");
+    for row in &rows {
+        for (i, run) in row.runs.iter().enumerate() {
+            if i == 0 {
+                line(&row.key, &row.tz, &row.schedule, run);
+            } else {
+                line("", "", "", run);
+            }
+        }
+        for note in &row.notes {
+            line("", &format!("note: {note}"), "", "");
+        }
+    }
+    out
 }
