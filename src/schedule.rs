@@ -106,8 +106,12 @@ impl Schedule {
             }
         }
         let fields: Vec<String> = fields.into_iter().map(str::to_owned).collect();
-        let (dow, dow_restricted) = translate_day_of_week(&fields[5])
-            .map_err(|e| format!("schedule \"{trimmed}\": day-of-week field \"{}\": {e}", fields[5]))?;
+        let (dow, dow_restricted) = translate_day_of_week(&fields[5]).map_err(|e| {
+            format!(
+                "schedule \"{trimmed}\": day-of-week field \"{}\": {e}",
+                fields[5]
+            )
+        })?;
         let dom_restricted = !(fields[3].starts_with('*') || fields[3] == "?");
 
         // Each field on its own first, so an error names the field at fault.
@@ -124,10 +128,10 @@ impl Schedule {
             if let Err(e) = cron::Schedule::from_str(&probe.join(" ")) {
                 return Err(format!(
                     "schedule \"{trimmed}\": {} field \"{value}\" is invalid (allowed: {}, `*`, lists \
-                     `a,b`, ranges `a-b`, steps `*/n`): {}",
+                     `a,b`, ranges `a-b`, steps `*/n`){}",
                     FIELD_NAMES[i],
                     FIELD_HELP[i],
-                    crate_error_text(&e)
+                    colon_detail(crate_error_text(&e))
                 ));
             }
         }
@@ -144,8 +148,12 @@ impl Schedule {
             if let Some(year) = fields.get(6) {
                 parts.push(year);
             }
-            cron::Schedule::from_str(&parts.join(" "))
-                .map_err(|e| format!("schedule \"{trimmed}\" is invalid: {}", crate_error_text(&e)))
+            cron::Schedule::from_str(&parts.join(" ")).map_err(|e| {
+                format!(
+                    "schedule \"{trimmed}\" is invalid{}",
+                    colon_detail(crate_error_text(&e))
+                )
+            })
         };
         let crons = if dom_restricted && dow_restricted {
             vec![build(&fields[3], "*")?, build("*", &dow)?]
@@ -209,9 +217,27 @@ fn expand_macro(text: &str) -> Result<String, String> {
     Ok(six.to_owned())
 }
 
-/// The `cron` crate's own message, flattened to one line.
+/// The `cron` crate's own detail, flattened to one line, without the echo of the (internal) probe
+/// expression it puts before a `^`, and with its off-by-one "less than" wording corrected.
 fn crate_error_text(e: &cron::error::Error) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    let text = e.to_string();
+    let detail = text
+        .rsplit_once('^')
+        .map_or(text.as_str(), |(_, after)| after);
+    detail
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace("must be less than", "must be at most")
+}
+
+/// `text` prefixed with ": " unless empty.
+fn colon_detail(text: String) -> String {
+    if text.is_empty() {
+        text
+    } else {
+        format!(": {text}")
+    }
 }
 
 const DAY_NAMES_FROM_SUNDAY: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
@@ -289,7 +315,9 @@ fn day_number(text: &str) -> Result<u32, String> {
     }
     weekday_from_name(text)
         .map(|w| w.num_days_from_sunday())
-        .ok_or_else(|| format!("\"{text}\" is not a day of the week (0-7, 0 and 7 = Sunday, or Mon-Sun)"))
+        .ok_or_else(|| {
+            format!("\"{text}\" is not a day of the week (0-7, 0 and 7 = Sunday, or Mon-Sun)")
+        })
 }
 
 /// True when `t` is the second (standard-time) instance of a wall-clock time that happens twice.
@@ -308,7 +336,11 @@ fn cron_next_after(c: &cron::Schedule, after: DateTime<Utc>, tz: Tz) -> Option<D
         .next()
 }
 
-fn cron_latest_at_or_before(c: &cron::Schedule, at: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+fn cron_latest_at_or_before(
+    c: &cron::Schedule,
+    at: DateTime<Utc>,
+    tz: Tz,
+) -> Option<DateTime<Utc>> {
     let start = at.checked_add_signed(TimeDelta::seconds(1))?;
     c.after(&start.with_timezone(&tz))
         .rev()
@@ -398,7 +430,10 @@ impl Window {
                 .then(|| (Self::at(date, self.start), Self::at(date, self.end)));
         }
         if self.opens_on(date) && secs >= start {
-            return Some((Self::at(date, self.start), Self::at(date + TimeDelta::days(1), self.end)));
+            return Some((
+                Self::at(date, self.start),
+                Self::at(date + TimeDelta::days(1), self.end),
+            ));
         }
         let yesterday = date.pred_opt()?;
         (self.opens_on(yesterday) && secs < end)
@@ -462,7 +497,10 @@ fn parse_days(text: &str) -> Result<[bool; 7], String> {
     }
     let day = |name: &str| {
         weekday_from_name(name.trim()).ok_or_else(|| {
-            format!("window days \"{trimmed}\": \"{}\" is not a day (Mon..Sun)", name.trim())
+            format!(
+                "window days \"{trimmed}\": \"{}\" is not a day (Mon..Sun)",
+                name.trim()
+            )
         })
     };
     let mut set = [false; 7];
@@ -634,13 +672,16 @@ pub fn next_due(
         })
     });
 
-    let aged = key.max_age.zip(last_rotated).and_then(|(max_age, rotated)| {
-        let limit = rotated.checked_add_signed(TimeDelta::from_std(max_age).ok()?)?;
-        Some(Due {
-            at: into_window(key, limit.max(now)),
-            reason: DueReason::MaxAge,
-        })
-    });
+    let aged = key
+        .max_age
+        .zip(last_rotated)
+        .and_then(|(max_age, rotated)| {
+            let limit = rotated.checked_add_signed(TimeDelta::from_std(max_age).ok()?)?;
+            Some(Due {
+                at: into_window(key, limit.max(now)),
+                reason: DueReason::MaxAge,
+            })
+        });
 
     match (scheduled, aged) {
         (Some(s), Some(a)) => Some(if a.at < s.at { a } else { s }),
@@ -719,7 +760,9 @@ fn key_notes(key: &KeyConfig) -> Vec<String> {
         return notes;
     }
     if let Some(w) = &key.window {
-        notes.push(format!("window {w}: runs outside it wait for its next opening"));
+        notes.push(format!(
+            "window {w}: runs outside it wait for its next opening"
+        ));
     }
     if !key.jitter.is_zero() {
         notes.push(format!(
@@ -801,4 +844,922 @@ pub fn plan_table(config: &Config, now: DateTime<Utc>, count: usize) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DaemonConfig, LogFormat};
+    use chrono_tz::Europe::Zurich;
+    use std::collections::BTreeMap;
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        text.parse()
+            .unwrap_or_else(|e| panic!("bad test time {text}: {e}"))
+    }
+
+    fn key(schedule: Option<&str>) -> KeyConfig {
+        KeyConfig {
+            name: "billing-api".into(),
+            provider: "aos-prod".into(),
+            schedule: schedule.map(|s| Schedule::parse(s).unwrap_or_else(|e| panic!("{e}"))),
+            timezone: Tz::UTC,
+            max_age: None,
+            jitter: Duration::ZERO,
+            window: None,
+            catch_up: true,
+            watch: Duration::from_secs(300),
+            watch_interval: Duration::from_secs(15),
+            store_deadline: Duration::from_secs(60),
+            auto_recover: true,
+            max_rerotations: 3,
+            max_regenerations_per_day: 6,
+            destinations: Vec::new(),
+            dependents: Vec::new(),
+        }
+    }
+
+    fn window(days: &str, start: &str, end: &str) -> Window {
+        Window::parse(days, start, end).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn runs(schedule: &str, tz: Tz, after: &str, count: usize) -> Vec<DateTime<Utc>> {
+        let key = KeyConfig {
+            timezone: tz,
+            ..key(Some(schedule))
+        };
+        next_runs(&key, utc(after), count)
+    }
+
+    fn times(list: &[&str]) -> Vec<DateTime<Utc>> {
+        list.iter().map(|t| utc(t)).collect()
+    }
+
+    // 2027-03-24 is a Wednesday.
+    #[test]
+    fn cron_forms_give_the_runs_an_operator_expects() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            // Unix numeric day of week: 1 = Monday, 0 and 7 = Sunday.
+            (
+                "0 9 * * 1",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-29T09:00:00Z", "2027-04-05T09:00:00Z"],
+            ),
+            (
+                "0 9 * * Mon",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-29T09:00:00Z"],
+            ),
+            (
+                "0 9 * * monday",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-29T09:00:00Z"],
+            ),
+            (
+                "0 9 * * 0",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-28T09:00:00Z"],
+            ),
+            (
+                "0 9 * * 7",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-28T09:00:00Z"],
+            ),
+            (
+                "0 9 * * Sun",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-28T09:00:00Z"],
+            ),
+            (
+                "0 9 * * 1-5",
+                "2027-03-26T10:00:00Z",
+                &["2027-03-29T09:00:00Z", "2027-03-30T09:00:00Z"],
+            ),
+            (
+                "0 9 * * 5-7",
+                "2027-03-29T00:00:00Z",
+                &[
+                    "2027-04-02T09:00:00Z",
+                    "2027-04-03T09:00:00Z",
+                    "2027-04-04T09:00:00Z",
+                    "2027-04-09T09:00:00Z",
+                ],
+            ),
+            (
+                "0 9 * * Fri-Sun",
+                "2027-03-29T00:00:00Z",
+                &[
+                    "2027-04-02T09:00:00Z",
+                    "2027-04-03T09:00:00Z",
+                    "2027-04-04T09:00:00Z",
+                ],
+            ),
+            (
+                "0 9 * * 1,3",
+                "2027-03-24T09:00:00Z",
+                &["2027-03-29T09:00:00Z", "2027-03-31T09:00:00Z"],
+            ),
+            (
+                "0 9 * * 1-5/2",
+                "2027-03-28T00:00:00Z",
+                &[
+                    "2027-03-29T09:00:00Z",
+                    "2027-03-31T09:00:00Z",
+                    "2027-04-02T09:00:00Z",
+                ],
+            ),
+            (
+                "*/20 9 * * *",
+                "2027-03-24T09:00:00Z",
+                &[
+                    "2027-03-24T09:20:00Z",
+                    "2027-03-24T09:40:00Z",
+                    "2027-03-25T09:00:00Z",
+                ],
+            ),
+            // Both day fields restricted: either matches (Unix), so the 1st (a Thursday) and Mondays.
+            (
+                "0 9 1 * Mon",
+                "2027-03-24T00:00:00Z",
+                &[
+                    "2027-03-29T09:00:00Z",
+                    "2027-04-01T09:00:00Z",
+                    "2027-04-05T09:00:00Z",
+                ],
+            ),
+            // A `*`-led day-of-week does not widen (Vixie): the 1st of the month only when a Sunday.
+            (
+                "0 9 1 * */7",
+                "2027-03-24T00:00:00Z",
+                &["2027-08-01T09:00:00Z", "2028-10-01T09:00:00Z"],
+            ),
+            (
+                "0 9 * Jan *",
+                "2027-03-24T00:00:00Z",
+                &["2028-01-01T09:00:00Z"],
+            ),
+            // 6 fields: seconds first.
+            (
+                "30 0 9 * * *",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-24T09:00:30Z", "2027-03-25T09:00:30Z"],
+            ),
+            (
+                "0 0 9 * * 1",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-29T09:00:00Z"],
+            ),
+            // 7 fields: year last.
+            (
+                "0 0 12 1 1 * 2030",
+                "2027-03-24T00:00:00Z",
+                &["2030-01-01T12:00:00Z"],
+            ),
+            ("0 0 12 1 1 * 2020", "2027-03-24T00:00:00Z", &[]),
+            // Macros.
+            ("@yearly", "2027-03-24T00:00:00Z", &["2028-01-01T00:00:00Z"]),
+            (
+                "@annually",
+                "2027-03-24T00:00:00Z",
+                &["2028-01-01T00:00:00Z"],
+            ),
+            (
+                "@monthly",
+                "2027-03-24T00:00:00Z",
+                &["2027-04-01T00:00:00Z"],
+            ),
+            (
+                "@weekly",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-28T00:00:00Z", "2027-04-04T00:00:00Z"],
+            ),
+            ("@daily", "2027-03-24T00:00:00Z", &["2027-03-25T00:00:00Z"]),
+            (
+                "@midnight",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-25T00:00:00Z"],
+            ),
+            (
+                "@HOURLY",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-24T01:00:00Z", "2027-03-24T02:00:00Z"],
+            ),
+            (
+                "  0 9 * * Mon  ",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-29T09:00:00Z"],
+            ),
+        ];
+        for (expr, after, expected) in cases {
+            let got = runs(expr, Tz::UTC, after, expected.len().max(1));
+            assert_eq!(got, times(expected), "schedule {expr:?} after {after}");
+        }
+    }
+
+    #[test]
+    fn schedule_keeps_the_operators_text() {
+        let s = Schedule::parse(" 0 9 * * 1 ").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.text, "0 9 * * 1");
+        assert_eq!(s.to_string(), "0 9 * * 1");
+    }
+
+    #[test]
+    fn invalid_schedules_say_what_is_wrong() {
+        let cases = [
+            ("", "empty"),
+            ("   ", "empty"),
+            ("0 9 * *", "has 4 fields"),
+            ("0 0 0 9 * * * 2030", "has 8 fields"),
+            (
+                "61 9 * * *",
+                "minute field \"61\" is invalid (allowed: 0-59",
+            ),
+            ("0 61 9 * * *", "Minutes must be at most 59"),
+            ("0 25 * * *", "hour field \"25\""),
+            ("0 9 32 * *", "day-of-month field \"32\""),
+            ("0 9 * 13 *", "month field \"13\""),
+            ("0 9 * * 8", "day-of-week field \"8\""),
+            ("0 9 * * Funday", "\"Funday\" is not a day of the week"),
+            ("0 9 * * Fri-Mon", "runs backwards"),
+            ("0 9 * * */0", "step \"0\""),
+            ("0 9 * * 1-", "a day is missing"),
+            ("60 0 9 * * *", "second field \"60\""),
+            ("0 0 9 * * * 1969", "year field \"1969\""),
+            ("x 9 * * *", "minute field \"x\""),
+            ("@fortnightly", "not a known macro"),
+            ("@reboot", "not supported"),
+        ];
+        for (expr, needle) in cases {
+            match Schedule::parse(expr) {
+                Ok(s) => panic!("{expr:?} parsed as {s:?}"),
+                Err(e) => {
+                    assert!(
+                        e.contains(needle),
+                        "{expr:?}: {e:?} should mention {needle:?}"
+                    );
+                    assert!(
+                        !e.contains('^'),
+                        "{e:?} echoes the internal probe expression"
+                    );
+                }
+            }
+        }
+    }
+
+    // Europe/Zurich 2027: spring forward Sun 03-28 02:00 CET -> 03:00 CEST (01:00Z);
+    // fall back Sun 10-31 03:00 CEST -> 02:00 CET (01:00Z).
+    #[test]
+    fn zurich_dst_transitions() {
+        let cases: &[(&str, &str, &str, &[&str])] = &[
+            (
+                "02:30 daily: skipped on the spring-forward day",
+                "30 2 * * *",
+                "2027-03-26T12:00:00Z",
+                &[
+                    "2027-03-27T01:30:00Z",
+                    "2027-03-29T00:30:00Z",
+                    "2027-03-30T00:30:00Z",
+                ],
+            ),
+            (
+                "hourly: 01:00 CET then 03:00 CEST, one real hour apart",
+                "0 * * * *",
+                "2027-03-27T23:30:00Z",
+                &[
+                    "2027-03-28T00:00:00Z",
+                    "2027-03-28T01:00:00Z",
+                    "2027-03-28T02:00:00Z",
+                ],
+            ),
+            (
+                "09:00 daily: the offset changes, the wall clock does not",
+                "0 9 * * *",
+                "2027-03-27T12:00:00Z",
+                &["2027-03-28T07:00:00Z", "2027-03-29T07:00:00Z"],
+            ),
+            (
+                "02:30 daily: once on the fall-back day, at 02:30 CEST",
+                "30 2 * * *",
+                "2027-10-30T12:00:00Z",
+                &["2027-10-31T00:30:00Z", "2027-11-01T01:30:00Z"],
+            ),
+            (
+                "02:30 daily: from inside the repeated hour, not again that day",
+                "30 2 * * *",
+                "2027-10-31T00:45:00Z",
+                &["2027-11-01T01:30:00Z"],
+            ),
+            (
+                "02:30 daily: from the second 02:10 (CET), not again that day",
+                "30 2 * * *",
+                "2027-10-31T01:10:00Z",
+                &["2027-11-01T01:30:00Z"],
+            ),
+            (
+                "hourly on fall-back: 02:00 CEST once, then 03:00 CET",
+                "0 * * * *",
+                "2027-10-30T23:30:00Z",
+                &[
+                    "2027-10-31T00:00:00Z",
+                    "2027-10-31T02:00:00Z",
+                    "2027-10-31T03:00:00Z",
+                ],
+            ),
+            (
+                "hourly from the second 02:10 (CET)",
+                "0 * * * *",
+                "2027-10-31T01:10:00Z",
+                &["2027-10-31T02:00:00Z"],
+            ),
+        ];
+        for (story, expr, after, expected) in cases {
+            assert_eq!(
+                runs(expr, Zurich, after, expected.len()),
+                times(expected),
+                "{story}"
+            );
+        }
+    }
+
+    #[test]
+    fn latest_occurrence_respects_dst_too() {
+        let s = Schedule::parse("30 2 * * *").unwrap_or_else(|e| panic!("{e}"));
+        let cases = [
+            // On the spring-forward day there is no 02:30: the latest is the day before.
+            ("2027-03-28T12:00:00Z", "2027-03-27T01:30:00Z"),
+            // On the fall-back day, after the second 02:30 (CET), the latest is still the first one.
+            ("2027-10-31T01:45:00Z", "2027-10-31T00:30:00Z"),
+            ("2027-10-31T00:30:00Z", "2027-10-31T00:30:00Z"),
+        ];
+        for (at, expected) in cases {
+            assert_eq!(
+                s.latest_at_or_before(utc(at), Zurich),
+                Some(utc(expected)),
+                "at {at}"
+            );
+        }
+    }
+
+    #[test]
+    fn window_parsing() {
+        let ok = [
+            ("Mon-Fri", "08:00", "17:00", "Mon-Fri 08:00-17:00"),
+            ("Mon,Wed,Fri", "8:00", "17:30", "Mon,Wed,Fri 08:00-17:30"),
+            (
+                "Fri-Mon",
+                "22:00",
+                "06:00",
+                "Fri-Mon 22:00-06:00 (ends the next day)",
+            ),
+            ("*", "00:00", "24:00", "* 00:00-24:00"),
+            ("daily", "09:00", "10:00", "daily 09:00-10:00"),
+            ("mon, Sat-Sun", "09:00", "10:00", "mon, Sat-Sun 09:00-10:00"),
+        ];
+        for (days, start, end, shown) in ok {
+            assert_eq!(window(days, start, end).to_string(), shown);
+        }
+        let bad = [
+            ("Mon-Fry", "08:00", "17:00", "\"Fry\" is not a day"),
+            ("", "08:00", "17:00", "empty"),
+            ("Mon-Fri", "25:00", "17:00", "window start \"25:00\""),
+            ("Mon-Fri", "08:00", "17:60", "window end \"17:60\""),
+            ("Mon-Fri", "08", "17:00", "expected HH:MM"),
+            ("Mon-Fri", "24:00", "17:00", "window start \"24:00\""),
+            ("Mon-Fri", "08:00", "08:00", "never open"),
+        ];
+        for (days, start, end, needle) in bad {
+            match Window::parse(days, start, end) {
+                Ok(w) => panic!("{days} {start}-{end} parsed as {w:?}"),
+                Err(e) => assert!(e.contains(needle), "{e:?} should mention {needle:?}"),
+            }
+        }
+    }
+
+    fn local(text: &str) -> NaiveDateTime {
+        NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M")
+            .unwrap_or_else(|e| panic!("bad local time {text}: {e}"))
+    }
+
+    // 2027-03-26 is a Friday.
+    #[test]
+    fn window_containment() {
+        let office = window("Mon-Fri", "08:00", "17:00");
+        let night = window("Fri", "22:00", "06:00");
+        let long_weekend = window("Fri-Mon", "08:00", "17:00");
+        let cases = [
+            (&office, "2027-03-24 10:00", true),
+            (&office, "2027-03-24 08:00", true),
+            (&office, "2027-03-24 07:59", false),
+            (&office, "2027-03-24 17:00", false),
+            (&office, "2027-03-27 10:00", false),
+            (&night, "2027-03-26 23:00", true),
+            (&night, "2027-03-27 05:59", true),
+            (&night, "2027-03-27 06:00", false),
+            (&night, "2027-03-27 23:00", false),
+            (&night, "2027-03-26 21:59", false),
+            (&night, "2027-03-26 03:00", false),
+            (&long_weekend, "2027-03-28 10:00", true),
+            (&long_weekend, "2027-03-29 10:00", true),
+            (&long_weekend, "2027-03-30 10:00", false),
+            (&long_weekend, "2027-03-25 10:00", false),
+        ];
+        for (w, at, inside) in cases {
+            assert_eq!(w.contains(local(at)), inside, "{w} contains {at}");
+        }
+    }
+
+    #[test]
+    fn window_next_opening() {
+        let office = window("Mon-Fri", "08:00", "17:00");
+        let night = window("Fri", "22:00", "06:00");
+        let cases = [
+            (
+                "inside stays",
+                &office,
+                Tz::UTC,
+                "2027-03-24T10:00:00Z",
+                "2027-03-24T10:00:00Z",
+            ),
+            (
+                "before opens today",
+                &office,
+                Tz::UTC,
+                "2027-03-24T06:00:00Z",
+                "2027-03-24T08:00:00Z",
+            ),
+            (
+                "after opens tomorrow",
+                &office,
+                Tz::UTC,
+                "2027-03-24T18:00:00Z",
+                "2027-03-25T08:00:00Z",
+            ),
+            (
+                "friday evening skips the weekend",
+                &office,
+                Tz::UTC,
+                "2027-03-26T17:00:00Z",
+                "2027-03-29T08:00:00Z",
+            ),
+            (
+                "saturday waits for monday",
+                &office,
+                Tz::UTC,
+                "2027-03-27T10:00:00Z",
+                "2027-03-29T08:00:00Z",
+            ),
+            (
+                "zurich local time",
+                &office,
+                Zurich,
+                "2027-03-27T10:00:00Z",
+                "2027-03-29T06:00:00Z",
+            ),
+            (
+                "wrapped part of friday's night",
+                &night,
+                Tz::UTC,
+                "2027-03-27T03:00:00Z",
+                "2027-03-27T03:00:00Z",
+            ),
+            (
+                "after the night, next friday",
+                &night,
+                Tz::UTC,
+                "2027-03-27T07:00:00Z",
+                "2027-04-02T22:00:00Z",
+            ),
+        ];
+        for (story, w, tz, after, expected) in cases {
+            assert_eq!(w.next_opening(utc(after), tz), utc(expected), "{story}");
+        }
+        // A window opening at 02:30 on the spring-forward day opens when the clock resumes, 03:00 CEST.
+        let early = window("Sun", "02:30", "04:00");
+        assert_eq!(
+            early.next_opening(utc("2027-03-27T12:00:00Z"), Zurich),
+            utc("2027-03-28T01:00:00Z")
+        );
+    }
+
+    #[test]
+    fn runs_wait_for_the_window_and_count_once() {
+        let cases: &[(&str, &str, &str, &[&str])] = &[
+            (
+                "hourly, window 08:00-10:00 weekdays, from friday 09:30",
+                "0 * * * *",
+                "2027-03-26T09:30:00Z",
+                &[
+                    "2027-03-29T08:00:00Z",
+                    "2027-03-29T09:00:00Z",
+                    "2027-03-30T08:00:00Z",
+                ],
+            ),
+            (
+                "saturdays wait for monday",
+                "0 9 * * Sat",
+                "2027-03-24T00:00:00Z",
+                &["2027-03-29T08:00:00Z", "2027-04-05T08:00:00Z"],
+            ),
+        ];
+        for (story, expr, after, expected) in cases {
+            let k = KeyConfig {
+                window: Some(window("Mon-Fri", "08:00", "10:00")),
+                ..key(Some(expr))
+            };
+            assert_eq!(
+                next_runs(&k, utc(after), expected.len()),
+                times(expected),
+                "{story}"
+            );
+        }
+        assert!(next_runs(&key(None), utc("2027-03-24T00:00:00Z"), 3).is_empty());
+    }
+
+    #[test]
+    fn jitter_bounds() {
+        let t = utc("2027-03-24T09:00:00Z");
+        let ten_min = Duration::from_secs(600);
+        let cases: [(f64, Option<&str>); 6] = [
+            (0.0, Some("2027-03-24T09:00:00Z")),
+            (0.5, Some("2027-03-24T09:05:00Z")),
+            (f64::NAN, Some("2027-03-24T09:00:00Z")),
+            (-1.0, Some("2027-03-24T09:00:00Z")),
+            (1.0 - f64::EPSILON, None),
+            (1.0, None),
+        ];
+        for (sample, expected) in cases {
+            let got = apply_jitter(t, ten_min, sample);
+            match expected {
+                Some(e) => assert_eq!(got, utc(e), "sample {sample}"),
+                None => {
+                    assert!(got < t + TimeDelta::minutes(10), "sample {sample}: {got}");
+                    assert!(got > t + TimeDelta::seconds(599), "sample {sample}: {got}");
+                }
+            }
+        }
+        assert_eq!(apply_jitter(t, Duration::ZERO, 0.7), t);
+    }
+
+    #[test]
+    fn jitter_stays_inside_the_window() {
+        let k = KeyConfig {
+            jitter: Duration::from_secs(30 * 60),
+            window: Some(window("Mon-Fri", "08:00", "17:00")),
+            ..key(Some("50 16 * * *"))
+        };
+        let now = utc("2027-03-24T12:00:00Z");
+        for sample in [0.0, 0.3, 0.6, 0.999_999] {
+            let due = next_due(&k, now, None, None, sample).unwrap_or_else(|| panic!("no due"));
+            assert!(
+                due.at >= utc("2027-03-24T16:50:00Z"),
+                "sample {sample}: {}",
+                due.at
+            );
+            assert!(
+                due.at < utc("2027-03-24T17:00:00Z"),
+                "sample {sample}: {}",
+                due.at
+            );
+        }
+        // Runs waiting for the opening are still spread over the jitter.
+        let early = KeyConfig {
+            schedule: Some(Schedule::parse("0 6 * * *").unwrap_or_else(|e| panic!("{e}"))),
+            ..k
+        };
+        let due = next_due(&early, now, None, None, 0.5).unwrap_or_else(|| panic!("no due"));
+        assert_eq!(due.at, utc("2027-03-25T08:15:00Z"));
+    }
+
+    #[test]
+    fn next_due_table() {
+        struct Case {
+            story: &'static str,
+            key: KeyConfig,
+            now: &'static str,
+            last_run: Option<&'static str>,
+            last_rotated: Option<&'static str>,
+            sample: f64,
+            expected: Option<(&'static str, DueReason)>,
+        }
+        let daily = key(Some("0 9 * * *"));
+        let days = |d: u64| Some(Duration::from_secs(d * 86_400));
+        let office = || Some(window("Mon-Fri", "08:00", "17:00"));
+        let cases = [
+            Case {
+                story: "manual-only key is never due",
+                key: key(None),
+                now: "2027-03-24T10:00:00Z",
+                last_run: Some("2027-03-01T09:00:00Z"),
+                last_rotated: Some("2027-03-01T09:00:00Z"),
+                sample: 0.0,
+                expected: None,
+            },
+            Case {
+                story: "first start catches up nothing",
+                key: daily.clone(),
+                now: "2027-03-24T10:00:00Z",
+                last_run: None,
+                last_rotated: None,
+                sample: 0.0,
+                expected: Some(("2027-03-25T09:00:00Z", DueReason::Schedule)),
+            },
+            Case {
+                story: "missed run while down is due now",
+                key: daily.clone(),
+                now: "2027-03-24T10:00:00Z",
+                last_run: Some("2027-03-22T09:00:00Z"),
+                last_rotated: None,
+                sample: 0.0,
+                expected: Some(("2027-03-24T10:00:00Z", DueReason::CatchUp)),
+            },
+            Case {
+                story: "missed run without catch_up waits for the next one",
+                key: KeyConfig {
+                    catch_up: false,
+                    ..daily.clone()
+                },
+                now: "2027-03-24T10:00:00Z",
+                last_run: Some("2027-03-22T09:00:00Z"),
+                last_rotated: None,
+                sample: 0.0,
+                expected: Some(("2027-03-25T09:00:00Z", DueReason::Schedule)),
+            },
+            Case {
+                story: "nothing missed: the next occurrence",
+                key: daily.clone(),
+                now: "2027-03-24T10:00:00Z",
+                last_run: Some("2027-03-24T09:00:00Z"),
+                last_rotated: None,
+                sample: 0.0,
+                expected: Some(("2027-03-25T09:00:00Z", DueReason::Schedule)),
+            },
+            Case {
+                story: "due exactly now is the schedule, not a catch-up",
+                key: daily.clone(),
+                now: "2027-03-24T09:00:00Z",
+                last_run: Some("2027-03-23T09:00:00Z"),
+                last_rotated: None,
+                sample: 0.0,
+                expected: Some(("2027-03-24T09:00:00Z", DueReason::Schedule)),
+            },
+            Case {
+                story: "an occurrence waiting for its jitter is not a missed run",
+                key: KeyConfig {
+                    jitter: Duration::from_secs(600),
+                    ..daily.clone()
+                },
+                now: "2027-03-24T09:03:00Z",
+                last_run: Some("2027-03-23T09:05:00Z"),
+                last_rotated: None,
+                sample: 0.5,
+                expected: Some(("2027-03-24T09:05:00Z", DueReason::Schedule)),
+            },
+            Case {
+                story: "missed friday run, restarted saturday: catch-up waits for monday's window",
+                key: KeyConfig {
+                    window: office(),
+                    ..key(Some("0 9 * * Fri"))
+                },
+                now: "2027-03-27T10:00:00Z",
+                last_run: Some("2027-03-19T09:00:00Z"),
+                last_rotated: None,
+                sample: 0.0,
+                expected: Some(("2027-03-29T08:00:00Z", DueReason::CatchUp)),
+            },
+            Case {
+                story: "a saturday occurrence waits for monday's window",
+                key: KeyConfig {
+                    window: office(),
+                    ..key(Some("0 9 * * Sat"))
+                },
+                now: "2027-03-27T10:00:00Z",
+                last_run: Some("2027-03-20T09:00:00Z"),
+                last_rotated: None,
+                sample: 0.0,
+                expected: Some(("2027-03-29T08:00:00Z", DueReason::Schedule)),
+            },
+            Case {
+                story: "max_age already past: due now",
+                key: KeyConfig {
+                    max_age: days(30),
+                    ..key(None)
+                },
+                now: "2027-03-24T10:00:00Z",
+                last_run: None,
+                last_rotated: Some("2027-02-01T10:00:00Z"),
+                sample: 0.0,
+                expected: Some(("2027-03-24T10:00:00Z", DueReason::MaxAge)),
+            },
+            Case {
+                story: "max_age in the future: last_rotated + max_age",
+                key: KeyConfig {
+                    max_age: days(30),
+                    ..key(None)
+                },
+                now: "2027-03-24T10:00:00Z",
+                last_run: None,
+                last_rotated: Some("2027-03-14T10:00:00Z"),
+                sample: 0.0,
+                expected: Some(("2027-04-13T10:00:00Z", DueReason::MaxAge)),
+            },
+            Case {
+                story: "max_age past on a saturday waits for monday's window",
+                key: KeyConfig {
+                    max_age: days(30),
+                    window: office(),
+                    ..key(None)
+                },
+                now: "2027-03-27T10:00:00Z",
+                last_run: None,
+                last_rotated: Some("2027-02-01T10:00:00Z"),
+                sample: 0.0,
+                expected: Some(("2027-03-29T08:00:00Z", DueReason::MaxAge)),
+            },
+            Case {
+                story: "max_age without a known last rotation is not assessed",
+                key: KeyConfig {
+                    max_age: days(30),
+                    ..key(None)
+                },
+                now: "2027-03-24T10:00:00Z",
+                last_run: None,
+                last_rotated: None,
+                sample: 0.0,
+                expected: None,
+            },
+            Case {
+                story: "max_age earlier than the weekly schedule wins",
+                key: KeyConfig {
+                    max_age: days(30),
+                    ..key(Some("0 9 * * Mon"))
+                },
+                now: "2027-03-24T10:00:00Z",
+                last_run: Some("2027-03-22T09:00:00Z"),
+                last_rotated: Some("2027-02-23T11:00:00Z"),
+                sample: 0.0,
+                expected: Some(("2027-03-25T11:00:00Z", DueReason::MaxAge)),
+            },
+            Case {
+                story: "schedule earlier than max_age wins",
+                key: KeyConfig {
+                    max_age: days(30),
+                    ..key(Some("0 9 * * Mon"))
+                },
+                now: "2027-03-24T10:00:00Z",
+                last_run: Some("2027-03-22T09:00:00Z"),
+                last_rotated: Some("2027-03-22T09:00:00Z"),
+                sample: 0.0,
+                expected: Some(("2027-03-29T09:00:00Z", DueReason::Schedule)),
+            },
+            Case {
+                story: "schedule in Zurich: 09:00 local is 08:00Z in winter",
+                key: KeyConfig {
+                    timezone: Zurich,
+                    ..daily.clone()
+                },
+                now: "2027-03-24T10:00:00Z",
+                last_run: None,
+                last_rotated: None,
+                sample: 0.0,
+                expected: Some(("2027-03-25T08:00:00Z", DueReason::Schedule)),
+            },
+        ];
+        for case in cases {
+            let got = next_due(
+                &case.key,
+                utc(case.now),
+                case.last_run.map(utc),
+                case.last_rotated.map(utc),
+                case.sample,
+            );
+            let expected = case.expected.map(|(at, reason)| Due {
+                at: utc(at),
+                reason,
+            });
+            assert_eq!(got, expected, "{}", case.story);
+        }
+    }
+
+    #[test]
+    fn runs_all_outside_the_window_are_detected() {
+        let from = utc("2027-03-24T00:00:00Z");
+        let office = || Some(window("Mon-Fri", "08:00", "17:00"));
+        let cases = [
+            (
+                "saturday runs, weekday window",
+                Some("0 9 * * Sat"),
+                office(),
+                true,
+            ),
+            (
+                "night runs, office window",
+                Some("0 3 * * *"),
+                office(),
+                true,
+            ),
+            (
+                "daily runs, weekday window",
+                Some("0 9 * * *"),
+                office(),
+                false,
+            ),
+            (
+                "once a year, sometimes a weekday",
+                Some("0 9 1 1 *"),
+                office(),
+                false,
+            ),
+            ("no window", Some("0 9 * * Sat"), None, false),
+            ("no schedule", None, office(), false),
+            (
+                "schedule that never fires again",
+                Some("0 0 9 * * * 2020"),
+                office(),
+                false,
+            ),
+            (
+                "night run in a night window",
+                Some("0 3 * * *"),
+                Some(window("Fri", "22:00", "06:00")),
+                false,
+            ),
+            (
+                "noon run in a night window",
+                Some("0 12 * * *"),
+                Some(window("Fri", "22:00", "06:00")),
+                true,
+            ),
+        ];
+        for (story, schedule, w, expected) in cases {
+            let k = KeyConfig {
+                window: w,
+                ..key(schedule)
+            };
+            assert_eq!(all_runs_outside_window_from(&k, from), expected, "{story}");
+        }
+    }
+
+    #[test]
+    fn plan_table_lists_runs_and_notes() {
+        let scheduled = KeyConfig {
+            timezone: Zurich,
+            jitter: Duration::from_secs(600),
+            max_age: Some(Duration::from_secs(30 * 86_400)),
+            window: Some(window("Mon-Fri", "08:00", "17:00")),
+            ..key(Some("0 9 * * Mon"))
+        };
+        let manual = KeyConfig {
+            name: "legacy".into(),
+            ..key(None)
+        };
+        let config = Config {
+            daemon: DaemonConfig {
+                state_dir: "./state".into(),
+                listen: ([127, 0, 0, 1], 9464).into(),
+                admin_token: None,
+                max_concurrent_rotations: 16,
+                reconcile_interval: None,
+                log_format: LogFormat::Text,
+                paused: false,
+            },
+            providers: BTreeMap::new(),
+            stores: BTreeMap::new(),
+            keys: vec![scheduled, manual],
+            coordination: None,
+            warnings: Vec::new(),
+        };
+        let table = plan_table(&config, utc("2027-03-24T00:00:00Z"), 2);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("KEY"), "{table}");
+        for column in ["TIMEZONE", "SCHEDULE", "NEXT RUNS"] {
+            assert!(lines[0].contains(column), "{table}");
+        }
+        // Monday 2027-03-29 is after the spring-forward: 09:00 CEST is 07:00 UTC.
+        assert!(lines[1].starts_with("billing-api"), "{table}");
+        assert!(lines[1].contains("Europe/Zurich"), "{table}");
+        assert!(lines[1].contains("0 9 * * Mon"), "{table}");
+        assert!(
+            lines[1].contains("Mon 2027-03-29 09:00:00 +02:00 (2027-03-29 07:00:00 UTC)"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("Mon 2027-04-05 09:00:00 +02:00"),
+            "{table}"
+        );
+        assert!(
+            !table.contains("2027-04-12"),
+            "only 2 runs asked for: {table}"
+        );
+        assert!(table.contains("window Mon-Fri 08:00-17:00"), "{table}");
+        assert!(table.contains("up to 10m"), "{table}");
+        assert!(table.contains("max_age 30days"), "{table}");
+        let legacy = lines
+            .iter()
+            .position(|l| l.starts_with("legacy"))
+            .unwrap_or_else(|| panic!("no legacy row: {table}"));
+        assert!(lines[legacy + 1].contains("manual only"), "{table}");
+        // The NEXT RUNS column lines up under its header.
+        let column = lines[0].find("NEXT RUNS").unwrap_or(0);
+        assert_eq!(lines[1].find("Mon 2027-03-29"), Some(column), "{table}");
+    }
 }
