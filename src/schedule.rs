@@ -527,7 +527,8 @@ fn parse_days(text: &str) -> Result<[bool; 7], String> {
 fn parse_hhmm(text: &str, allow_24: bool) -> Result<u32, String> {
     let bad = || "expected HH:MM, e.g. \"08:00\"".to_owned();
     let (h, m) = text.trim().split_once(':').ok_or_else(bad)?;
-    if h.is_empty() || h.len() > 2 || m.len() != 2 {
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if h.is_empty() || h.len() > 2 || m.len() != 2 || !digits(h) || !digits(m) {
         return Err(bad());
     }
     let h: u32 = h.parse().map_err(|_| bad())?;
@@ -696,7 +697,8 @@ pub fn next_runs(key: &KeyConfig, after: DateTime<Utc>, count: usize) -> Vec<Dat
     let Some(schedule) = &key.schedule else {
         return Vec::new();
     };
-    let mut runs = Vec::with_capacity(count);
+    // `count` comes from the command line: do not trust it for an allocation.
+    let mut runs = Vec::with_capacity(count.min(64));
     let mut cursor = after;
     while runs.len() < count {
         let Some(occurrence) = schedule.next_after(cursor, key.timezone) else {
@@ -1224,6 +1226,7 @@ mod tests {
             ("Mon-Fri", "25:00", "17:00", "window start \"25:00\""),
             ("Mon-Fri", "08:00", "17:60", "window end \"17:60\""),
             ("Mon-Fri", "08", "17:00", "expected HH:MM"),
+            ("Mon-Fri", "+8:00", "17:00", "expected HH:MM"),
             ("Mon-Fri", "24:00", "17:00", "window start \"24:00\""),
             ("Mon-Fri", "08:00", "08:00", "never open"),
         ];
