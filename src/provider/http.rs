@@ -288,6 +288,9 @@ pub(super) mod wire {
         Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
+            // A redirect would replay a regenerate as a GET elsewhere, or drop the credential on the
+            // way: a 3xx is reported (as the status it is), never followed.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))
             .build()
     }
