@@ -1766,28 +1766,3 @@ mod tests {
         assert_eq!(lines[1].find("Mon 2027-03-29"), Some(column), "{table}");
     }
 }
-
-/// When a key is next due, and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Due {
-    pub at: DateTime<Utc>,
-    pub reason: DueReason,
-}
-
-pub fn next_due(
-    key: &KeyConfig,
-    now: DateTime<Utc>,
-    last_scheduled_run: Option<DateTime<Utc>>,
-    last_rotated: Option<DateTime<Utc>>,
-    jitter_sample: f64,
-) -> Option<Due> {
-    let _ = (key, now, last_scheduled_run, last_rotated, jitter_sample);
-    None
-}
-
-impl Window {
-    pub fn contains(&self, at: DateTime<Utc>, tz: chrono_tz::Tz) -> bool {
-        let _ = (at, tz);
-        true
-    }
-}

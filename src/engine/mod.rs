@@ -518,7 +518,7 @@ impl Engine {
                 return Err(TriggerError::Paused);
             }
             if let Some(w) = &k.window
-                && !w.contains(Utc::now(), k.timezone)
+                && !w.contains_at(Utc::now(), k.timezone)
             {
                 return Err(TriggerError::OutsideWindow(key.to_string()));
             }

@@ -732,7 +732,7 @@ async fn preflight(
             problems.push("scheduled rotations are paused".to_string());
         }
         if let Some(w) = &key.window
-            && !w.contains(Utc::now(), key.timezone)
+            && !w.contains_at(Utc::now(), key.timezone)
         {
             problems.push("outside the rotation window".to_string());
         }
