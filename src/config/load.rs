@@ -20,7 +20,7 @@ use chrono::Utc;
 use chrono_tz::Tz;
 use url::Url;
 
-use super::raw::{self, Num, RawConfig, RawSecret};
+use super::raw::{self, Num, RawSecret};
 use super::{
     AosPaths, AosProviderConfig, AwsStoreConfig, Config, CoordinationConfig, DaemonConfig,
     DependentConfig, DestinationConfig, DestinationTarget, FileStoreConfig, HttpAuth,
@@ -94,8 +94,7 @@ pub fn load_str_with_overrides(
     overrides: &BTreeMap<String, String>,
 ) -> Result<Config, ConfigError> {
     let doc = merge(text, overrides).map_err(|p| ConfigError::Invalid(vec![p]))?;
-    let raw = raw::from_value(&doc).map_err(ConfigError::Invalid)?;
-    validate(raw)
+    validate(raw::read(&doc))
 }
 
 /// The file with the overrides applied, as one JSON-like document.
@@ -105,7 +104,7 @@ fn merge(text: &str, overrides: &BTreeMap<String, String>) -> Result<serde_json:
     let env: config::Map<String, String> = overrides
         .iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.len() > ENV_PREFIX.len())
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .map(|(k, v)| (index_segments(k), v.clone()))
         .collect();
     let built = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
@@ -119,6 +118,24 @@ fn merge(text: &str, overrides: &BTreeMap<String, String>) -> Result<serde_json:
     built
         .try_deserialize::<serde_json::Value>()
         .map_err(|e| Problem::new("", format!("cannot read the configuration: {e}")))
+}
+
+/// `KEYROTD__KEYS__0__WATCH` -> `KEYROTD__KEYS[0]__WATCH`, so that a number addresses an entry of
+/// an array (`keys[0].watch`) instead of turning the array into a table.
+fn index_segments(name: &str) -> String {
+    let rest = &name[ENV_PREFIX.len()..];
+    let mut out = String::from(ENV_PREFIX);
+    for (n, segment) in rest.split("__").enumerate() {
+        if n > 0 && !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if n > 0 {
+                out.push_str("__");
+            }
+            out.push_str(segment);
+        }
+    }
+    out
 }
 
 /// A TOML syntax error without the excerpt of the offending line (which could be a credential someone
@@ -265,34 +282,35 @@ fn known(names: impl Iterator<Item = impl AsRef<str>>) -> String {
     }
 }
 
+/// "a vault", "an aws", "a file".
+fn article(kind: &str) -> String {
+    if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {kind}")
+    } else {
+        format!("a {kind}")
+    }
+}
+
 /// Meaning, references between sections, defaults and credentials: raw -> [`Config`].
-fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+fn validate(parsed: raw::Parsed) -> Result<Config, ConfigError> {
+    let raw::Parsed {
+        raw,
+        key_indices,
+        provider_names,
+        store_kinds,
+        problems,
+    } = parsed;
     let mut c = Check {
-        problems: Vec::new(),
+        problems,
         warnings: Vec::new(),
     };
     let daemon = daemon(&mut c, raw.daemon);
-    // Every name in the file, including entries with problems of their own, so that a key naming
-    // one is not also told it does not exist.
-    let provider_names: BTreeSet<String> = raw.providers.keys().cloned().collect();
     let providers: BTreeMap<String, ProviderConfig> = raw
         .providers
         .into_iter()
         .filter_map(|(name, p)| {
             let built = provider(&mut c, &name, p)?;
             Some((name, built))
-        })
-        .collect();
-    let store_kinds: BTreeMap<String, &'static str> = raw
-        .stores
-        .iter()
-        .map(|(name, s)| {
-            let kind = match s {
-                raw::RawStore::Vault(_) => "vault",
-                raw::RawStore::Aws(_) => "aws",
-                raw::RawStore::File(_) => "file",
-            };
-            (name.clone(), kind)
         })
         .collect();
     let stores: BTreeMap<String, StoreConfig> = raw
@@ -309,7 +327,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     // also compared by their full path, since two file stores may share a directory.
     let mut writers: HashMap<(String, DestinationTarget), String> = HashMap::new();
     let mut file_paths: HashMap<PathBuf, String> = HashMap::new();
-    for (i, k) in raw.keys.into_iter().enumerate() {
+    // Names and destinations of keys whose own shape is broken are not known; their problems are.
+    for (i, k) in key_indices.into_iter().zip(raw.keys) {
         let path = format!("keys[{i}]");
         if !is_valid_key_name(&k.name) {
             c.problem(
@@ -727,7 +746,7 @@ fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
 fn coordination(
     c: &mut Check,
     co: raw::RawCoordination,
-    store_kinds: &BTreeMap<String, &'static str>,
+    store_kinds: &BTreeMap<String, Option<&'static str>>,
 ) -> Option<CoordinationConfig> {
     if let Some(kind) = &co.kind
         && kind != "vault"
@@ -738,8 +757,8 @@ fn coordination(
         );
     }
     match store_kinds.get(&co.store) {
-        Some(&"vault") => {}
-        Some(other) => c.problem(
+        Some(Some("vault")) | Some(None) => {}
+        Some(Some(other)) => c.problem(
             "coordination.store",
             format!(
                 "store {:?} is a {other} store; coordination needs a vault store",
@@ -775,7 +794,7 @@ fn key(
     path: &str,
     k: raw::RawKey,
     providers: &BTreeSet<String>,
-    store_kinds: &BTreeMap<String, &'static str>,
+    store_kinds: &BTreeMap<String, Option<&'static str>>,
 ) -> Option<KeyConfig> {
     let before = c.problems.len();
     if !providers.contains(&k.provider) {
@@ -866,13 +885,16 @@ fn key(
             "a key needs at least one destination ([[keys.destinations]])",
         );
     }
+    // Stores named by the key's destinations, including ones with problems of their own, so that
+    // `reads_from` is checked against what the operator wrote.
+    let destination_stores: BTreeSet<String> =
+        k.destinations.iter().map(|d| d.store.clone()).collect();
     let destinations: Vec<DestinationConfig> = k
         .destinations
         .into_iter()
         .enumerate()
         .filter_map(|(j, d)| destination(c, &format!("{path}.destinations[{j}]"), d, store_kinds))
         .collect();
-    let destination_stores: BTreeSet<&String> = destinations.iter().map(|d| &d.store).collect();
 
     let mut dependent_names = BTreeSet::new();
     let mut dependents = Vec::new();
@@ -969,25 +991,33 @@ fn destination(
     c: &mut Check,
     path: &str,
     d: raw::RawDestination,
-    store_kinds: &BTreeMap<String, &'static str>,
+    store_kinds: &BTreeMap<String, Option<&'static str>>,
 ) -> Option<DestinationConfig> {
-    let Some(&kind) = store_kinds.get(&d.store) else {
-        c.problem(
-            format!("{path}.store"),
-            format!(
-                "unknown store {:?} ({})",
-                d.store,
-                known(store_kinds.keys())
-            ),
-        );
-        return None;
+    let kind = match store_kinds.get(&d.store) {
+        Some(Some(kind)) => *kind,
+        // The store's own table is broken; its problem is reported there.
+        Some(None) => return None,
+        None => {
+            c.problem(
+                format!("{path}.store"),
+                format!(
+                    "unknown store {:?} ({})",
+                    d.store,
+                    known(store_kinds.keys())
+                ),
+            );
+            return None;
+        }
     };
     let before = c.problems.len();
     let not_for = |c: &mut Check, field: &str, set: bool, needs: &str| {
         if set {
             c.problem(
                 format!("{path}.{field}"),
-                format!("not a field of a {kind} destination (a {kind} destination takes {needs})"),
+                format!(
+                    "not a field of {} destination (it takes {needs})",
+                    article(kind)
+                ),
             );
         }
     };

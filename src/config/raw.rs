@@ -13,7 +13,7 @@
 //! [`from_value`] turns the merged document into a [`RawConfig`] piece by piece (each provider, store,
 //! key, destination and dependent on its own), so that one typo does not hide the next.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -361,15 +361,39 @@ impl<'de> Deserialize<'de> for Flag {
     }
 }
 
-/// Builds a [`RawConfig`] from the merged document (file + environment overrides), one piece at a time
-/// so that every shape problem is found, each with its path.
+/// What [`read`] made of the document: every piece that has the right shape, and a problem for each
+/// piece that does not. Names of broken entries are kept so that validation does not also call them
+/// unknown.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub raw: RawConfig,
+    /// The position in the file of each entry of `raw.keys` (broken keys are left out of `raw.keys`).
+    pub key_indices: Vec<usize>,
+    /// Every `[providers.NAME]` in the file, well-formed or not.
+    pub provider_names: BTreeSet<String>,
+    /// Every `[stores.NAME]` in the file, with its kind when that could be read.
+    pub store_kinds: BTreeMap<String, Option<&'static str>>,
+    pub problems: Vec<Problem>,
+}
+
+/// [`read`], for callers that only want a complete [`RawConfig`].
 pub fn from_value(root: &Value) -> Result<RawConfig, Vec<Problem>> {
-    let mut problems = Vec::new();
+    let parsed = read(root);
+    if parsed.problems.is_empty() {
+        Ok(parsed.raw)
+    } else {
+        Err(parsed.problems)
+    }
+}
+
+/// Reads the merged document (file + environment overrides) piece by piece: each provider, store,
+/// key, destination and dependent on its own, so that every shape problem is found, each with its path.
+pub fn read(root: &Value) -> Parsed {
+    let mut out = Parsed::default();
+    let problems = &mut out.problems;
     let Some(table) = root.as_object() else {
-        return Err(vec![Problem::new(
-            "",
-            "the configuration must be a TOML table",
-        )]);
+        problems.push(Problem::new("", "the configuration must be a TOML table"));
+        return out;
     };
     for field in table.keys() {
         if !["daemon", "providers", "stores", "keys", "coordination"].contains(&field.as_str()) {
@@ -379,16 +403,17 @@ pub fn from_value(root: &Value) -> Result<RawConfig, Vec<Problem>> {
             ));
         }
     }
-    let mut raw = RawConfig::default();
+    let raw = &mut out.raw;
     if let Some(v) = table.get("daemon") {
-        raw.daemon = piece(v, "daemon", &mut problems).unwrap_or_default();
+        raw.daemon = piece(v, "daemon", problems).unwrap_or_default();
     }
     if let Some(v) = table.get("providers") {
-        for (name, v) in entries(v, "providers", &mut problems) {
+        for (name, v) in entries(v, "providers", problems) {
+            out.provider_names.insert(name.clone());
             let path = format!("providers.{name}");
-            let provider = match kind_and_rest(v, &path, &["aos", "http"], &mut problems) {
-                Some(("aos", rest)) => piece(&rest, &path, &mut problems).map(RawProvider::Aos),
-                Some((_, rest)) => piece(&rest, &path, &mut problems).map(RawProvider::Http),
+            let provider = match kind_and_rest(v, &path, &["aos", "http"], problems) {
+                Some(("aos", rest)) => piece(&rest, &path, problems).map(RawProvider::Aos),
+                Some((_, rest)) => piece(&rest, &path, problems).map(RawProvider::Http),
                 None => None,
             };
             if let Some(p) = provider {
@@ -397,12 +422,15 @@ pub fn from_value(root: &Value) -> Result<RawConfig, Vec<Problem>> {
         }
     }
     if let Some(v) = table.get("stores") {
-        for (name, v) in entries(v, "stores", &mut problems) {
+        for (name, v) in entries(v, "stores", problems) {
             let path = format!("stores.{name}");
-            let store = match kind_and_rest(v, &path, &["vault", "aws", "file"], &mut problems) {
-                Some(("vault", rest)) => piece(&rest, &path, &mut problems).map(RawStore::Vault),
-                Some(("aws", rest)) => piece(&rest, &path, &mut problems).map(RawStore::Aws),
-                Some((_, rest)) => piece(&rest, &path, &mut problems).map(RawStore::File),
+            let kind = kind_and_rest(v, &path, &["vault", "aws", "file"], problems);
+            out.store_kinds
+                .insert(name.clone(), kind.as_ref().map(|(k, _)| *k));
+            let store = match kind {
+                Some(("vault", rest)) => piece(&rest, &path, problems).map(RawStore::Vault),
+                Some(("aws", rest)) => piece(&rest, &path, problems).map(RawStore::Aws),
+                Some((_, rest)) => piece(&rest, &path, problems).map(RawStore::File),
                 None => None,
             };
             if let Some(s) = store {
@@ -414,8 +442,9 @@ pub fn from_value(root: &Value) -> Result<RawConfig, Vec<Problem>> {
         match v.as_array() {
             Some(keys) => {
                 for (i, v) in keys.iter().enumerate() {
-                    if let Some(k) = key(v, &format!("keys[{i}]"), &mut problems) {
+                    if let Some(k) = key(v, &format!("keys[{i}]"), problems) {
                         raw.keys.push(k);
+                        out.key_indices.push(i);
                     }
                 }
             }
@@ -426,13 +455,9 @@ pub fn from_value(root: &Value) -> Result<RawConfig, Vec<Problem>> {
         }
     }
     if let Some(v) = table.get("coordination") {
-        raw.coordination = piece(v, "coordination", &mut problems);
+        raw.coordination = piece(v, "coordination", problems);
     }
-    if problems.is_empty() {
-        Ok(raw)
-    } else {
-        Err(problems)
-    }
+    out
 }
 
 /// A `[[keys]]` entry, its destinations and dependents each checked on their own.
