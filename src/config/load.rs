@@ -1180,3 +1180,184 @@ fn reload(c: &mut Check, path: &str, r: raw::RawReload) -> Option<ReloadHook> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config whose credentials are files in `dir` (the process environment is left alone).
+    fn config_text(dir: &Path, extra_daemon: &str) -> String {
+        let tok = dir.join("tok");
+        std::fs::write(&tok, "token-value\n").unwrap();
+        let tok = tok.display();
+        format!(
+            r#"
+[daemon]
+{extra_daemon}
+[providers.Aos-Prod]
+kind = "aos"
+base_url = "https://aos.example.com"
+management_token = {{ file = "{tok}" }}
+
+[stores.vault-main]
+kind = "vault"
+address = "http://127.0.0.1:8200"
+approle = {{ role_id = {{ file = "{tok}" }}, secret_id = {{ file = "{tok}" }} }}
+
+[stores.aws-main]
+kind = "aws"
+
+[[keys]]
+name = "billing-api"
+provider = "Aos-Prod"
+max_age = "30d"
+  [[keys.destinations]]
+  store = "vault-main"
+  path = "/apps/billing/"
+  field = "api_key"
+  [[keys.destinations]]
+  store = "aws-main"
+  secret_id = "prod/billing"
+  [[keys.dependents]]
+  name = "http-hook"
+  verify = {{ url = "http://10.0.0.7/health" }}
+  reload = {{ url = "http://10.0.0.7/reload" }}
+  [[keys.dependents]]
+  name = "command-hook"
+  reload = {{ command = ["systemctl", "reload", "nginx"] }}
+"#
+        )
+    }
+
+    fn load(text: &str, overrides: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let overrides = overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        load_str_with_overrides(text, &overrides)
+    }
+
+    #[test]
+    fn defaults_fill_every_field_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(&config_text(dir.path(), ""), &[]).unwrap();
+        assert_eq!(c.daemon.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.daemon.max_concurrent_rotations, 16);
+        assert_eq!(c.daemon.reconcile_interval, Some(Duration::from_secs(300)));
+        assert_eq!(c.daemon.log_format, LogFormat::Text);
+        assert!(c.daemon.admin_token.is_none() && !c.daemon.paused);
+
+        // Names keep their case.
+        let ProviderConfig::Aos(p) = &c.providers["Aos-Prod"] else {
+            panic!("not aos")
+        };
+        assert_eq!(p.timeout, Duration::from_secs(10));
+        assert!(p.requested_by.starts_with("keyrotd@") && p.requested_by.len() > 8);
+        assert_eq!(p.paths.regenerate, "/v1/api-keys/regenerate");
+
+        let StoreConfig::Vault(v) = &c.stores["vault-main"] else {
+            panic!("not vault")
+        };
+        assert_eq!(v.mount, "secret");
+        assert!(matches!(&v.auth, VaultAuth::AppRole { mount, .. } if mount == "approle"));
+
+        let k = &c.keys[0];
+        assert_eq!(k.timezone, Tz::UTC);
+        assert_eq!(k.max_age, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(
+            (k.jitter, k.watch),
+            (Duration::ZERO, Duration::from_secs(300))
+        );
+        assert_eq!(k.watch_interval, Duration::from_secs(15));
+        assert_eq!(k.store_deadline, Duration::from_secs(60));
+        assert!(k.catch_up && k.auto_recover);
+        assert_eq!((k.max_rerotations, k.max_regenerations_per_day), (3, 6));
+        assert_eq!(
+            k.destinations[0].target,
+            DestinationTarget::Vault {
+                path: "apps/billing".into(),
+                field: "api_key".into()
+            }
+        );
+        // reads_from defaults to every store the key writes.
+        assert_eq!(k.dependents[0].reads_from, vec!["aws-main", "vault-main"]);
+        let verify = k.dependents[0].verify.as_ref().unwrap();
+        assert_eq!(
+            (verify.expect_status, verify.timeout),
+            (200, Duration::from_secs(5))
+        );
+        match &k.dependents[0].reload {
+            Some(ReloadHook::Http {
+                method,
+                timeout,
+                retries,
+                signing_key,
+                ..
+            }) => {
+                assert_eq!(
+                    (method.as_str(), *timeout, *retries),
+                    ("POST", Duration::from_secs(5), 2)
+                );
+                assert!(signing_key.is_none());
+            }
+            other => panic!("expected an http hook, got {other:?}"),
+        }
+        match &k.dependents[1].reload {
+            Some(ReloadHook::Command {
+                timeout, retries, ..
+            }) => {
+                assert_eq!((*timeout, *retries), (Duration::from_secs(30), 2));
+            }
+            other => panic!("expected a command hook, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn zero_reconcile_interval_disables_reconcile_and_overrides_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(
+            dir.path(),
+            "reconcile_interval = \"10m\"\nlog_format = \"text\"",
+        );
+        let c = load(
+            &text,
+            &[
+                ("KEYROTD__DAEMON__RECONCILE_INTERVAL", "0s"),
+                ("KEYROTD__DAEMON__LOG_FORMAT", "json"),
+                // Not overrides: a single underscore, or the wrong case.
+                ("KEYROTD_DAEMON__LISTEN", "x"),
+                ("keyrotd__daemon__listen", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.daemon.reconcile_interval, None);
+        assert_eq!(c.daemon.log_format, LogFormat::Json);
+        assert_eq!(c.daemon.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn numeric_override_segments_address_array_entries() {
+        assert_eq!(
+            index_segments("KEYROTD__KEYS__0__WATCH"),
+            "KEYROTD__KEYS[0]__WATCH"
+        );
+        assert_eq!(
+            index_segments("KEYROTD__KEYS__1__DESTINATIONS__12__PATH"),
+            "KEYROTD__KEYS[1]__DESTINATIONS[12]__PATH"
+        );
+        assert_eq!(
+            index_segments("KEYROTD__DAEMON__LISTEN"),
+            "KEYROTD__DAEMON__LISTEN"
+        );
+    }
+
+    #[test]
+    fn key_names_follow_the_documented_pattern() {
+        for ok in ["billing-api", "a", "0x_1-b"] {
+            assert!(is_valid_key_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", "_a", "Billing", "a b", "a.b", "é"] {
+            assert!(!is_valid_key_name(bad), "{bad}");
+        }
+    }
+}
