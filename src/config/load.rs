@@ -1090,7 +1090,7 @@ fn destination(
             DestinationTarget::File { file }
         }
     };
-    (c.problems.len() == before).then(|| DestinationConfig {
+    (c.problems.len() == before).then_some(DestinationConfig {
         store: d.store,
         target,
     })

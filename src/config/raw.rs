@@ -56,6 +56,8 @@ pub struct RawDaemon {
 }
 
 /// A `[providers.NAME]` table, chosen by `kind`.
+// A handful per config, read once: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum RawProvider {
