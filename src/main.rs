@@ -1,1 +1,29 @@
-fn main() {}
+//! The `keyrotd` binary: parse the command line, set up logging, run the command, map its result to
+//! the exit code. Everything else lives in the library (`keyrotd::cli`).
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use keyrotd::cli::{self, Cli};
+use keyrotd::config::LogFormat;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    // Usage errors (bad flags) exit 2 through clap; `--help`/`--version` exit 0.
+    let cli = Cli::parse();
+    cli::execute(cli, init_tracing).into()
+}
+
+/// Logs to stderr: a human format or one JSON object per line. `RUST_LOG` filters (default `info`).
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // `try_init` only fails if a subscriber is already set, which leaves logging working.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,9 +1,37 @@
 //! TOML + `KEYROTD__` environment overrides -> raw -> validated [`Config`]. Every problem reported at
 //! once, each naming its field path.
+//!
+//! The pipeline: the `config` crate merges the file with the `KEYROTD__SECTION__FIELD` variables (only
+//! those: `KEYROTD_CONFIG` or `KEYROTD_ADMIN_TOKEN` have a single underscore and are never fields);
+//! [`raw::from_value`] checks the shape; [`validate`] checks meaning (names that refer to other
+//! sections, durations, URLs, schedules...), resolves credential references and applies defaults.
+//!
+//! Loading is a pure function of the text, the environment and the files that credential references
+//! point at. No error message ever contains a credential's value: credential fields refuse inline values
+//! without repeating them, and references are reported by variable or file name.
 
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
 
-use super::Config;
+use chrono::Utc;
+use chrono_tz::Tz;
+use url::Url;
+
+use super::raw::{self, Num, RawSecret};
+use super::{
+    AosPaths, AosProviderConfig, AwsStoreConfig, Config, CoordinationConfig, DaemonConfig,
+    DependentConfig, DestinationConfig, DestinationTarget, FileStoreConfig, HttpAuth,
+    HttpAuthCheck, HttpProviderConfig, HttpRegenerate, HttpStatus, KeyConfig, LogFormat,
+    ProviderConfig, ReloadHook, StoreConfig, VaultAuth, VaultStoreConfig, VerifyConfig,
+};
+use crate::schedule::{self, Schedule, Window};
+use crate::secret::Secret;
+
+/// The prefix of environment overrides: `KEYROTD__DAEMON__LISTEN` sets `daemon.listen`.
+pub const ENV_PREFIX: &str = "KEYROTD__";
 
 /// One thing wrong with a config, naming its field, e.g. `keys[1].destinations[0].store`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,20 +40,36 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read at all.
     #[error("cannot read {path}: {reason}")]
     Read { path: String, reason: String },
+    /// The file was read, and this is everything wrong with it.
     #[error("{} problem(s) in the configuration", .0.len())]
     Invalid(Vec<Problem>),
 }
 
+/// Loads and validates the file at `path`, with the process's `KEYROTD__*` overrides.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
         path: path.display().to_string(),
@@ -34,9 +78,1286 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     load_str(&text)
 }
 
-pub fn load_str(_text: &str) -> Result<Config, ConfigError> {
-    Err(ConfigError::Invalid(vec![Problem {
-        path: "".into(),
-        message: "config loading is not built yet".into(),
-    }]))
+/// Loads and validates TOML text, with the process's `KEYROTD__*` overrides.
+pub fn load_str(text: &str) -> Result<Config, ConfigError> {
+    let overrides = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    load_str_with_overrides(text, &overrides)
+}
+
+/// [`load_str`] with the given variables in place of the process environment's overrides (only names
+/// starting with `KEYROTD__` take effect). Credential references are still resolved from the process.
+pub fn load_str_with_overrides(
+    text: &str,
+    overrides: &BTreeMap<String, String>,
+) -> Result<Config, ConfigError> {
+    let doc = merge(text, overrides).map_err(|p| ConfigError::Invalid(vec![p]))?;
+    validate(raw::read(&doc))
+}
+
+/// The file with the overrides applied, as one JSON-like document.
+fn merge(text: &str, overrides: &BTreeMap<String, String>) -> Result<serde_json::Value, Problem> {
+    // The `config` crate lowercases variable names and matches the prefix case-insensitively, so
+    // filter on the exact spelling first: `keyrotd__x` is not an override.
+    let env: config::Map<String, String> = overrides
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.len() > ENV_PREFIX.len())
+        .map(|(k, v)| (index_segments(k), v.clone()))
+        .collect();
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("KEYROTD")
+                .separator("__")
+                .source(Some(env)),
+        )
+        .build()
+        .map_err(|e| Problem::new("", format!("not valid TOML: {}", syntax_message(&e))))?;
+    built
+        .try_deserialize::<serde_json::Value>()
+        .map_err(|e| Problem::new("", format!("cannot read the configuration: {e}")))
+}
+
+/// `KEYROTD__KEYS__0__WATCH` -> `KEYROTD__KEYS[0]__WATCH`, so that a number addresses an entry of
+/// an array (`keys[0].watch`) instead of turning the array into a table.
+fn index_segments(name: &str) -> String {
+    let rest = &name[ENV_PREFIX.len()..];
+    let mut out = String::from(ENV_PREFIX);
+    for (n, segment) in rest.split("__").enumerate() {
+        if n > 0 && !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if n > 0 {
+                out.push_str("__");
+            }
+            out.push_str(segment);
+        }
+    }
+    out
+}
+
+/// A TOML syntax error without the excerpt of the offending line (which could be a credential someone
+/// meant to quote).
+fn syntax_message(e: &config::ConfigError) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains('|') && !l.starts_with('^'))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Collects problems and warnings while the validated config is built.
+struct Check {
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+}
+
+impl Check {
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem::new(path, message));
+    }
+
+    /// A duration field. `zero_ok`: whether "0s" is allowed (it means "off" where it is).
+    fn duration(
+        &mut self,
+        path: &str,
+        text: Option<&String>,
+        default: Duration,
+        zero_ok: bool,
+    ) -> Duration {
+        let Some(text) = text else { return default };
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if d.is_zero() && !zero_ok => {
+                self.problem(path, "must be longer than 0s");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(
+                    path,
+                    format!("invalid duration {text:?} ({e}); write e.g. \"90s\", \"10m\", \"36h\" or \"30d\""),
+                );
+                default
+            }
+        }
+    }
+
+    /// An http(s) URL.
+    fn url(&mut self, path: &str, text: &str) -> Option<Url> {
+        match Url::parse(text) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+            Ok(u) => {
+                self.problem(
+                    path,
+                    format!(
+                        "{text:?} must be an http:// or https:// URL (scheme {:?})",
+                        u.scheme()
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                self.problem(path, format!("invalid URL {text:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// A URL that may contain `{key_id}`; kept as text.
+    fn url_template(&mut self, path: &str, text: &str) -> String {
+        let _ = self.url(path, &text.replace("{key_id}", "KEY_ID"));
+        text.to_string()
+    }
+
+    fn secret(&mut self, path: &str, raw: &RawSecret) -> Option<Secret> {
+        match raw.0.resolve() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.problem(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, path: &str, n: Option<Num>, default: u32, min: u32) -> u32 {
+        let Some(Num(n)) = n else { return default };
+        match u32::try_from(n) {
+            Ok(n) if n >= min => n,
+            _ => {
+                self.problem(
+                    path,
+                    format!("must be a whole number from {min} to {}", u32::MAX),
+                );
+                default
+            }
+        }
+    }
+
+    fn non_empty(&mut self, path: &str, text: &str) {
+        if text.trim().is_empty() {
+            self.problem(path, "must not be empty");
+        }
+    }
+
+    fn json_pointer(&mut self, path: &str, text: &str) {
+        if !text.is_empty() && !text.starts_with('/') {
+            self.problem(
+                path,
+                format!("{text:?} is not a JSON Pointer (RFC 6901): write e.g. \"/secret\""),
+            );
+        }
+    }
+}
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+fn default_requested_by() -> String {
+    format!("keyrotd@{}", gethostname::gethostname().to_string_lossy())
+}
+
+fn default_state_dir() -> PathBuf {
+    // systemd's StateDirectory= may list several, separated by colons; the first is ours.
+    match std::env::var("STATE_DIRECTORY") {
+        Ok(v) if !v.is_empty() => PathBuf::from(v.split(':').next().unwrap_or(&v)),
+        _ => PathBuf::from("./state"),
+    }
+}
+
+/// A well-formed key name: `[a-z0-9][a-z0-9_-]*`.
+pub fn is_valid_key_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn known(names: impl Iterator<Item = impl AsRef<str>>) -> String {
+    let names: Vec<String> = names.map(|n| n.as_ref().to_string()).collect();
+    if names.is_empty() {
+        "none are configured".into()
+    } else {
+        format!("known: {}", names.join(", "))
+    }
+}
+
+/// "a vault", "an aws", "a file".
+fn article(kind: &str) -> String {
+    if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {kind}")
+    } else {
+        format!("a {kind}")
+    }
+}
+
+/// Meaning, references between sections, defaults and credentials: raw -> [`Config`].
+fn validate(parsed: raw::Parsed) -> Result<Config, ConfigError> {
+    let raw::Parsed {
+        raw,
+        key_indices,
+        provider_names,
+        store_kinds,
+        problems,
+    } = parsed;
+    let mut c = Check {
+        problems,
+        warnings: Vec::new(),
+    };
+    let daemon = daemon(&mut c, raw.daemon);
+    let providers: BTreeMap<String, ProviderConfig> = raw
+        .providers
+        .into_iter()
+        .filter_map(|(name, p)| {
+            let built = provider(&mut c, &name, p)?;
+            Some((name, built))
+        })
+        .collect();
+    let stores: BTreeMap<String, StoreConfig> = raw
+        .stores
+        .into_iter()
+        .filter_map(|(name, s)| {
+            let built = store(&mut c, &name, s)?;
+            Some((name, built))
+        })
+        .collect();
+    let mut keys = Vec::new();
+    let mut seen_names: HashMap<String, usize> = HashMap::new();
+    // Who writes each destination, to find two keys writing the same place. File destinations are
+    // also compared by their full path, since two file stores may share a directory.
+    let mut writers: HashMap<(String, DestinationTarget), String> = HashMap::new();
+    let mut file_paths: HashMap<PathBuf, String> = HashMap::new();
+    // Names and destinations of keys whose own shape is broken are not known; their problems are.
+    for (i, k) in key_indices.into_iter().zip(raw.keys) {
+        let path = format!("keys[{i}]");
+        if !is_valid_key_name(&k.name) {
+            c.problem(
+                format!("{path}.name"),
+                format!(
+                    "{:?} is not a valid key name: use lowercase letters, digits, '-' and '_', starting with a letter or digit",
+                    k.name
+                ),
+            );
+        } else if let Some(first) = seen_names.get(&k.name) {
+            c.problem(
+                format!("{path}.name"),
+                format!("duplicate key name {:?} (also keys[{first}])", k.name),
+            );
+        } else {
+            seen_names.insert(k.name.clone(), i);
+        }
+        let Some(built) = key(&mut c, &path, k, &provider_names, &store_kinds) else {
+            continue;
+        };
+        for (j, d) in built.destinations.iter().enumerate() {
+            let here = format!("{path}.destinations[{j}]");
+            let id = (d.store.clone(), d.target.clone());
+            if let Some(other) = writers.get(&id) {
+                c.problem(
+                    &here,
+                    format!(
+                        "{} on store {:?} is already written by {other}",
+                        d.target, d.store
+                    ),
+                );
+                continue;
+            }
+            writers.insert(id, here.clone());
+            if let (Some(StoreConfig::File(fs)), DestinationTarget::File { file }) =
+                (stores.get(&d.store), &d.target)
+            {
+                let full = fs.dir.join(file);
+                if let Some(other) = file_paths.get(&full) {
+                    c.problem(
+                        &here,
+                        format!("{} is already written by {other}", full.display()),
+                    );
+                } else {
+                    file_paths.insert(full, here);
+                }
+            }
+        }
+        keys.push(built);
+    }
+
+    let coordination = raw
+        .coordination
+        .and_then(|co| coordination(&mut c, co, &store_kinds));
+
+    // Warnings: things that are allowed but worth saying.
+    for (name, p) in &providers {
+        if let ProviderConfig::Http(h) = p
+            && h.status.is_none()
+        {
+            c.warnings.push(format!(
+                "providers.{name}: no [status]: drift detection and recovery of an ambiguous regenerate fall back to re-rotation"
+            ));
+        }
+    }
+    for name in providers.keys() {
+        if !keys.iter().any(|k: &KeyConfig| &k.provider == name) {
+            c.warnings
+                .push(format!("providers.{name}: not used by any key"));
+        }
+    }
+    for name in stores.keys() {
+        let used = keys
+            .iter()
+            .any(|k| k.destinations.iter().any(|d| &d.store == name))
+            || coordination.as_ref().is_some_and(|co| &co.store == name);
+        if !used {
+            c.warnings
+                .push(format!("stores.{name}: not used by any key"));
+        }
+    }
+    if keys.is_empty() && c.problems.is_empty() {
+        c.warnings
+            .push("no [[keys]] configured: keyrotd has nothing to rotate".into());
+    }
+    for k in &keys {
+        if k.is_manual_only() {
+            c.warnings.push(format!(
+                "key {:?}: neither schedule nor max_age: manual-only, rotated only by `keyrotd rotate`",
+                k.name
+            ));
+        }
+        if k.schedule.is_some() && k.window.is_some() && schedule_misses_window(k) {
+            c.warnings.push(format!(
+                "key {:?}: none of the next scheduled runs falls inside its window; each run will wait for the window to open",
+                k.name
+            ));
+        }
+    }
+
+    if !c.problems.is_empty() {
+        return Err(ConfigError::Invalid(c.problems));
+    }
+    Ok(Config {
+        daemon,
+        providers,
+        stores,
+        keys,
+        coordination,
+        warnings: c.warnings,
+    })
+}
+
+/// True when every one of the next runs had to be moved into the window: the runs with and without
+/// the window have nothing in common.
+fn schedule_misses_window(k: &KeyConfig) -> bool {
+    const RUNS: usize = 50;
+    let now = Utc::now();
+    let in_window = schedule::next_runs(k, now, RUNS);
+    let mut unconstrained = k.clone();
+    unconstrained.window = None;
+    let free = schedule::next_runs(&unconstrained, now, RUNS);
+    !in_window.is_empty() && !free.is_empty() && !free.iter().any(|t| in_window.contains(t))
+}
+
+fn daemon(c: &mut Check, d: raw::RawDaemon) -> DaemonConfig {
+    let listen_text = d.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen = match SocketAddr::from_str(listen_text.trim()) {
+        Ok(a) => a,
+        Err(_) => {
+            c.problem(
+                "daemon.listen",
+                format!("{listen_text:?} is not a socket address: write IP:PORT, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9464))
+        }
+    };
+    let admin_token = d
+        .admin_token
+        .as_ref()
+        .and_then(|s| c.secret("daemon.admin_token", s));
+    let max_concurrent_rotations = c.count(
+        "daemon.max_concurrent_rotations",
+        d.max_concurrent_rotations,
+        16,
+        1,
+    ) as usize;
+    let reconcile = c.duration(
+        "daemon.reconcile_interval",
+        d.reconcile_interval.as_ref(),
+        Duration::from_secs(300),
+        true,
+    );
+    let log_format = match d.log_format.as_deref().map(str::trim) {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            c.problem(
+                "daemon.log_format",
+                format!("unknown log format {other:?} (expected text or json)"),
+            );
+            LogFormat::Text
+        }
+    };
+    let state_dir = match d.state_dir {
+        Some(p) if p.as_os_str().is_empty() => {
+            c.problem("daemon.state_dir", "must not be empty");
+            default_state_dir()
+        }
+        Some(p) => p,
+        None => default_state_dir(),
+    };
+    DaemonConfig {
+        state_dir,
+        listen,
+        admin_token,
+        max_concurrent_rotations,
+        reconcile_interval: (!reconcile.is_zero()).then_some(reconcile),
+        log_format,
+        paused: d.paused.is_some_and(|f| f.0),
+    }
+}
+
+fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderConfig> {
+    let base = format!("providers.{name}");
+    match p {
+        raw::RawProvider::Aos(a) => {
+            let base_url = c.url(&format!("{base}.base_url"), &a.base_url);
+            let token = c.secret(&format!("{base}.management_token"), &a.management_token);
+            let timeout = c.duration(
+                &format!("{base}.timeout"),
+                a.timeout.as_ref(),
+                Duration::from_secs(10),
+                false,
+            );
+            let mut paths = AosPaths::default();
+            if let Some(rp) = a.paths {
+                for (field, value, slot) in [
+                    ("status", rp.status, &mut paths.status),
+                    ("regenerate", rp.regenerate, &mut paths.regenerate),
+                    ("auth_check", rp.auth_check, &mut paths.auth_check),
+                ] {
+                    if let Some(v) = value {
+                        if !v.starts_with('/') {
+                            c.problem(
+                                format!("{base}.paths.{field}"),
+                                format!("{v:?} must start with '/'"),
+                            );
+                        }
+                        *slot = v;
+                    }
+                }
+            }
+            if let Some(acct) = &a.account_id {
+                c.non_empty(&format!("{base}.account_id"), acct);
+            }
+            let requested_by = requested_by(c, &base, a.requested_by);
+            Some(ProviderConfig::Aos(AosProviderConfig {
+                base_url: base_url?,
+                management_token: token?,
+                account_id: a.account_id,
+                timeout,
+                requested_by,
+                paths,
+            }))
+        }
+        raw::RawProvider::Http(h) => {
+            let auth = h.auth.and_then(|au| {
+                let value = c.secret(&format!("{base}.auth.value"), &au.value)?;
+                let header = au.header.unwrap_or_else(|| "Authorization".into());
+                c.non_empty(&format!("{base}.auth.header"), &header);
+                let prefix = au.prefix.unwrap_or_else(|| default_prefix(&header));
+                Some(HttpAuth {
+                    header,
+                    prefix,
+                    value,
+                })
+            });
+            let r = h.regenerate;
+            let rb = format!("{base}.regenerate");
+            let method = http_method(c, &format!("{rb}.method"), r.method, "POST");
+            let regenerate = HttpRegenerate {
+                method,
+                url: c.url_template(&format!("{rb}.url"), &r.url),
+                body: r.body,
+                secret_pointer: r.secret_pointer,
+                key_id_pointer: r.key_id_pointer,
+            };
+            c.json_pointer(&format!("{rb}.secret_pointer"), &regenerate.secret_pointer);
+            c.json_pointer(&format!("{rb}.key_id_pointer"), &regenerate.key_id_pointer);
+            let status = h.status.map(|s| {
+                let sb = format!("{base}.status");
+                let st = HttpStatus {
+                    url: c.url_template(&format!("{sb}.url"), &s.url),
+                    key_id_pointer: s.key_id_pointer,
+                    last_rotated_pointer: s.last_rotated_pointer,
+                    active_pointer: s.active_pointer,
+                    account_id_pointer: s.account_id_pointer,
+                };
+                c.json_pointer(&format!("{sb}.key_id_pointer"), &st.key_id_pointer);
+                for (field, p) in [
+                    ("last_rotated_pointer", &st.last_rotated_pointer),
+                    ("active_pointer", &st.active_pointer),
+                    ("account_id_pointer", &st.account_id_pointer),
+                ] {
+                    if let Some(p) = p {
+                        c.json_pointer(&format!("{sb}.{field}"), p);
+                    }
+                }
+                st
+            });
+            let auth_check = h.auth_check.map(|a| {
+                let header = a.header.unwrap_or_else(|| "Authorization".into());
+                c.non_empty(&format!("{base}.auth_check.header"), &header);
+                HttpAuthCheck {
+                    url: c.url_template(&format!("{base}.auth_check.url"), &a.url),
+                    prefix: a.prefix.unwrap_or_else(|| default_prefix(&header)),
+                    header,
+                }
+            });
+            if let Some(acct) = &h.account_id {
+                c.non_empty(&format!("{base}.account_id"), acct);
+            }
+            let timeout = c.duration(
+                &format!("{base}.timeout"),
+                h.timeout.as_ref(),
+                Duration::from_secs(10),
+                false,
+            );
+            let requested_by = requested_by(c, &base, h.requested_by);
+            Some(ProviderConfig::Http(HttpProviderConfig {
+                auth,
+                regenerate,
+                status,
+                auth_check,
+                account_id: h.account_id,
+                timeout,
+                requested_by,
+            }))
+        }
+    }
+}
+
+/// "Bearer " for the Authorization header, nothing for any other header (e.g. `X-Api-Key`).
+fn default_prefix(header: &str) -> String {
+    if header.eq_ignore_ascii_case("authorization") {
+        "Bearer ".into()
+    } else {
+        String::new()
+    }
+}
+
+fn http_method(c: &mut Check, path: &str, method: Option<String>, default: &str) -> String {
+    let m = method
+        .unwrap_or_else(|| default.into())
+        .to_ascii_uppercase();
+    if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&m.as_str()) {
+        c.problem(
+            path,
+            format!("unknown HTTP method {m:?} (expected GET, POST, PUT, PATCH or DELETE)"),
+        );
+    }
+    m
+}
+
+fn requested_by(c: &mut Check, base: &str, value: Option<String>) -> String {
+    match value {
+        Some(v) => {
+            c.non_empty(&format!("{base}.requested_by"), &v);
+            v
+        }
+        None => default_requested_by(),
+    }
+}
+
+fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
+    let base = format!("stores.{name}");
+    match s {
+        raw::RawStore::Vault(v) => {
+            let address = c.url(&format!("{base}.address"), &v.address);
+            let auth = match (v.token, v.approle) {
+                (Some(t), None) => c.secret(&format!("{base}.token"), &t).map(VaultAuth::Token),
+                (None, Some(a)) => {
+                    let role_id = c.secret(&format!("{base}.approle.role_id"), &a.role_id);
+                    let secret_id = c.secret(&format!("{base}.approle.secret_id"), &a.secret_id);
+                    let mount = a.mount.unwrap_or_else(|| "approle".into());
+                    c.non_empty(&format!("{base}.approle.mount"), &mount);
+                    Some(VaultAuth::AppRole {
+                        role_id: role_id?,
+                        secret_id: secret_id?,
+                        mount,
+                    })
+                }
+                (Some(_), Some(_)) => {
+                    c.problem(&base, "set either token or approle, not both");
+                    None
+                }
+                (None, None) => {
+                    c.problem(
+                        format!("{base}.token"),
+                        "required: token = { env = \"VAULT_TOKEN\" }, or approle = { role_id = {..}, secret_id = {..} }",
+                    );
+                    None
+                }
+            };
+            let mount = v.mount.unwrap_or_else(|| "secret".into());
+            c.non_empty(&format!("{base}.mount"), &mount);
+            if let Some(ns) = &v.namespace {
+                c.non_empty(&format!("{base}.namespace"), ns);
+            }
+            let timeout = c.duration(
+                &format!("{base}.timeout"),
+                v.timeout.as_ref(),
+                Duration::from_secs(10),
+                false,
+            );
+            Some(StoreConfig::Vault(VaultStoreConfig {
+                address: address?,
+                auth: auth?,
+                mount: mount.trim_matches('/').to_string(),
+                namespace: v.namespace,
+                timeout,
+            }))
+        }
+        raw::RawStore::Aws(a) => {
+            let endpoint_url = match &a.endpoint_url {
+                Some(u) => Some(c.url(&format!("{base}.endpoint_url"), u)?),
+                None => None,
+            };
+            if let Some(r) = &a.region {
+                c.non_empty(&format!("{base}.region"), r);
+            }
+            let timeout = c.duration(
+                &format!("{base}.timeout"),
+                a.timeout.as_ref(),
+                Duration::from_secs(10),
+                false,
+            );
+            Some(StoreConfig::Aws(AwsStoreConfig {
+                region: a.region,
+                endpoint_url,
+                timeout,
+            }))
+        }
+        raw::RawStore::File(f) => {
+            if f.dir.as_os_str().is_empty() {
+                c.problem(format!("{base}.dir"), "must not be empty");
+                return None;
+            }
+            Some(StoreConfig::File(FileStoreConfig { dir: f.dir }))
+        }
+    }
+}
+
+fn coordination(
+    c: &mut Check,
+    co: raw::RawCoordination,
+    store_kinds: &BTreeMap<String, Option<&'static str>>,
+) -> Option<CoordinationConfig> {
+    if let Some(kind) = &co.kind
+        && kind != "vault"
+    {
+        c.problem(
+            "coordination.kind",
+            format!("unknown kind {kind:?} (expected vault)"),
+        );
+    }
+    match store_kinds.get(&co.store) {
+        Some(Some("vault")) | Some(None) => {}
+        Some(Some(other)) => c.problem(
+            "coordination.store",
+            format!(
+                "store {:?} is a {other} store; coordination needs a vault store",
+                co.store
+            ),
+        ),
+        None => c.problem(
+            "coordination.store",
+            format!(
+                "unknown store {:?} ({})",
+                co.store,
+                known(store_kinds.keys())
+            ),
+        ),
+    }
+    let path = co.path.unwrap_or_else(|| "keyrotd/leases".into());
+    c.non_empty("coordination.path", &path);
+    let ttl = c.duration(
+        "coordination.ttl",
+        co.ttl.as_ref(),
+        Duration::from_secs(30),
+        false,
+    );
+    Some(CoordinationConfig {
+        store: co.store,
+        path: path.trim_matches('/').to_string(),
+        ttl,
+    })
+}
+
+fn key(
+    c: &mut Check,
+    path: &str,
+    k: raw::RawKey,
+    providers: &BTreeSet<String>,
+    store_kinds: &BTreeMap<String, Option<&'static str>>,
+) -> Option<KeyConfig> {
+    let before = c.problems.len();
+    if !providers.contains(&k.provider) {
+        c.problem(
+            format!("{path}.provider"),
+            format!(
+                "unknown provider {:?} ({})",
+                k.provider,
+                known(providers.iter())
+            ),
+        );
+    }
+    let timezone = match &k.timezone {
+        None => Tz::UTC,
+        Some(tz) => match Tz::from_str(tz.trim()) {
+            Ok(tz) => tz,
+            Err(_) => {
+                c.problem(
+                    format!("{path}.timezone"),
+                    format!("{tz:?} is not an IANA time zone (e.g. \"Europe/Zurich\", \"UTC\")"),
+                );
+                Tz::UTC
+            }
+        },
+    };
+    let schedule = k
+        .schedule
+        .as_ref()
+        .and_then(|s| match Schedule::parse(s.trim()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                c.problem(
+                    format!("{path}.schedule"),
+                    format!("cannot parse {s:?}: {e}"),
+                );
+                None
+            }
+        });
+    let window = k
+        .window
+        .as_ref()
+        .and_then(|w| match Window::parse(&w.days, &w.start, &w.end) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                c.problem(format!("{path}.window"), e);
+                None
+            }
+        });
+    let max_age = k
+        .max_age
+        .as_ref()
+        .map(|m| c.duration(&format!("{path}.max_age"), Some(m), Duration::ZERO, false));
+    let jitter = c.duration(
+        &format!("{path}.jitter"),
+        k.jitter.as_ref(),
+        Duration::ZERO,
+        true,
+    );
+    let watch = c.duration(
+        &format!("{path}.watch"),
+        k.watch.as_ref(),
+        Duration::from_secs(300),
+        true,
+    );
+    let watch_interval = c.duration(
+        &format!("{path}.watch_interval"),
+        k.watch_interval.as_ref(),
+        Duration::from_secs(15),
+        false,
+    );
+    let store_deadline = c.duration(
+        &format!("{path}.store_deadline"),
+        k.store_deadline.as_ref(),
+        Duration::from_secs(60),
+        false,
+    );
+    let max_rerotations = c.count(&format!("{path}.max_rerotations"), k.max_rerotations, 3, 0);
+    let max_regenerations_per_day = c.count(
+        &format!("{path}.max_regenerations_per_day"),
+        k.max_regenerations_per_day,
+        6,
+        1,
+    );
+
+    if k.destinations.is_empty() {
+        c.problem(
+            format!("{path}.destinations"),
+            "a key needs at least one destination ([[keys.destinations]])",
+        );
+    }
+    // Stores named by the key's destinations, including ones with problems of their own, so that
+    // `reads_from` is checked against what the operator wrote.
+    let destination_stores: BTreeSet<String> =
+        k.destinations.iter().map(|d| d.store.clone()).collect();
+    let destinations: Vec<DestinationConfig> = k
+        .destinations
+        .into_iter()
+        .enumerate()
+        .filter_map(|(j, d)| destination(c, &format!("{path}.destinations[{j}]"), d, store_kinds))
+        .collect();
+
+    let mut dependent_names = BTreeSet::new();
+    let mut dependents = Vec::new();
+    for (j, d) in k.dependents.into_iter().enumerate() {
+        let dp = format!("{path}.dependents[{j}]");
+        c.non_empty(&format!("{dp}.name"), &d.name);
+        if !dependent_names.insert(d.name.clone()) {
+            c.problem(
+                format!("{dp}.name"),
+                format!("duplicate dependent name {:?} in this key", d.name),
+            );
+        }
+        let reads_from = match d.reads_from {
+            None => destination_stores.iter().map(|s| s.to_string()).collect(),
+            Some(list) => {
+                if list.is_empty() {
+                    c.problem(
+                        format!("{dp}.reads_from"),
+                        "must name at least one store; leave it out to mean every store of the key",
+                    );
+                }
+                for (n, s) in list.iter().enumerate() {
+                    if !destination_stores.contains(s) {
+                        c.problem(
+                            format!("{dp}.reads_from[{n}]"),
+                            format!(
+                                "{s:?} is not a store this key has a destination on ({})",
+                                known(destination_stores.iter())
+                            ),
+                        );
+                    }
+                }
+                list
+            }
+        };
+        let verify = d.verify.and_then(|v| {
+            let url = c.url(&format!("{dp}.verify.url"), &v.url);
+            let expect_status = match v.expect_status {
+                None => 200,
+                Some(Num(n)) if (100..=599).contains(&n) => n as u16,
+                Some(Num(n)) => {
+                    c.problem(
+                        format!("{dp}.verify.expect_status"),
+                        format!("{n} is not an HTTP status (100-599)"),
+                    );
+                    200
+                }
+            };
+            let timeout = c.duration(
+                &format!("{dp}.verify.timeout"),
+                v.timeout.as_ref(),
+                Duration::from_secs(5),
+                false,
+            );
+            Some(VerifyConfig {
+                url: url?,
+                expect_status,
+                timeout,
+            })
+        });
+        let reload = d.reload.and_then(|r| reload(c, &format!("{dp}.reload"), r));
+        dependents.push(DependentConfig {
+            name: d.name,
+            reads_from,
+            verify,
+            reload,
+        });
+    }
+
+    if c.problems.len() != before {
+        return None;
+    }
+    Some(KeyConfig {
+        name: k.name,
+        provider: k.provider,
+        schedule,
+        timezone,
+        max_age,
+        jitter,
+        window,
+        catch_up: k.catch_up.is_none_or(|f| f.0),
+        watch,
+        watch_interval,
+        store_deadline,
+        auto_recover: k.auto_recover.is_none_or(|f| f.0),
+        max_rerotations,
+        max_regenerations_per_day,
+        destinations,
+        dependents,
+    })
+}
+
+fn destination(
+    c: &mut Check,
+    path: &str,
+    d: raw::RawDestination,
+    store_kinds: &BTreeMap<String, Option<&'static str>>,
+) -> Option<DestinationConfig> {
+    let kind = match store_kinds.get(&d.store) {
+        Some(Some(kind)) => *kind,
+        // The store's own table is broken; its problem is reported there.
+        Some(None) => return None,
+        None => {
+            c.problem(
+                format!("{path}.store"),
+                format!(
+                    "unknown store {:?} ({})",
+                    d.store,
+                    known(store_kinds.keys())
+                ),
+            );
+            return None;
+        }
+    };
+    let before = c.problems.len();
+    let not_for = |c: &mut Check, field: &str, set: bool, needs: &str| {
+        if set {
+            c.problem(
+                format!("{path}.{field}"),
+                format!(
+                    "not a field of {} destination (it takes {needs})",
+                    article(kind)
+                ),
+            );
+        }
+    };
+    let required = |c: &mut Check, field: &str, v: Option<String>| -> String {
+        match v {
+            Some(v) if !v.trim().is_empty() => v,
+            Some(_) => {
+                c.problem(format!("{path}.{field}"), "must not be empty");
+                String::new()
+            }
+            None => {
+                c.problem(
+                    format!("{path}.{field}"),
+                    format!("required for a destination on {kind} store {:?}", d.store),
+                );
+                String::new()
+            }
+        }
+    };
+    let target = match kind {
+        "vault" => {
+            let needs = "path and field";
+            not_for(c, "secret_id", d.secret_id.is_some(), needs);
+            not_for(c, "file", d.file.is_some(), needs);
+            let p = required(c, "path", d.path);
+            let field = required(c, "field", d.field);
+            DestinationTarget::Vault {
+                path: p.trim_matches('/').to_string(),
+                field,
+            }
+        }
+        "aws" => {
+            let needs = "secret_id and optionally field";
+            not_for(c, "path", d.path.is_some(), needs);
+            not_for(c, "file", d.file.is_some(), needs);
+            let secret_id = required(c, "secret_id", d.secret_id);
+            if let Some(f) = &d.field {
+                c.non_empty(&format!("{path}.field"), f);
+            }
+            DestinationTarget::Aws {
+                secret_id,
+                field: d.field,
+            }
+        }
+        _ => {
+            let needs = "file";
+            not_for(c, "path", d.path.is_some(), needs);
+            not_for(c, "field", d.field.is_some(), needs);
+            not_for(c, "secret_id", d.secret_id.is_some(), needs);
+            let file = required(c, "file", d.file);
+            let p = Path::new(&file);
+            if !file.is_empty() {
+                if p.is_absolute() {
+                    c.problem(
+                        format!("{path}.file"),
+                        format!("{file:?} must be relative to the store's dir"),
+                    );
+                } else if p
+                    .components()
+                    .any(|comp| matches!(comp, Component::ParentDir))
+                {
+                    c.problem(
+                        format!("{path}.file"),
+                        format!("{file:?} must not contain \"..\""),
+                    );
+                } else if file.ends_with('/') || p.file_name().is_none() {
+                    c.problem(format!("{path}.file"), format!("{file:?} must name a file"));
+                }
+            }
+            DestinationTarget::File { file }
+        }
+    };
+    (c.problems.len() == before).then_some(DestinationConfig {
+        store: d.store,
+        target,
+    })
+}
+
+fn reload(c: &mut Check, path: &str, r: raw::RawReload) -> Option<ReloadHook> {
+    let retries = c.count(&format!("{path}.retries"), r.retries, 2, 0);
+    match (r.url, r.command) {
+        (Some(url), None) => {
+            if r.env.is_some() {
+                c.problem(format!("{path}.env"), "only a command hook takes env");
+            }
+            let url = c.url(&format!("{path}.url"), &url);
+            let method = http_method(c, &format!("{path}.method"), r.method, "POST");
+            let timeout = c.duration(
+                &format!("{path}.timeout"),
+                r.timeout.as_ref(),
+                Duration::from_secs(5),
+                false,
+            );
+            let signing_key = r
+                .signing_key
+                .as_ref()
+                .and_then(|s| c.secret(&format!("{path}.signing_key"), s));
+            Some(ReloadHook::Http {
+                url: url?,
+                method,
+                timeout,
+                signing_key,
+                retries,
+            })
+        }
+        (None, Some(command)) => {
+            if r.method.is_some() {
+                c.problem(
+                    format!("{path}.method"),
+                    "only an HTTP hook (url) takes method",
+                );
+            }
+            if r.signing_key.is_some() {
+                c.problem(
+                    format!("{path}.signing_key"),
+                    "only an HTTP hook (url) takes signing_key",
+                );
+            }
+            if command.first().is_none_or(|p| p.trim().is_empty()) {
+                c.problem(
+                    format!("{path}.command"),
+                    "must name a program: command = [\"program\", \"arg\", ...]",
+                );
+            }
+            let env = r.env.unwrap_or_default();
+            for name in env.keys() {
+                if name.is_empty() || name.contains('=') {
+                    c.problem(
+                        format!("{path}.env"),
+                        format!("{name:?} is not a valid variable name"),
+                    );
+                }
+            }
+            let timeout = c.duration(
+                &format!("{path}.timeout"),
+                r.timeout.as_ref(),
+                Duration::from_secs(30),
+                false,
+            );
+            Some(ReloadHook::Command {
+                command,
+                timeout,
+                env,
+                retries,
+            })
+        }
+        (Some(_), Some(_)) => {
+            c.problem(
+                path.to_string(),
+                "set either url (HTTP hook) or command, not both",
+            );
+            None
+        }
+        (None, None) => {
+            c.problem(
+                format!("{path}.url"),
+                "required: url = \"http://...\" (HTTP hook) or command = [\"program\", ...]",
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config whose credentials are files in `dir` (the process environment is left alone).
+    fn config_text(dir: &Path, extra_daemon: &str) -> String {
+        let tok = dir.join("tok");
+        std::fs::write(&tok, "token-value\n").unwrap();
+        let tok = tok.display();
+        format!(
+            r#"
+[daemon]
+{extra_daemon}
+[providers.Aos-Prod]
+kind = "aos"
+base_url = "https://aos.example.com"
+management_token = {{ file = "{tok}" }}
+
+[stores.vault-main]
+kind = "vault"
+address = "http://127.0.0.1:8200"
+approle = {{ role_id = {{ file = "{tok}" }}, secret_id = {{ file = "{tok}" }} }}
+
+[stores.aws-main]
+kind = "aws"
+
+[[keys]]
+name = "billing-api"
+provider = "Aos-Prod"
+max_age = "30d"
+  [[keys.destinations]]
+  store = "vault-main"
+  path = "/apps/billing/"
+  field = "api_key"
+  [[keys.destinations]]
+  store = "aws-main"
+  secret_id = "prod/billing"
+  [[keys.dependents]]
+  name = "http-hook"
+  verify = {{ url = "http://10.0.0.7/health" }}
+  reload = {{ url = "http://10.0.0.7/reload" }}
+  [[keys.dependents]]
+  name = "command-hook"
+  reload = {{ command = ["systemctl", "reload", "nginx"] }}
+"#
+        )
+    }
+
+    fn load(text: &str, overrides: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let overrides = overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        load_str_with_overrides(text, &overrides)
+    }
+
+    #[test]
+    fn defaults_fill_every_field_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(&config_text(dir.path(), ""), &[]).unwrap();
+        assert_eq!(c.daemon.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.daemon.max_concurrent_rotations, 16);
+        assert_eq!(c.daemon.reconcile_interval, Some(Duration::from_secs(300)));
+        assert_eq!(c.daemon.log_format, LogFormat::Text);
+        assert!(c.daemon.admin_token.is_none() && !c.daemon.paused);
+
+        // Names keep their case.
+        let ProviderConfig::Aos(p) = &c.providers["Aos-Prod"] else {
+            panic!("not aos")
+        };
+        assert_eq!(p.timeout, Duration::from_secs(10));
+        assert!(p.requested_by.starts_with("keyrotd@") && p.requested_by.len() > 8);
+        assert_eq!(p.paths.regenerate, "/v1/api-keys/regenerate");
+
+        let StoreConfig::Vault(v) = &c.stores["vault-main"] else {
+            panic!("not vault")
+        };
+        assert_eq!(v.mount, "secret");
+        assert!(matches!(&v.auth, VaultAuth::AppRole { mount, .. } if mount == "approle"));
+
+        let k = &c.keys[0];
+        assert_eq!(k.timezone, Tz::UTC);
+        assert_eq!(k.max_age, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(
+            (k.jitter, k.watch),
+            (Duration::ZERO, Duration::from_secs(300))
+        );
+        assert_eq!(k.watch_interval, Duration::from_secs(15));
+        assert_eq!(k.store_deadline, Duration::from_secs(60));
+        assert!(k.catch_up && k.auto_recover);
+        assert_eq!((k.max_rerotations, k.max_regenerations_per_day), (3, 6));
+        assert_eq!(
+            k.destinations[0].target,
+            DestinationTarget::Vault {
+                path: "apps/billing".into(),
+                field: "api_key".into()
+            }
+        );
+        // reads_from defaults to every store the key writes.
+        assert_eq!(k.dependents[0].reads_from, vec!["aws-main", "vault-main"]);
+        let verify = k.dependents[0].verify.as_ref().unwrap();
+        assert_eq!(
+            (verify.expect_status, verify.timeout),
+            (200, Duration::from_secs(5))
+        );
+        match &k.dependents[0].reload {
+            Some(ReloadHook::Http {
+                method,
+                timeout,
+                retries,
+                signing_key,
+                ..
+            }) => {
+                assert_eq!(
+                    (method.as_str(), *timeout, *retries),
+                    ("POST", Duration::from_secs(5), 2)
+                );
+                assert!(signing_key.is_none());
+            }
+            other => panic!("expected an http hook, got {other:?}"),
+        }
+        match &k.dependents[1].reload {
+            Some(ReloadHook::Command {
+                timeout, retries, ..
+            }) => {
+                assert_eq!((*timeout, *retries), (Duration::from_secs(30), 2));
+            }
+            other => panic!("expected a command hook, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn zero_reconcile_interval_disables_reconcile_and_overrides_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(
+            dir.path(),
+            "reconcile_interval = \"10m\"\nlog_format = \"text\"",
+        );
+        let c = load(
+            &text,
+            &[
+                ("KEYROTD__DAEMON__RECONCILE_INTERVAL", "0s"),
+                ("KEYROTD__DAEMON__LOG_FORMAT", "json"),
+                // Not overrides: a single underscore, or the wrong case.
+                ("KEYROTD_DAEMON__LISTEN", "x"),
+                ("keyrotd__daemon__listen", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.daemon.reconcile_interval, None);
+        assert_eq!(c.daemon.log_format, LogFormat::Json);
+        assert_eq!(c.daemon.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn numeric_override_segments_address_array_entries() {
+        assert_eq!(
+            index_segments("KEYROTD__KEYS__0__WATCH"),
+            "KEYROTD__KEYS[0]__WATCH"
+        );
+        assert_eq!(
+            index_segments("KEYROTD__KEYS__1__DESTINATIONS__12__PATH"),
+            "KEYROTD__KEYS[1]__DESTINATIONS[12]__PATH"
+        );
+        assert_eq!(
+            index_segments("KEYROTD__DAEMON__LISTEN"),
+            "KEYROTD__DAEMON__LISTEN"
+        );
+    }
+
+    #[test]
+    fn key_names_follow_the_documented_pattern() {
+        for ok in ["billing-api", "a", "0x_1-b"] {
+            assert!(is_valid_key_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", "_a", "Billing", "a b", "a.b", "é"] {
+            assert!(!is_valid_key_name(bad), "{bad}");
+        }
+    }
 }
