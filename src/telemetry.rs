@@ -532,6 +532,7 @@ impl Metrics {
         let next_present = keys_present(&self.key_next_rotation);
         for key in &config.keys {
             let name = key.name.as_str();
+            // Cannot panic: `known` was built from these very keys above.
             let shape = &known.keys[name];
             for outcome in Outcome::ALL {
                 self.rotations.with_label_values(&[name, outcome.as_str()]);
@@ -621,7 +622,7 @@ impl Metrics {
         prune(&self.key_active, key_known);
         prune(&self.key_last_rotation, key_known);
         prune(&self.drift, key_known);
-        // Re-created by apply_config for the keys that still have one.
+        // For known keys, apply_config sets or removes these two from the key's config.
         prune(&self.key_max_age, key_known);
         prune(&self.key_schedule_period, key_known);
         prune(&self.key_next_rotation, |l| {
