@@ -1476,6 +1476,13 @@ mod tests {
     }
 
     #[test]
+    fn metrics_can_be_shared_between_tasks() {
+        fn shared<T: Send + Sync + 'static>() {}
+        shared::<Metrics>();
+        shared::<std::sync::Arc<Metrics>>();
+    }
+
+    #[test]
     fn no_secret_of_the_config_reaches_the_output() {
         let m = Metrics::new();
         m.apply_config_with(&two_keys(), t0(), weekday_runs);
