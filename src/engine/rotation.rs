@@ -576,14 +576,9 @@ fn finish(
     let now = Utc::now();
     engine
         .metrics
-        .rotation_finished(&key.name, outcome, started.elapsed());
+        .rotation_finished(&key.name, outcome, started.elapsed(), now);
     if let Some(w) = window {
-        engine
-            .metrics
-            .invalidation_window(&key.name, w.as_secs_f64());
-    }
-    if matches!(outcome, Outcome::Success | Outcome::Degraded) {
-        engine.metrics.last_success(&key.name, now);
+        engine.metrics.invalidation_window(&key.name, w);
     }
     if outcome != Outcome::Success && outcome != Outcome::Degraded {
         // Keep the journal's last outcome in step for rotations that ended without conclude().
