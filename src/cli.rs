@@ -196,7 +196,14 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
 pub fn run(config_path: &Path, init_tracing: fn(LogFormat)) -> anyhow::Result<Exit> {
     let config = load_config(config_path)?;
     init_tracing(config.daemon.log_format);
-    Err(UsageError("`keyrotd run` is not built yet".into()).into())
+    runtime()?.block_on(crate::daemon::run(config_path.to_path_buf(), config))?;
+    Ok(Exit::Success)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// `keyrotd check-config`: the same loader as `run`, then a summary for people.
@@ -213,17 +220,22 @@ pub fn plan(config_path: &Path, count: usize) -> anyhow::Result<Exit> {
     Ok(Exit::Success)
 }
 
-/// `keyrotd status`.
+/// `keyrotd status`: the providers and stores, read live, side by side.
 pub fn status(config_path: &Path, json: bool, key: Option<&str>) -> anyhow::Result<Exit> {
     let config = load_config(config_path)?;
     if let Some(k) = key {
         known_key(&config, k)?;
     }
-    let _ = json;
-    Err(UsageError("`keyrotd status` is not built yet".into()).into())
+    let reports = runtime()?.block_on(crate::commands::status(config, key))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print!("{}", crate::commands::status_table(&reports));
+    }
+    Ok(Exit::Success)
 }
 
-/// `keyrotd rotate`.
+/// `keyrotd rotate`: through the daemon when one answers on `listen`, else in this process.
 pub fn rotate(
     config_path: &Path,
     key: &str,
@@ -234,8 +246,14 @@ pub fn rotate(
 ) -> anyhow::Result<Exit> {
     let config = load_config(config_path)?;
     known_key(&config, key)?;
-    let _ = (reason, force, dry_run, watch);
-    Err(UsageError("`keyrotd rotate` is not built yet".into()).into())
+    let args = crate::commands::RotateArgs {
+        key: key.to_string(),
+        reason: reason.to_string(),
+        force,
+        dry_run,
+        watch,
+    };
+    runtime()?.block_on(crate::commands::rotate(config, args))
 }
 
 /// A key named on the command line must exist.

@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod engine;

@@ -119,7 +119,7 @@ impl RotationRequest {
 }
 
 /// One event in a rotation's record, as `GET /v1/rotations/{id}` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RecordEvent {
     pub ts: DateTime<Utc>,
     pub event: String,

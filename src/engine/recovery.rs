@@ -14,9 +14,11 @@ use chrono::Utc;
 use super::rotation::{Resume, load_journal, recovery_request, save_journal, status_retrying};
 use super::{DestinationView, Engine, RotationRequest, Runtime, Trigger};
 use crate::config::KeyConfig;
-use crate::journal::{AuditRecord, Phase};
+use crate::journal::{AuditRecord, KeyJournal, Phase};
+use crate::provider::KeyStatus;
 use crate::secret::Secret;
 use crate::store::StoredValue;
+use crate::telemetry::Metrics;
 use crate::telemetry::RerotationReason;
 
 /// What the recovery scan decided for one key.
@@ -74,7 +76,7 @@ async fn recover_key(
     let provider = provider.clone();
     let mut journal = load_journal(engine, key);
     let status = if provider.has_status() {
-        status_retrying(engine, &provider).await.ok()
+        status_retrying(&engine.metrics, &provider).await.ok()
     } else {
         None
     };
@@ -251,40 +253,51 @@ pub async fn reconcile_all(engine: &Arc<Engine>) -> Vec<(String, Reconciled)> {
     out
 }
 
-/// Compares the provider's active key with each destination (lifecycle.md, "Reconcile").
-pub async fn reconcile_key(engine: &Arc<Engine>, rt: &Arc<Runtime>, key: &KeyConfig) -> Reconciled {
-    if engine.is_busy(&key.name) {
-        return Reconciled::Skipped("a rotation is running".into());
-    }
-    let Ok(provider) = rt.provider(key) else {
-        return Reconciled::Skipped("no provider".into());
-    };
-    let provider = provider.clone();
-    let status = if provider.has_status() {
-        match status_retrying(engine, &provider).await {
-            Ok(s) => {
-                engine.set_status(&key.name, &s);
-                Some(s)
-            }
-            Err(e) => return Reconciled::Skipped(format!("provider status: {e}")),
-        }
-    } else {
-        None
+/// What the provider and every destination say about a key, read live. Read-only: the caller decides
+/// whether to persist an adoption (see [`Observation::adopted`]).
+pub struct Observation {
+    pub status: Option<KeyStatus>,
+    /// Why `status` is missing (provider unreachable), if it is.
+    pub status_error: Option<String>,
+    pub active_key_id: Option<String>,
+    pub active_fingerprint: Option<String>,
+    /// The active key's fingerprint was learned now from a destination's value (auth_check).
+    pub adopted: bool,
+    pub values: Vec<(usize, Read)>,
+    pub views: Vec<DestinationView>,
+}
+
+/// Reads the provider's status and every destination, and works out which values are the active key:
+/// known from the journal, or adopted from a destination whose value authenticates at the provider.
+pub async fn observe(
+    metrics: &Metrics,
+    rt: &Runtime,
+    key: &KeyConfig,
+    journal: &KeyJournal,
+) -> Observation {
+    let provider = rt.provider(key).ok().cloned();
+    let (status, status_error) = match &provider {
+        Some(p) if p.has_status() => match status_retrying(metrics, p).await {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        Some(_) => (None, None),
+        None => (None, Some("provider not configured".into())),
     };
     let values = read_all(rt, key).await;
-    let mut journal = load_journal(engine, key);
-
-    // The active key's fingerprint: known from the journal, or adopted from a destination whose value
-    // authenticates at the provider.
-    let active_id = status
+    let active_key_id = status
         .as_ref()
         .map(|s| s.key_id.clone())
         .or_else(|| journal.active_key_id.clone());
-    let mut active_fp = match (&journal.active_key_id, &active_id) {
+    let mut active_fingerprint = match (&journal.active_key_id, &active_key_id) {
         (Some(j), Some(a)) if j == a => journal.active_fingerprint.clone(),
         _ => None,
     };
-    if active_fp.is_none() && provider.has_auth_check() {
+    let mut adopted = false;
+    if let Some(p) = provider.as_ref().filter(|p| p.has_auth_check())
+        && active_fingerprint.is_none()
+        && (status.is_some() || !p.has_status())
+    {
         let mut tried: Vec<&str> = Vec::new();
         for (_, v) in &values {
             let Ok(Some(v)) = v else { continue };
@@ -292,21 +305,18 @@ pub async fn reconcile_key(engine: &Arc<Engine>, rt: &Arc<Runtime>, key: &KeyCon
                 continue;
             }
             tried.push(&v.fingerprint);
-            if let Ok(Some(identity)) =
-                super::rotation::auth_check(engine, &provider, &v.secret).await
-                && (identity.key_id.is_none() || identity.key_id == active_id)
+            if let Ok(Some(identity)) = super::rotation::auth_check(metrics, p, &v.secret).await
+                && (identity.key_id.is_none()
+                    || active_key_id.is_none()
+                    || identity.key_id == active_key_id)
             {
-                active_fp = Some(v.fingerprint.clone());
-                journal.active_key_id = active_id.clone().or(identity.key_id);
-                journal.active_fingerprint = active_fp.clone();
-                save_journal(engine, &journal);
-                tracing::info!(key = %key.name, fingerprint = %v.fingerprint, "Adopted the value found in a destination.");
+                active_fingerprint = Some(v.fingerprint.clone());
+                adopted = true;
                 break;
             }
         }
     }
-
-    let views: Vec<DestinationView> = key
+    let views = key
         .destinations
         .iter()
         .zip(&values)
@@ -324,7 +334,7 @@ pub async fn reconcile_key(engine: &Arc<Engine>, rt: &Arc<Runtime>, key: &KeyCon
             DestinationView {
                 store: d.store.clone(),
                 target: d.target.to_string(),
-                in_sync: fp.is_some() && fp == active_fp,
+                in_sync: fp.is_some() && fp == active_fingerprint,
                 key_id,
                 fingerprint: fp,
                 version,
@@ -332,6 +342,44 @@ pub async fn reconcile_key(engine: &Arc<Engine>, rt: &Arc<Runtime>, key: &KeyCon
             }
         })
         .collect();
+    Observation {
+        status,
+        status_error,
+        active_key_id,
+        active_fingerprint,
+        adopted,
+        values,
+        views,
+    }
+}
+
+/// Compares the provider's active key with each destination (lifecycle.md, "Reconcile").
+pub async fn reconcile_key(engine: &Arc<Engine>, rt: &Arc<Runtime>, key: &KeyConfig) -> Reconciled {
+    if engine.is_busy(&key.name) {
+        return Reconciled::Skipped("a rotation is running".into());
+    }
+    let mut journal = load_journal(engine, key);
+    let obs = observe(&engine.metrics, rt, key, &journal).await;
+    if let Some(e) = &obs.status_error {
+        return Reconciled::Skipped(format!("provider status: {e}"));
+    }
+    if let Some(s) = &obs.status {
+        engine.set_status(&key.name, s);
+    }
+    if obs.adopted {
+        journal.active_key_id = obs.active_key_id.clone();
+        journal.active_fingerprint = obs.active_fingerprint.clone();
+        save_journal(engine, &journal);
+        tracing::info!(key = %key.name, fingerprint = ?obs.active_fingerprint, "Adopted the value found in a destination.");
+    }
+    let Observation {
+        status,
+        active_key_id: active_id,
+        active_fingerprint: active_fp,
+        values,
+        views,
+        ..
+    } = obs;
     let good: Option<Secret> = values.iter().find_map(|(_, v)| match v {
         Ok(Some(v)) if Some(&v.fingerprint) == active_fp.as_ref() => Some(v.secret.clone()),
         _ => None,

@@ -28,6 +28,7 @@ use crate::notify::{Probe, ReloadNotice};
 use crate::provider::{KeyStatus, Provider, ProviderError, Regenerated};
 use crate::secret::{Secret, fingerprint};
 use crate::store::WriteRequest;
+use crate::telemetry::Metrics;
 use crate::telemetry::{
     CheckResult, Outcome, ProviderOperation, ProviderOutcome, RerotationReason,
 };
@@ -291,7 +292,7 @@ pub(crate) async fn run(
 
         // 2. Regenerate, journaled first.
         if rerotation.is_some() && old_status.is_none() && provider.has_status() {
-            old_status = status(engine, &provider).await.ok();
+            old_status = status(&engine.metrics, &provider).await.ok();
         }
         let old_key_id = old_status
             .as_ref()
@@ -641,12 +642,12 @@ pub(crate) fn save_journal(engine: &Engine, j: &KeyJournal) {
 
 /// Provider calls, counted.
 pub(crate) async fn status(
-    engine: &Engine,
+    metrics: &Metrics,
     provider: &Provider,
 ) -> Result<KeyStatus, ProviderError> {
     let r = provider.status().await;
     count(
-        engine,
+        metrics,
         provider,
         ProviderOperation::Status,
         r.as_ref().err(),
@@ -655,13 +656,13 @@ pub(crate) async fn status(
 }
 
 pub(crate) async fn auth_check(
-    engine: &Engine,
+    metrics: &Metrics,
     provider: &Provider,
     secret: &Secret,
 ) -> Result<Option<crate::provider::AuthIdentity>, ProviderError> {
     let r = provider.auth_check(secret).await;
     count(
-        engine,
+        metrics,
         provider,
         ProviderOperation::AuthCheck,
         r.as_ref().err(),
@@ -669,7 +670,12 @@ pub(crate) async fn auth_check(
     r
 }
 
-fn count(engine: &Engine, provider: &Provider, op: ProviderOperation, err: Option<&ProviderError>) {
+fn count(
+    metrics: &Metrics,
+    provider: &Provider,
+    op: ProviderOperation,
+    err: Option<&ProviderError>,
+) {
     let outcome = match err {
         None => ProviderOutcome::Ok,
         Some(ProviderError::Auth { .. }) => ProviderOutcome::AuthError,
@@ -677,19 +683,17 @@ fn count(engine: &Engine, provider: &Provider, op: ProviderOperation, err: Optio
         Some(ProviderError::Ambiguous { .. }) => ProviderOutcome::Ambiguous,
         Some(_) => ProviderOutcome::Transient,
     };
-    engine
-        .metrics
-        .provider_request(provider.name(), op, outcome);
+    metrics.provider_request(provider.name(), op, outcome);
 }
 
 /// Status with a few retries for transient errors and rate limits.
 pub(crate) async fn status_retrying(
-    engine: &Engine,
+    metrics: &Metrics,
     provider: &Provider,
 ) -> Result<KeyStatus, ProviderError> {
     let mut attempt = 0;
     loop {
-        match status(engine, provider).await {
+        match status(metrics, provider).await {
             Ok(s) => return Ok(s),
             Err(ProviderError::RateLimited { retry_after, .. }) if attempt < 4 => {
                 tokio::time::sleep(retry_after).await
@@ -735,7 +739,7 @@ async fn preflight(
 
     let status_fut = async {
         if provider.has_status() {
-            Some(status_retrying(engine, provider).await)
+            Some(status_retrying(&engine.metrics, provider).await)
         } else {
             None
         }
@@ -845,7 +849,7 @@ async fn regenerate(
             .regenerate(&req.reason, journal.old_key_id.as_deref())
             .await;
         count(
-            engine,
+            &engine.metrics,
             provider,
             ProviderOperation::Regenerate,
             r.as_ref().err(),
@@ -867,7 +871,7 @@ async fn regenerate(
                         "ambiguous regenerate and no status endpoint: assuming lost".into(),
                     );
                 }
-                match status_retrying(engine, provider).await {
+                match status_retrying(&engine.metrics, provider).await {
                     Ok(now) => {
                         let rotated = match before {
                             Some(b) => now.key_id != b.key_id || now.last_rotated != b.last_rotated,
@@ -1000,11 +1004,11 @@ pub(crate) async fn distribute(
         }
         let mut attempt = 0;
         loop {
-            match auth_check(engine, provider, secret).await {
+            match auth_check(&engine.metrics, provider, secret).await {
                 Ok(Some(_)) => {
                     // Confirmation: the provider's metadata shows the key we issued.
                     if provider.has_status()
-                        && let Ok(s) = status_retrying(engine, provider).await
+                        && let Ok(s) = status_retrying(&engine.metrics, provider).await
                     {
                         engine.set_status(&key.name, &s);
                         if s.key_id != key_id {
@@ -1440,7 +1444,7 @@ async fn watch_loop(
             }
         }
         if provider.has_status()
-            && let Ok(s) = status(engine, &provider).await
+            && let Ok(s) = status(&engine.metrics, &provider).await
         {
             engine.set_status(&key.name, &s);
             if s.key_id != key_id && s.active {
