@@ -39,6 +39,11 @@ pub enum SecretRefError {
 impl SecretRef {
     /// Reads the credential now. Called at config load only.
     pub fn resolve(&self) -> Result<Secret, SecretRefError> {
+        self.resolve_in(None)
+    }
+
+    /// [`resolve`](Self::resolve), reading a relative `file` from `base` (the config file's directory).
+    pub fn resolve_in(&self, base: Option<&std::path::Path>) -> Result<Secret, SecretRefError> {
         match self {
             SecretRef::Env(name) => match std::env::var(name) {
                 Ok(v) if v.is_empty() => Err(SecretRefError::EnvEmpty(name.clone())),
@@ -46,6 +51,14 @@ impl SecretRef {
                 Err(_) => Err(SecretRefError::EnvMissing(name.clone())),
             },
             SecretRef::File(path) => {
+                let joined;
+                let path = match base {
+                    Some(base) if path.is_relative() => {
+                        joined = base.join(path);
+                        &joined
+                    }
+                    _ => path,
+                };
                 let mut text = std::fs::read_to_string(path).map_err(|e| SecretRefError::File {
                     path: path.display().to_string(),
                     reason: e.kind().to_string(),

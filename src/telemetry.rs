@@ -901,9 +901,7 @@ mod tests {
         KeyConfig {
             name: name.into(),
             provider: "aos".into(),
-            schedule: Some(Schedule {
-                text: "@daily".into(),
-            }),
+            schedule: Some(Schedule::parse("@daily").expect("valid schedule")),
             timezone: chrono_tz::UTC,
             max_age: Some(Duration::from_secs(90 * 86400)),
             jitter: Duration::ZERO,

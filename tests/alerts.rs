@@ -248,9 +248,7 @@ fn config() -> Config {
     let key = KeyConfig {
         name: "billing".into(),
         provider: "aos".into(),
-        schedule: Some(Schedule {
-            text: "@weekly".into(),
-        }),
+        schedule: Some(Schedule::parse("@weekly").expect("valid schedule")),
         timezone: chrono_tz::UTC,
         max_age: Some(Duration::from_secs(30 * 86400)),
         jitter: Duration::ZERO,

@@ -75,16 +75,21 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    load_str(&text)
+    let overrides = process_overrides();
+    let doc = merge(&text, &overrides).map_err(|p| ConfigError::Invalid(vec![p]))?;
+    validate(raw::read(&doc), path.parent().map(Path::to_path_buf))
+}
+
+fn process_overrides() -> BTreeMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect()
 }
 
 /// Loads and validates TOML text, with the process's `KEYROTD__*` overrides.
 pub fn load_str(text: &str) -> Result<Config, ConfigError> {
-    let overrides = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
-    load_str_with_overrides(text, &overrides)
+    load_str_with_overrides(text, &process_overrides())
 }
 
 /// [`load_str`] with the given variables in place of the process environment's overrides (only names
@@ -94,7 +99,7 @@ pub fn load_str_with_overrides(
     overrides: &BTreeMap<String, String>,
 ) -> Result<Config, ConfigError> {
     let doc = merge(text, overrides).map_err(|p| ConfigError::Invalid(vec![p]))?;
-    validate(raw::read(&doc))
+    validate(raw::read(&doc), None)
 }
 
 /// The file with the overrides applied, as one JSON-like document.
@@ -153,6 +158,8 @@ fn syntax_message(e: &config::ConfigError) -> String {
 struct Check {
     problems: Vec<Problem>,
     warnings: Vec<String>,
+    /// The config file's directory: a relative `{ file = ... }` reference is read from there.
+    base_dir: Option<PathBuf>,
 }
 
 impl Check {
@@ -213,7 +220,7 @@ impl Check {
     }
 
     fn secret(&mut self, path: &str, raw: &RawSecret) -> Option<Secret> {
-        match raw.0.resolve() {
+        match raw.0.resolve_in(self.base_dir.as_deref()) {
             Ok(s) => Some(s),
             Err(e) => {
                 self.problem(path, e.to_string());
@@ -292,7 +299,7 @@ fn article(kind: &str) -> String {
 }
 
 /// Meaning, references between sections, defaults and credentials: raw -> [`Config`].
-fn validate(parsed: raw::Parsed) -> Result<Config, ConfigError> {
+fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, ConfigError> {
     let raw::Parsed {
         raw,
         key_indices,
@@ -303,6 +310,7 @@ fn validate(parsed: raw::Parsed) -> Result<Config, ConfigError> {
     let mut c = Check {
         problems,
         warnings: Vec::new(),
+        base_dir,
     };
     let daemon = daemon(&mut c, raw.daemon);
     let providers: BTreeMap<String, ProviderConfig> = raw
@@ -326,6 +334,7 @@ fn validate(parsed: raw::Parsed) -> Result<Config, ConfigError> {
     // Who writes each destination, to find two keys writing the same place. File destinations are
     // also compared by their full path, since two file stores may share a directory.
     let mut writers: HashMap<(String, DestinationTarget), String> = HashMap::new();
+    let mut aos_users: HashMap<String, String> = HashMap::new();
     let mut file_paths: HashMap<PathBuf, String> = HashMap::new();
     // Names and destinations of keys whose own shape is broken are not known; their problems are.
     for (i, k) in key_indices.into_iter().zip(raw.keys) {
@@ -349,6 +358,21 @@ fn validate(parsed: raw::Parsed) -> Result<Config, ConfigError> {
         let Some(built) = key(&mut c, &path, k, &provider_names, &store_kinds) else {
             continue;
         };
+        // An `aos` account has exactly one active key: two keys on one such provider would each
+        // invalidate the other at every rotation.
+        if matches!(providers.get(&built.provider), Some(ProviderConfig::Aos(_))) {
+            if let Some(other) = aos_users.get(&built.provider) {
+                c.problem(
+                    format!("{path}.provider"),
+                    format!(
+                        "provider {:?} is already used by {other}: an aos account has one active key, so two keys on it would invalidate each other",
+                        built.provider
+                    ),
+                );
+            } else {
+                aos_users.insert(built.provider.clone(), path.clone());
+            }
+        }
         for (j, d) in built.destinations.iter().enumerate() {
             let here = format!("{path}.destinations[{j}]");
             let id = (d.store.clone(), d.target.clone());
