@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bao;
+pub mod daemon;
 pub mod moto;
 pub mod sim;
 
