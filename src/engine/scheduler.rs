@@ -27,6 +27,7 @@ pub async fn run_key(engine: Arc<Engine>, key_name: String) {
             return;
         }
         let changed = engine.changed.notified();
+        tokio::pin!(changed);
         let config = engine.config();
         let Some(key) = config.key(&key_name) else {
             engine.set_next_rotation(&key_name, None);
@@ -53,21 +54,31 @@ pub async fn run_key(engine: Arc<Engine>, key_name: String) {
             // Manual-only: nothing to wait for but a change.
             tokio::select! {
                 _ = engine.shutdown.cancelled() => return,
-                _ = changed => continue,
+                _ = &mut changed => continue,
             }
         };
+        // Sleep until the due time computed now, then fire with its reason: computing it again after
+        // waking would see the occurrence as past (and move on to the next one). Long waits are cut
+        // into chunks and recomputed, so a wall-clock jump cannot make the loop oversleep.
         let wait = (due.at - now).to_std().unwrap_or(Duration::ZERO);
+        if wait > MAX_SLEEP {
+            tokio::select! {
+                _ = engine.shutdown.cancelled() => return,
+                _ = &mut changed => continue,
+                _ = tokio::time::sleep(MAX_SLEEP) => continue,
+            }
+        }
         if wait > Duration::ZERO {
             tokio::select! {
                 _ = engine.shutdown.cancelled() => return,
-                _ = changed => continue,
-                _ = tokio::time::sleep(wait.min(MAX_SLEEP)) => continue,
+                _ = &mut changed => continue,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
         if engine.is_paused() {
             tokio::select! {
                 _ = engine.shutdown.cancelled() => return,
-                _ = changed => continue,
+                _ = &mut changed => continue,
             }
         }
         let trigger = match due.reason {
