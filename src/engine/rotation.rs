@@ -1056,8 +1056,8 @@ pub(crate) async fn distribute(
                         // Read back until the new fingerprint shows (eventually consistent stores).
                         let mut reads = 0;
                         loop {
-                            match store.read(&d.target).await? {
-                                Some(v) if v.fingerprint == fp => return Ok(v.version.or(version)),
+                            match store.read_back(&d.target).await? {
+                                Some((got, v)) if got == fp => return Ok(v.or(version)),
                                 _ if reads < 10 => {
                                     tokio::time::sleep(Duration::from_millis(50 << reads.min(4)))
                                         .await
@@ -1220,6 +1220,42 @@ pub(crate) async fn distribute(
             error: errors[i].clone(),
         })
         .collect();
+
+    // Metadata that only operators read (AWS tags) is written now that every hook has answered.
+    if let Some(secret) = secret {
+        let stores: Vec<_> = key
+            .destinations
+            .iter()
+            .zip(&confirmed)
+            .filter(|(_, ok)| **ok)
+            .filter_map(|(d, _)| {
+                rt.store(&d.store)
+                    .ok()
+                    .map(|s| (s.clone(), d.target.clone()))
+            })
+            .collect();
+        let (name, key_id, fp, secret) = (
+            key.name.clone(),
+            key_id.to_string(),
+            fp.to_string(),
+            secret.clone(),
+        );
+        engine.tasks.spawn(async move {
+            let req = WriteRequest {
+                key: &name,
+                rotation_id,
+                key_id: &key_id,
+                secret: &secret,
+                fingerprint: &fp,
+                rotated_at: issued_at,
+            };
+            for (store, target) in stores {
+                if let Err(e) = store.after_write(&target, &req).await {
+                    tracing::warn!(key = %name, store = %store.name(), error = %e, "Metadata update after the write failed.");
+                }
+            }
+        });
+    }
 
     // Stragglers keep being retried in the background (degraded, not abandoned).
     if let Some(secret) = secret

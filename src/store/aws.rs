@@ -348,7 +348,12 @@ impl AwsStore {
     /// The current value (or the field of it), its fingerprint and VersionId; the key id from the
     /// `keyrotd:key_id` tag when `keyrotd:fingerprint` matches this value. `Ok(None)` when there is
     /// no current value or no such field.
-    pub async fn read(&self, t: &DestinationTarget) -> Result<Option<StoredValue>, StoreError> {
+    /// The value (AWSCURRENT) and its version, without the tags: one `GetSecretValue`. The rotation's
+    /// read-back uses this, so confirming a write costs one round trip.
+    pub async fn read_value(
+        &self,
+        t: &DestinationTarget,
+    ) -> Result<Option<(Secret, Option<String>)>, StoreError> {
         let label = t.to_string();
         let (secret_id, field) = self.target(t)?;
         let Some((whole, version)) = self.get_current(&label, secret_id).await? else {
@@ -376,6 +381,15 @@ impl AwsStore {
                     }
                 }
             }
+        };
+        Ok(Some((secret, version)))
+    }
+
+    pub async fn read(&self, t: &DestinationTarget) -> Result<Option<StoredValue>, StoreError> {
+        let label = t.to_string();
+        let (secret_id, _) = self.target(t)?;
+        let Some((secret, version)) = self.read_value(t).await? else {
+            return Ok(None);
         };
         let fingerprint = fingerprint_bytes(secret.expose_secret().as_bytes());
         let described = self

@@ -144,6 +144,21 @@ impl Store {
         }
     }
 
+    /// The fingerprint and version a destination holds now, as cheaply as the store allows (AWS: the
+    /// value without its tags). The rotation's read-back confirmation, on the outage path, uses this.
+    pub async fn read_back(
+        &self,
+        target: &DestinationTarget,
+    ) -> Result<Option<(String, Option<String>)>, StoreError> {
+        match self {
+            Store::Aws(s) => Ok(s
+                .read_value(target)
+                .await?
+                .map(|(secret, version)| (crate::secret::fingerprint(&secret), version))),
+            _ => Ok(self.read(target).await?.map(|v| (v.fingerprint, v.version))),
+        }
+    }
+
     /// Work that may follow a write off the hooks' path (AWS tags). Default: nothing.
     pub async fn after_write(
         &self,
