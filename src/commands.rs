@@ -117,27 +117,39 @@ pub fn status_table(reports: &[KeyReport]) -> String {
                 let _ = writeln!(out, "  portal:  no status endpoint");
             }
         }
-        let _ = writeln!(
-            out,
-            "  {:<14} {:<32} {:<22} {:<14} {:<8} {}",
-            "STORE", "TARGET", "KEY ID", "FINGERPRINT", "VERSION", "IN SYNC"
-        );
+        let mut rows = vec![[
+            "STORE".to_string(),
+            "TARGET".into(),
+            "IN SYNC".into(),
+            "FINGERPRINT".into(),
+            "KEY ID".into(),
+            "VERSION".into(),
+        ]];
         for d in &r.destinations {
             let sync = match (&d.error, d.in_sync) {
                 (Some(e), _) => format!("error: {e}"),
                 (None, true) => "yes".into(),
                 (None, false) => "NO".into(),
             };
-            let _ = writeln!(
-                out,
-                "  {:<14} {:<32} {:<22} {:<14} {:<8} {}",
-                d.store,
-                d.target,
-                opt(&d.key_id),
+            rows.push([
+                d.store.clone(),
+                d.target.clone(),
+                sync,
                 opt(&d.fingerprint),
+                opt(&d.key_id),
                 opt(&d.version),
-                sync
-            );
+            ]);
+        }
+        let widths: Vec<usize> = (0..6)
+            .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+            .collect();
+        for row in &rows {
+            let line: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            let _ = writeln!(out, "  {}", line.join("  ").trim_end());
         }
         let _ = writeln!(
             out,
