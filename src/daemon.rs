@@ -3,7 +3,7 @@
 //!
 //! Signals: SIGHUP reloads the config (a bad one is refused and the old one kept); SIGTERM/SIGINT shut
 //! down gracefully — no new rotation starts, watches end, and a rotation between regenerate and the end
-//! of store is waited for (bounded by the longest `store_deadline`); a second signal exits at once.
+//! of store is waited for (bounded by the longest `store_deadline` + 15 s); a second signal exits at once.
 //! Under systemd (`Type=notify`) it reports READY after recovery, WATCHDOG from the main loop,
 //! RELOADING/READY around reloads and STOPPING on shutdown.
 
