@@ -539,3 +539,37 @@ async fn rerotations_in_a_row_are_bounded_by_max_rerotations() {
     assert_eq!(rerotations(&d, "lost_before_storage").await, 2.0);
     assert_no_secret_leaked(&stack).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_before_regenerate_was_sent_changes_nothing_and_rotates_later() {
+    let stack = Stack::start().await;
+    let o = Options::default();
+    let config = stack.write_config(&o);
+    let mut d = stack
+        .daemon_with_env(&config, &[("FAILPOINTS", "before_regenerate=sleep(30000)")])
+        .await;
+    let before = stack.portal.state().await;
+
+    start_rotation(&d, "test: crash before regenerate").await;
+    wait_phase(&stack, &d, "regenerating").await;
+    d.kill9();
+
+    // The portal's key is unchanged: recovery clears the journal without regenerating.
+    let d = stack.daemon(&config).await;
+    stack
+        .eventually(Duration::from_secs(60), "journal cleared", || async {
+            phase(&stack) == "idle"
+        })
+        .await;
+    let after = stack.portal.state().await;
+    assert_eq!(after.regenerations, 0);
+    assert_eq!(after.key_id, before.key_id);
+    assert_eq!(all_rerotations(&d).await, 0.0);
+
+    // Nothing is owed; an operator's rotation then works normally.
+    let record = d.rotate("test: after the crash").await;
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    stack.assert_consistent(&o).await;
+    assert_eq!(stack.portal.state().await.regenerations, 1);
+    assert_no_secret_leaked(&stack).await;
+}
