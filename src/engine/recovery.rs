@@ -91,6 +91,11 @@ async fn recover_key(
                 Decision::Deferred(
                     "key lost; max_rerotations reached, waiting for an operator".into(),
                 )
+            } else if journal.regenerations_since(Utc::now())
+                >= key.max_regenerations_per_day as usize
+            {
+                // The rotation would only fail on the budget again (every few seconds).
+                Decision::Deferred("key lost; regeneration budget exhausted".into())
             } else if any_destination_writable(rt, key).await {
                 Decision::Rerotate(RerotationReason::LostBeforeStorage)
             } else {
@@ -113,19 +118,7 @@ async fn recover_key(
         },
         Phase::Storing => {
             // Does a destination hold the key the provider has now? Copy it from there.
-            let values = read_all(rt, key).await;
-            let wanted_fp = journal.new_fingerprint.clone();
-            let provider_has_it = match (&status, &journal.new_key_id) {
-                (Some(s), Some(new)) => &s.key_id == new,
-                (None, _) => true,
-                _ => false,
-            };
-            let good = values.iter().find_map(|(_, v)| match v {
-                Ok(Some(v)) if provider_has_it && Some(&v.fingerprint) == wanted_fp.as_ref() => {
-                    Some(v.secret.clone())
-                }
-                _ => None,
-            });
+            let (_, good) = holders(rt, key, &journal, status.as_ref()).await;
             match (good, journal.new_key_id.clone()) {
                 (Some(secret), Some(key_id)) => {
                     start_resume(
@@ -142,23 +135,40 @@ async fn recover_key(
                 _ => Decision::Rerotate(RerotationReason::CrashRecovery),
             }
         }
-        Phase::Notify | Phase::Verify | Phase::Watch => {
+        // The new key reached at least one destination before the crash (the journal says `notify`
+        // only after the first confirmation), but not necessarily all of them: look before resuming.
+        // Every destination holds it → redo notify only; some → copy from a good one to the others,
+        // then notify; none (or the provider moved on) → the key is lost: re-rotation.
+        Phase::Notify | Phase::Verify | Phase::Watch if at_start => {
             match (journal.new_key_id.clone(), journal.new_fingerprint.clone()) {
-                (Some(key_id), Some(fingerprint)) if at_start => {
-                    start_resume(
-                        engine,
-                        key,
-                        Resume::Notify {
+                (Some(key_id), Some(fingerprint)) => {
+                    let (held, good) = holders(rt, key, &journal, status.as_ref()).await;
+                    let resume = match good {
+                        Some(_) if held.iter().all(|h| *h) => Some(Resume::Notify {
                             key_id,
                             fingerprint,
                             rotation_id: journal.rotation_id,
-                        },
-                    );
-                    Decision::Resumed
+                        }),
+                        Some(secret) => Some(Resume::FromStorage {
+                            key_id,
+                            secret,
+                            rotation_id: journal.rotation_id,
+                        }),
+                        None => None,
+                    };
+                    match resume {
+                        Some(resume) => {
+                            start_resume(engine, key, resume);
+                            Decision::Resumed
+                        }
+                        None => Decision::Rerotate(RerotationReason::CrashRecovery),
+                    }
                 }
+                // A journal past `storing` without the new key's identity is not ours to act on.
                 _ => Decision::Nothing,
             }
         }
+        Phase::Notify | Phase::Verify | Phase::Watch => Decision::Nothing,
     };
     if let Decision::Rerotate(reason) = decision {
         if matches!(reason, RerotationReason::CrashRecovery) {
@@ -186,6 +196,37 @@ async fn recover_key(
         tracing::info!(key = %key.name, decision = ?decision, "Recovery decided.");
     }
     decision
+}
+
+/// Which destinations hold the journal's new key (by fingerprint), and its secret read from one that
+/// does. Nothing counts as held when the provider's status shows another key than the journal's new
+/// one: that value no longer authenticates. Unreadable destinations count as not holding it (a resume
+/// writes them).
+async fn holders(
+    rt: &Runtime,
+    key: &KeyConfig,
+    journal: &KeyJournal,
+    status: Option<&KeyStatus>,
+) -> (Vec<bool>, Option<Secret>) {
+    let provider_has_it = match (status, &journal.new_key_id) {
+        (Some(s), Some(new)) => &s.key_id == new,
+        (None, _) => true,
+        _ => false,
+    };
+    let wanted = journal.new_fingerprint.as_ref();
+    let values = read_all(rt, key).await;
+    let held: Vec<bool> = values
+        .iter()
+        .map(|(_, v)| provider_has_it && matches!(v, Ok(Some(v)) if Some(&v.fingerprint) == wanted))
+        .collect();
+    let good = values
+        .into_iter()
+        .zip(&held)
+        .find_map(|((_, v), h)| match v {
+            Ok(Some(v)) if *h => Some(v.secret),
+            _ => None,
+        });
+    (held, good)
 }
 
 fn start_resume(engine: &Arc<Engine>, key: &KeyConfig, resume: Resume) {

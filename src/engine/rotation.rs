@@ -140,6 +140,9 @@ pub(crate) async fn run(
             } => (key_id, None, fingerprint),
         };
         let mut journal = load_journal(engine, key);
+        // A crash during the watch: the outcome was already decided and counted. Redo notify and
+        // finish (lifecycle.md, "Recovery after a crash") without starting a second full watch.
+        let allow_watch = journal.phase != Phase::Watch;
         journal.phase = Phase::Notify;
         journal.rotation_id = Some(rotation_id);
         journal.new_key_id = Some(key_id.clone());
@@ -168,7 +171,18 @@ pub(crate) async fn run(
             &dist.summary(),
         );
         return Some(conclude(
-            engine, rt, key, record, &req, journal, &key_id, &fp, outcome, started, &dist,
+            engine,
+            rt,
+            key,
+            record,
+            &req,
+            journal,
+            &key_id,
+            &fp,
+            outcome,
+            started,
+            &dist,
+            allow_watch,
         ));
     }
 
@@ -233,10 +247,48 @@ pub(crate) async fn run(
             ));
         }
         // Re-rotations are bounded in a row and, like every regenerate, by the daily budget.
-        if let Some(reason) = rerotation {
-            if !first || rerotating {
-                journal.rerotations_in_row += 1;
+        //
+        // Semantics (config.md: "max_rerotations: re-rotations in a row before giving up"): with
+        // `max_rerotations = N`, a rotation whose key keeps getting lost calls regenerate at most
+        // 1 + N times (the first regenerate, then N re-rotations); the (N+1)-th re-rotation is not
+        // attempted and the rotation ends `failed`. A re-rotation is counted (metric, audit) only when
+        // it is actually attempted, i.e. after both bounds allowed it. `rerotations_in_row` is bumped
+        // before the check, so after giving up it is > N and recovery defers to an operator.
+        if rerotation.is_some() && (!first || rerotating) {
+            journal.rerotations_in_row += 1;
+        }
+        // Giving up after a regenerate destroyed the old key leaves the key lost, not mid-regenerate:
+        // a `regenerating` journal would make the recovery tick treat it as a fresh crash and start
+        // the same doomed rotation again every few seconds.
+        let give_up = |journal: &mut KeyJournal, detail: &str| {
+            engine.event(record, "failed", detail);
+            if rerotation.is_some() {
+                journal.phase = Phase::Idle;
+                journal.lost = true;
             }
+            save_journal(engine, journal);
+            audit("finished", Some("failed"), None, None, None, detail);
+            finish(engine, key, record, &req, Outcome::Failed, started, None)
+        };
+        if rerotation.is_some() && journal.rerotations_in_row > key.max_rerotations {
+            let detail = format!(
+                "{} re-rotations in a row (max_rerotations = {}); giving up until an operator acts",
+                journal.rerotations_in_row - 1,
+                key.max_rerotations
+            );
+            return Some(give_up(&mut journal, &detail));
+        }
+        first = false;
+        let now = Utc::now();
+        if journal.regenerations_since(now) >= key.max_regenerations_per_day as usize {
+            let detail = format!(
+                "regeneration budget exhausted: {} regenerate calls in the last 24h (max_regenerations_per_day = {})",
+                journal.regenerations_since(now),
+                key.max_regenerations_per_day
+            );
+            return Some(give_up(&mut journal, &detail));
+        }
+        if let Some(reason) = rerotation {
             engine.metrics.rerotation(&key.name, reason);
             audit(
                 "rerotation",
@@ -247,47 +299,6 @@ pub(crate) async fn run(
                 reason.as_str(),
             );
             engine.event(record, "rerotation", format!("reason {}", reason.as_str()));
-            if journal.rerotations_in_row > key.max_rerotations {
-                let detail = format!(
-                    "{} re-rotations in a row (max_rerotations = {}); giving up until an operator acts",
-                    journal.rerotations_in_row - 1,
-                    key.max_rerotations
-                );
-                engine.event(record, "failed", &detail);
-                journal.phase = Phase::Idle;
-                save_journal(engine, &journal);
-                audit("finished", Some("failed"), None, None, None, &detail);
-                return Some(finish(
-                    engine,
-                    key,
-                    record,
-                    &req,
-                    Outcome::Failed,
-                    started,
-                    None,
-                ));
-            }
-        }
-        first = false;
-        let now = Utc::now();
-        if journal.regenerations_since(now) >= key.max_regenerations_per_day as usize {
-            let detail = format!(
-                "regeneration budget exhausted: {} regenerate calls in the last 24h (max_regenerations_per_day = {})",
-                journal.regenerations_since(now),
-                key.max_regenerations_per_day
-            );
-            engine.event(record, "failed", &detail);
-            save_journal(engine, &journal);
-            audit("finished", Some("failed"), None, None, None, &detail);
-            return Some(finish(
-                engine,
-                key,
-                record,
-                &req,
-                Outcome::Failed,
-                started,
-                None,
-            ));
         }
 
         // 2. Regenerate, journaled first.
@@ -349,11 +360,15 @@ pub(crate) async fn run(
                 ));
             }
             Regen::Refused(detail) => {
-                engine.event(
-                    record,
-                    "failed",
-                    format!("regenerate refused, the old key still works: {detail}"),
-                );
+                // Refused by a re-rotation: the old key died with an earlier regenerate, so the
+                // key is lost (a re-rotation is owed), not "still working".
+                let detail = if rerotation.is_some() {
+                    journal.lost = true;
+                    format!("regenerate refused during a re-rotation, the key is lost: {detail}")
+                } else {
+                    format!("regenerate refused, the old key still works: {detail}")
+                };
+                engine.event(record, "failed", &detail);
                 journal.phase = Phase::Idle;
                 save_journal(engine, &journal);
                 audit(
@@ -474,6 +489,7 @@ pub(crate) async fn run(
             outcome,
             started,
             &dist,
+            true,
         ));
     }
 }
@@ -492,9 +508,12 @@ fn conclude(
     outcome: Outcome,
     started: Instant,
     dist: &Distribution,
+    allow_watch: bool,
 ) -> Outcome {
     let rotation_id = lock(record).rotation_id;
-    let watch = key.watch > Duration::ZERO && key.dependents.iter().any(|d| d.verify.is_some());
+    let watch = allow_watch
+        && key.watch > Duration::ZERO
+        && key.dependents.iter().any(|d| d.verify.is_some());
     journal.phase = if watch { Phase::Watch } else { Phase::Idle };
     journal.active_key_id = Some(key_id.to_string());
     journal.active_fingerprint = Some(fp.to_string());
@@ -883,6 +902,8 @@ async fn regenerate(
                                 now.key_id
                             ));
                         }
+                        // Known now not to have destroyed a key: off the budget, like a refusal.
+                        unsend(journal);
                         engine.event(
                             record,
                             "retry",
