@@ -21,8 +21,8 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use support::daemon::{ADMIN_TOKEN, AWS_SECRET, Daemon, KEY, Options, Stack, VAULT_PATH, fp};
+use serde_json::json;
+use support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
@@ -68,38 +68,9 @@ async fn rotations(d: &Daemon, outcome: &str) -> f64 {
     )
 }
 
-/// What every destination holds now (vault, aws, file): fingerprints, None when empty or unreadable.
-/// Unlike [`Stack::destination_fingerprints`], a Vault path never written yet (404) is None, not a
-/// panic: after a crash before the first store it is exactly that.
+/// What every destination holds now (vault, aws, file).
 async fn fingerprints(stack: &Stack) -> Vec<Option<String>> {
-    let vault = reqwest::Client::new()
-        .get(format!("{}/v1/secret/data/{VAULT_PATH}", stack.bao.addr))
-        .header("X-Vault-Token", &stack.bao.root_token)
-        .send()
-        .await
-        .expect("OpenBao answers");
-    let vault = if vault.status().is_success() {
-        let v: Value = vault.json().await.expect("OpenBao JSON");
-        v["data"]["data"]["api_key"].as_str().map(fp)
-    } else {
-        None
-    };
-    let aws = stack
-        .moto
-        .client()
-        .await
-        .get_secret_value()
-        .secret_id(AWS_SECRET)
-        .send()
-        .await
-        .ok()
-        .and_then(|o| o.secret_string().map(String::from))
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .and_then(|v| v["api_key"].as_str().map(fp));
-    let file = std::fs::read(stack.key_file())
-        .ok()
-        .map(|b| keyrotd::secret::fingerprint_bytes(&b));
-    vec![vault, aws, file]
+    stack.destination_fingerprints().await
 }
 
 /// [`Stack::assert_consistent`] as a predicate, for `eventually`.

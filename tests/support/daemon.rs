@@ -320,8 +320,19 @@ max_regenerations_per_day = {max_regen}
     /// What every destination holds now: fingerprints (None when empty or unreadable).
     pub async fn destination_fingerprints(&self) -> Vec<Option<String>> {
         let mut out = Vec::new();
-        let v = self.bao.kv_get(VAULT_PATH).await;
-        out.push(v["data"]["api_key"].as_str().map(fp));
+        // Tolerant: a path never written answers 404, and a stopped OpenBao answers nothing.
+        let vault = reqwest::Client::new()
+            .get(format!("{}/v1/secret/data/{VAULT_PATH}", self.bao.addr))
+            .header("X-Vault-Token", &self.bao.root_token)
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success());
+        let vault_value = match vault {
+            Some(r) => r.json::<Value>().await.ok(),
+            None => None,
+        };
+        out.push(vault_value.and_then(|v| v["data"]["data"]["api_key"].as_str().map(fp)));
         let client = self.moto.client().await;
         let aws = client
             .get_secret_value()
