@@ -702,3 +702,31 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
     );
     stack.assert_consistent(&o).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_remembers_the_last_successful_rotation() {
+    let stack = Stack::start().await;
+    let o = Options::default();
+    let config = stack.write_config(&o);
+    let mut daemon = stack.daemon(&config).await;
+    let record = daemon.rotate("test: before restart").await;
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    let k = [("key", KEY)];
+    let before = value(
+        &daemon.metrics().await,
+        "keyrotd_rotation_last_success_timestamp_seconds",
+        &k,
+    );
+    daemon.terminate(Duration::from_secs(30));
+
+    let daemon = stack.daemon(&config).await;
+    let m = daemon.metrics().await;
+    let after = value(&m, "keyrotd_rotation_last_success_timestamp_seconds", &k);
+    assert!(
+        (after - before).abs() < 2.0,
+        "last success {before} forgotten by the restart: {after}"
+    );
+    // What the provider says is read again at start.
+    assert_eq!(value(&m, "keyrotd_key_active", &k), 1.0);
+    assert!(value(&m, "keyrotd_key_last_rotation_timestamp_seconds", &k) > 0.0);
+}
