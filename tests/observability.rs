@@ -378,7 +378,19 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     let events: Vec<&str> = ours.iter().map(|r| r["event"].as_str().unwrap()).collect();
     assert_eq!(events.first(), Some(&"started"), "{events:?}");
     assert_eq!(events.last(), Some(&"finished"), "{events:?}");
-    assert!(events.contains(&"regenerated"), "{events:?}");
+    for e in ["regenerated", "verified"] {
+        assert!(events.contains(&e), "{events:?}");
+    }
+    assert_eq!(
+        events.iter().filter(|e| **e == "stored").count(),
+        3,
+        "one stored per destination: {events:?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| **e == "notified").count(),
+        2,
+        "one notified per dependent: {events:?}"
+    );
     let allowed = [
         "started",
         "aborted",
