@@ -174,7 +174,10 @@ async fn every_status_code_of_the_admin_api() {
         )
         .await;
     assert_eq!(status, 202, "{body}");
-    let id = body["rotation_id"].as_str().expect("rotation_id").to_string();
+    let id = body["rotation_id"]
+        .as_str()
+        .expect("rotation_id")
+        .to_string();
     let (status, body) = daemon
         .post(ROTATE, Some(ADMIN_TOKEN), json!({"reason": "second"}))
         .await;
@@ -184,7 +187,10 @@ async fn every_status_code_of_the_admin_api() {
     assert_ne!(busy["phase"], "idle", "{busy}");
     let record = daemon.wait_rotation(&id, Duration::from_secs(60)).await;
     assert_eq!(record["outcome"], "success", "{record:#}");
-    stack.portal.faults(json!({ "regenerate": { "delay_ms": 0 } })).await;
+    stack
+        .portal
+        .faults(json!({ "regenerate": { "delay_ms": 0 } }))
+        .await;
 
     // The rotation's record.
     for f in [
@@ -243,7 +249,9 @@ async fn every_status_code_of_the_admin_api() {
     }
 
     // Paused: 423 without force, 202 with it.
-    let (status, body) = daemon.post("/v1/pause", Some(ADMIN_TOKEN), Value::Null).await;
+    let (status, body) = daemon
+        .post("/v1/pause", Some(ADMIN_TOKEN), Value::Null)
+        .await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = daemon
         .post(ROTATE, Some(ADMIN_TOKEN), json!({"reason": "paused"}))
@@ -259,10 +267,15 @@ async fn every_status_code_of_the_admin_api() {
         .await;
     assert_eq!(status, 202, "{body}");
     let record = daemon
-        .wait_rotation(body["rotation_id"].as_str().unwrap(), Duration::from_secs(60))
+        .wait_rotation(
+            body["rotation_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
         .await;
     assert_eq!(record["outcome"], "success", "{record:#}");
-    let (status, _) = daemon.post("/v1/resume", Some(ADMIN_TOKEN), Value::Null).await;
+    let (status, _) = daemon
+        .post("/v1/resume", Some(ADMIN_TOKEN), Value::Null)
+        .await;
     assert_eq!(status, 200);
     // Resumed: an ordinary request is accepted again.
     let record = daemon.rotate("after resume").await;
@@ -316,7 +329,10 @@ async fn outside_its_window_a_rotation_needs_force() {
         .await;
     assert_eq!(status, 202, "{body}");
     let record = daemon
-        .wait_rotation(body["rotation_id"].as_str().unwrap(), Duration::from_secs(60))
+        .wait_rotation(
+            body["rotation_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
         .await;
     assert_eq!(record["outcome"], "success", "{record:#}");
 }

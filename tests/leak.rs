@@ -44,9 +44,17 @@ fn files_under(dir: &Path, out: &mut Vec<(String, String)>) {
     }
 }
 
-async fn api_snapshot(daemon: &Daemon, ids: &[String], label: &str, out: &mut Vec<(String, String)>) {
+async fn api_snapshot(
+    daemon: &Daemon,
+    ids: &[String],
+    label: &str,
+    out: &mut Vec<(String, String)>,
+) {
     out.push((format!("{label} /metrics"), daemon.metrics().await));
-    out.push((format!("{label} /v1/keys"), daemon.get("/v1/keys").await.1.to_string()));
+    out.push((
+        format!("{label} /v1/keys"),
+        daemon.get("/v1/keys").await.1.to_string(),
+    ));
     out.push((
         format!("{label} /v1/keys/{KEY}"),
         daemon.key().await.to_string(),
@@ -81,7 +89,11 @@ async fn no_secret_reaches_any_output() {
         command_hook: Some(vec![
             "/bin/sh".into(),
             "-c".into(),
-            format!("env >> '{}'; echo --- >> '{}'", hook_env.display(), hook_env.display()),
+            format!(
+                "env >> '{}'; echo --- >> '{}'",
+                hook_env.display(),
+                hook_env.display()
+            ),
         ]),
         ..Options::default()
     };
@@ -161,7 +173,10 @@ async fn no_secret_reaches_any_output() {
     ids.push(body["rotation_id"].as_str().unwrap().to_string());
 
     // The CLI hands a rotation to the running daemon.
-    let (code, out, err) = stack.command(&config, &["rotate", KEY, "--reason", "leak test: cli via daemon"]);
+    let (code, out, err) = stack.command(
+        &config,
+        &["rotate", KEY, "--reason", "leak test: cli via daemon"],
+    );
     assert_eq!(code, 0, "{out}\n{err}");
     haystacks.push(("cli rotate (daemon) stdout".into(), out));
     haystacks.push(("cli rotate (daemon) stderr".into(), err));
@@ -170,7 +185,10 @@ async fn no_secret_reaches_any_output() {
     daemon.terminate(Duration::from_secs(30));
     let json_log = daemon.log_text();
     assert!(
-        json_log.lines().filter(|l| !l.trim().is_empty()).all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        json_log
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
         "JSON log lines"
     );
     haystacks.push(("daemon log (json)".into(), json_log));
@@ -230,7 +248,10 @@ async fn no_secret_reaches_any_output() {
         }
     }
     let env = std::fs::read_to_string(&hook_env).expect("the command hook ran");
-    assert!(env.contains("KEYROTD_ROTATION_ID="), "hook env captured: {env}");
+    assert!(
+        env.contains("KEYROTD_ROTATION_ID="),
+        "hook env captured: {env}"
+    );
     haystacks.push(("command hook environment".into(), env));
 
     // The secrets: every key the portal issued, and every credential the test gave keyrotd.
@@ -246,9 +267,15 @@ async fn no_secret_reaches_any_output() {
             secrets.push((k, v));
         }
     }
-    assert!(secrets.iter().all(|(_, s)| s.len() >= 16), "secrets long enough to be unique");
+    assert!(
+        secrets.iter().all(|(_, s)| s.len() >= 16),
+        "secrets long enough to be unique"
+    );
     assert_eq!(
-        secrets.iter().filter(|(k, _)| k.starts_with("KEYROTD_TEST_")).count(),
+        secrets
+            .iter()
+            .filter(|(k, _)| k.starts_with("KEYROTD_TEST_"))
+            .count(),
         4
     );
 

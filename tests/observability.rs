@@ -230,20 +230,12 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     let finished = chrono::DateTime::parse_from_rfc3339(record["finished_at"].as_str().unwrap())
         .unwrap()
         .timestamp() as f64;
-    let attempt = value(
-        &m,
-        "keyrotd_rotation_last_attempt_timestamp_seconds",
-        &k,
-    );
+    let attempt = value(&m, "keyrotd_rotation_last_attempt_timestamp_seconds", &k);
     assert!(
         (attempt - started).abs() < 5.0,
         "last attempt {attempt} ≈ start {started}"
     );
-    let success = value(
-        &m,
-        "keyrotd_rotation_last_success_timestamp_seconds",
-        &k,
-    );
+    let success = value(&m, "keyrotd_rotation_last_success_timestamp_seconds", &k);
     assert!(
         (success - finished).abs() < 5.0 && success >= attempt,
         "last success {success} ≈ end {finished}"
@@ -278,7 +270,11 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
             value(
                 &m,
                 "keyrotd_provider_requests_total",
-                &[("provider", "portal"), ("operation", op), ("outcome", outcome)],
+                &[
+                    ("provider", "portal"),
+                    ("operation", op),
+                    ("outcome", outcome),
+                ],
             );
         }
     }
@@ -309,7 +305,9 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     );
 
     // Pause and reload.
-    let (status, _) = daemon.post("/v1/pause", Some(ADMIN_TOKEN), Value::Null).await;
+    let (status, _) = daemon
+        .post("/v1/pause", Some(ADMIN_TOKEN), Value::Null)
+        .await;
     assert_eq!(status, 200);
     daemon.signal("HUP");
     let m = metric_eventually(&stack, &daemon, "a counted reload", |m| {
@@ -329,7 +327,9 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     })
     .await;
     promtool_check(&m);
-    let (status, _) = daemon.post("/v1/resume", Some(ADMIN_TOKEN), Value::Null).await;
+    let (status, _) = daemon
+        .post("/v1/resume", Some(ADMIN_TOKEN), Value::Null)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(value(&daemon.metrics().await, "keyrotd_paused", &[]), 0.0);
 
@@ -492,8 +492,10 @@ async fn text_logs_show_the_rotation_span_on_every_line() {
     }
     for event in ["started", "regenerated", "finished"] {
         assert!(
-            lines.iter().any(|l| l.contains(&format!("event=\"{event}\""))
-                || l.contains(&format!("event={event}"))),
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("event=\"{event}\""))
+                    || l.contains(&format!("event={event}"))),
             "no line for {event}:\n{log}"
         );
     }
@@ -582,7 +584,10 @@ async fn a_key_removed_by_a_reload_loses_its_series() {
     assert_eq!(value(&m, "keyrotd_drift", &other), 0.0);
     // A scheduled key has its next rotation and period from the start; max_age is exported.
     let next = value(&m, "keyrotd_key_next_rotation_timestamp_seconds", &other);
-    assert!(next > chrono::Utc::now().timestamp() as f64, "next rotation in the future");
+    assert!(
+        next > chrono::Utc::now().timestamp() as f64,
+        "next rotation in the future"
+    );
     assert_eq!(
         value(&m, "keyrotd_key_schedule_period_seconds", &other),
         86400.0
@@ -593,7 +598,11 @@ async fn a_key_removed_by_a_reload_loses_its_series() {
     );
     // The manual-only key has no next rotation.
     assert_eq!(
-        metric_value(&m, "keyrotd_key_next_rotation_timestamp_seconds", &[("key", KEY)]),
+        metric_value(
+            &m,
+            "keyrotd_key_next_rotation_timestamp_seconds",
+            &[("key", KEY)]
+        ),
         None
     );
     // Recovery read both keys' status: both are active.
@@ -603,7 +612,11 @@ async fn a_key_removed_by_a_reload_loses_its_series() {
         value(
             &m,
             "keyrotd_provider_requests_total",
-            &[("provider", "portal2"), ("operation", "status"), ("outcome", "ok")]
+            &[
+                ("provider", "portal2"),
+                ("operation", "status"),
+                ("outcome", "ok")
+            ]
         ) >= 1.0
     );
     assert!(!other_series(&m).is_empty());
@@ -667,7 +680,11 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
         value(
             &m,
             "keyrotd_post_rotation_checks_total",
-            &[("key", KEY), ("dependent", "worker"), ("result", "auth_failure")]
+            &[
+                ("key", KEY),
+                ("dependent", "worker"),
+                ("result", "auth_failure")
+            ]
         ) >= 1.0
     );
     // The other dependent reloaded: not failing.
@@ -691,7 +708,10 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
     })
     .await;
     assert!(value(&m, "keyrotd_post_rotation_auth_failures_total", &worker) >= 3.0);
-    assert_eq!(value(&m, "keyrotd_post_rotation_auth_failing", &worker), 1.0);
+    assert_eq!(
+        value(&m, "keyrotd_post_rotation_auth_failing", &worker),
+        1.0
+    );
     assert_eq!(stack.dep_vault.verify().await, 401, "still on the old key");
 
     // Clear the fault: the second resend makes it reload; the gauge goes back to 0.

@@ -50,14 +50,19 @@ scrape_configs:
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address={listen}"))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start prometheus (Debian package `prometheus`, must be on PATH): {e}")
+                panic!(
+                    "cannot start prometheus (Debian package `prometheus`, must be on PATH): {e}"
+                )
             });
         Prometheus {
             child,
@@ -181,10 +186,16 @@ async fn a_dependent_on_the_old_key_fires_the_post_rotation_alert_until_it_reloa
 
     // Prometheus scrapes keyrotd as job "keyrotd".
     stack
-        .eventually(Duration::from_secs(60), "keyrotd scraped and up", || async {
-            let r = prom.get("/api/v1/query?query=up%7Bjob%3D%22keyrotd%22%7D").await;
-            r["data"]["result"][0]["value"][1] == "1"
-        })
+        .eventually(
+            Duration::from_secs(60),
+            "keyrotd scraped and up",
+            || async {
+                let r = prom
+                    .get("/api/v1/query?query=up%7Bjob%3D%22keyrotd%22%7D")
+                    .await;
+                r["data"]["result"][0]["value"][1] == "1"
+            },
+        )
         .await;
 
     // The worker ignores reloads from now on: after the next rotation it keeps the old, dead key.
@@ -196,23 +207,34 @@ async fn a_dependent_on_the_old_key_fires_the_post_rotation_alert_until_it_reloa
     assert_eq!(record["outcome"], "success", "{record:#}");
     let worker = [("key", KEY), ("dependent", "worker")];
     stack
-        .eventually(Duration::from_secs(60), "keyrotd sees the worker failing", || async {
-            metric_value(&daemon.metrics().await, "keyrotd_post_rotation_auth_failing", &worker)
-                == Some(1.0)
-        })
+        .eventually(
+            Duration::from_secs(60),
+            "keyrotd sees the worker failing",
+            || async {
+                metric_value(
+                    &daemon.metrics().await,
+                    "keyrotd_post_rotation_auth_failing",
+                    &worker,
+                ) == Some(1.0)
+            },
+        )
         .await;
     let failing_since = Instant::now();
 
     // Pending first, then firing once `for` has passed.
     stack
-        .eventually(Duration::from_secs(60), "the alert pending or firing", || async {
-            prom.alert_state(name, "worker").await.is_some()
-        })
+        .eventually(
+            Duration::from_secs(60),
+            "the alert pending or firing",
+            || async { prom.alert_state(name, "worker").await.is_some() },
+        )
         .await;
     stack
-        .eventually(hold + Duration::from_secs(60), "the alert firing", || async {
-            prom.alert_state(name, "worker").await.as_deref() == Some("firing")
-        })
+        .eventually(
+            hold + Duration::from_secs(60),
+            "the alert firing",
+            || async { prom.alert_state(name, "worker").await.as_deref() == Some("firing") },
+        )
         .await;
     assert!(
         failing_since.elapsed() + Duration::from_secs(5) >= hold,
@@ -248,10 +270,17 @@ async fn a_dependent_on_the_old_key_fires_the_post_rotation_alert_until_it_reloa
     assert_eq!(signed_reload(&stack.dep_vault.reload_url()).await, 200);
     assert_eq!(stack.dep_vault.verify().await, 200);
     stack
-        .eventually(Duration::from_secs(30), "keyrotd sees the worker recovered", || async {
-            metric_value(&daemon.metrics().await, "keyrotd_post_rotation_auth_failing", &worker)
-                == Some(0.0)
-        })
+        .eventually(
+            Duration::from_secs(30),
+            "keyrotd sees the worker recovered",
+            || async {
+                metric_value(
+                    &daemon.metrics().await,
+                    "keyrotd_post_rotation_auth_failing",
+                    &worker,
+                ) == Some(0.0)
+            },
+        )
         .await;
     stack
         .eventually(Duration::from_secs(60), "the alert resolved", || async {
@@ -260,11 +289,15 @@ async fn a_dependent_on_the_old_key_fires_the_post_rotation_alert_until_it_reloa
         .await;
     // What is left is the warning that it happened.
     stack
-        .eventually(Duration::from_secs(60), "the seen warning firing", || async {
-            prom.alert_state("KeyrotdPostRotationAuthFailuresSeen", "worker")
-                .await
-                .as_deref()
-                == Some("firing")
-        })
+        .eventually(
+            Duration::from_secs(60),
+            "the seen warning firing",
+            || async {
+                prom.alert_state("KeyrotdPostRotationAuthFailuresSeen", "worker")
+                    .await
+                    .as_deref()
+                    == Some("firing")
+            },
+        )
         .await;
 }

@@ -492,17 +492,38 @@ fn audit_distribution(
     for (d, ok) in key.destinations.iter().zip(&dist.confirmed) {
         if *ok {
             let detail = format!("{} ({})", d.store, d.target);
-            audit("stored", None, old_key_id, Some(new_key_id), Some(fp), &detail);
+            audit(
+                "stored",
+                None,
+                old_key_id,
+                Some(new_key_id),
+                Some(fp),
+                &detail,
+            );
         }
     }
     for (dependent, ok) in &dist.hooks {
         if *ok {
-            audit("notified", None, old_key_id, Some(new_key_id), Some(fp), dependent);
+            audit(
+                "notified",
+                None,
+                old_key_id,
+                Some(new_key_id),
+                Some(fp),
+                dependent,
+            );
         }
     }
     if dist.verify == VerifyResult::Ok {
         let detail = "the new key authenticates at the provider";
-        audit("verified", None, old_key_id, Some(new_key_id), Some(fp), detail);
+        audit(
+            "verified",
+            None,
+            old_key_id,
+            Some(new_key_id),
+            Some(fp),
+            detail,
+        );
     }
 }
 
