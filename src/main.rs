@@ -2,6 +2,7 @@
 //! the exit code. Everything else lives in the library (`keyrotd::cli`).
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -25,10 +26,13 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr: a human format or one JSON object per line. `RUST_LOG` filters (default `info`).
+/// Colours only on a terminal: journald, log files and shippers get plain text, so that a line reads
+/// `rotation{key=billing rotation_id=...}: ...` for grep and parsers alike.
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // `try_init` only fails if a subscriber is already set, which leaves logging working.
     let _ = match format {

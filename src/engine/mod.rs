@@ -290,11 +290,22 @@ impl Engine {
             changed: tokio::sync::Notify::new(),
         };
         let engine = Arc::new(engine);
+        let audited = last_successes(&config.daemon.state_dir.join("audit.jsonl"));
         for k in &config.keys {
+            let mut last_success = audited.get(&k.name).copied();
             if let Ok(j) = engine.journal.load(&k.name) {
                 engine.with_key(&k.name, |s| {
                     s.last_outcome = j.last_outcome.as_deref().and_then(outcome_str)
                 });
+                if matches!(j.last_outcome.as_deref(), Some("success" | "degraded"))
+                    && let Some(at) = j.last_finished_at
+                {
+                    last_success = last_success.max(Some(at));
+                }
+            }
+            // A restart must not forget the last success: the "no recent success" alert reads it.
+            if let Some(at) = last_success {
+                engine.metrics.last_success(&k.name, at);
             }
         }
         Ok(engine)
@@ -635,6 +646,26 @@ impl Engine {
             })
             .collect()
     }
+}
+
+/// Per key, the time of the last `finished` audit record with outcome success or degraded. An
+/// unreadable log or line is skipped: this only seeds a metric.
+fn last_successes(audit_path: &std::path::Path) -> HashMap<String, DateTime<Utc>> {
+    use std::io::BufRead;
+    let mut out: HashMap<String, DateTime<Utc>> = HashMap::new();
+    let Ok(file) = std::fs::File::open(audit_path) else {
+        return out;
+    };
+    for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+        let Ok(r) = serde_json::from_str::<AuditRecord>(&line) else {
+            continue;
+        };
+        if r.event == "finished" && matches!(r.outcome.as_deref(), Some("success" | "degraded")) {
+            let at = out.entry(r.key).or_insert(r.ts);
+            *at = (*at).max(r.ts);
+        }
+    }
+    out
 }
 
 pub(crate) fn outcome_str(s: &str) -> Option<&'static str> {

@@ -429,6 +429,7 @@ pub(crate) async fn run(
         )
         .await;
         drop(issued);
+        audit_distribution(&audit, key, &dist, old_key_id.as_deref(), &new_key_id, &fp);
         journal = load_journal(engine, key);
 
         if dist.confirmed_count() == 0 {
@@ -491,6 +492,54 @@ pub(crate) async fn run(
             &dist,
             true,
         ));
+    }
+}
+
+/// The audit trail of a distribution: one `stored` record per confirmed destination, one `notified`
+/// per reload hook that answered, `verified` when the new key authenticates at the provider.
+fn audit_distribution(
+    audit: &impl Fn(&str, Option<&str>, Option<&str>, Option<&str>, Option<&str>, &str),
+    key: &KeyConfig,
+    dist: &Distribution,
+    old_key_id: Option<&str>,
+    new_key_id: &str,
+    fp: &str,
+) {
+    for (d, ok) in key.destinations.iter().zip(&dist.confirmed) {
+        if *ok {
+            let detail = format!("{} ({})", d.store, d.target);
+            audit(
+                "stored",
+                None,
+                old_key_id,
+                Some(new_key_id),
+                Some(fp),
+                &detail,
+            );
+        }
+    }
+    for (dependent, ok) in &dist.hooks {
+        if *ok {
+            audit(
+                "notified",
+                None,
+                old_key_id,
+                Some(new_key_id),
+                Some(fp),
+                dependent,
+            );
+        }
+    }
+    if dist.verify == VerifyResult::Ok {
+        let detail = "the new key authenticates at the provider";
+        audit(
+            "verified",
+            None,
+            old_key_id,
+            Some(new_key_id),
+            Some(fp),
+            detail,
+        );
     }
 }
 

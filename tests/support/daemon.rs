@@ -582,3 +582,62 @@ impl Drop for Daemon {
         self.kill9();
     }
 }
+
+/// Every sample of metric `name` (exact name, e.g. `keyrotd_rotations_total` or
+/// `keyrotd_invalidation_window_seconds_count`) in a Prometheus text exposition: (labels, value).
+pub fn metric_samples(
+    text: &str,
+    name: &str,
+) -> Vec<(std::collections::BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(p) => p,
+            None => continue,
+        };
+        let (metric, labels) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        let mut map = std::collections::BTreeMap::new();
+        // Label values here never contain `,` or `"` (names from the config and fixed sets).
+        for pair in labels.split(',').filter(|p| !p.is_empty()) {
+            if let Some((k, v)) = pair.split_once('=') {
+                map.insert(k.to_string(), v.trim_matches('"').to_string());
+            }
+        }
+        let value = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or(f64::NAN),
+        };
+        out.push((map, value));
+    }
+    out
+}
+
+/// The value of the one sample of `name` whose labels include every `(label, value)` of `labels`;
+/// `None` when there is none. Panics when several match (the test must name the series exactly).
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let matching: Vec<f64> = metric_samples(text, name)
+        .into_iter()
+        .filter(|(l, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, v)| v)
+        .collect();
+    assert!(
+        matching.len() <= 1,
+        "{name}{labels:?} matches {} series",
+        matching.len()
+    );
+    matching.first().copied()
+}

@@ -1,0 +1,764 @@
+//! Observability end to end (spec/observability.md): after a real rotation through the daemon, every
+//! metric of the spec's table is exported with its labels and passes `promtool check metrics`; series of
+//! a key removed by a reload disappear; every log line of a rotation carries `key` and `rotation_id`
+//! (JSON and text); the audit log has every field; the post-rotation watch exports a dependent that
+//! keeps its old key and clears it once the resent reload hook makes it reload.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack, metric_samples, metric_value};
+
+const T: Duration = Duration::from_secs(60);
+
+/// `promtool check metrics` on a scrape: the exposition parses and passes the lint.
+fn promtool_check(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool on PATH (it ships with the prometheus Debian package)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_value(text, name, labels)
+        .unwrap_or_else(|| panic!("no series {name}{labels:?} in /metrics:\n{text}"))
+}
+
+async fn metric_eventually(
+    stack: &Stack,
+    daemon: &Daemon,
+    what: &str,
+    check: impl Fn(&str) -> bool,
+) -> String {
+    stack
+        .eventually(T, what, || async { check(&daemon.metrics().await) })
+        .await;
+    daemon.metrics().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
+    let stack = Stack::start().await;
+    let o = Options {
+        watch: "5s".into(),
+        watch_interval: "1s".into(),
+        log_format: "json".into(),
+        ..Options::default()
+    };
+    let config = stack.write_config(&o);
+    let daemon = stack.daemon(&config).await;
+
+    // Before any rotation: every label combination known from the config is there at 0.
+    let before = daemon.metrics().await;
+    promtool_check(&before);
+    for outcome in ["success", "degraded", "aborted", "failed"] {
+        assert_eq!(
+            value(
+                &before,
+                "keyrotd_rotations_total",
+                &[("key", KEY), ("outcome", outcome)]
+            ),
+            0.0
+        );
+    }
+    for dep in ["worker", "edge"] {
+        assert_eq!(
+            value(
+                &before,
+                "keyrotd_post_rotation_auth_failing",
+                &[("key", KEY), ("dependent", dep)]
+            ),
+            0.0
+        );
+    }
+    assert_eq!(value(&before, "keyrotd_drift", &[("key", KEY)]), 0.0);
+
+    let record = daemon.rotate("test: observability").await;
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    let rotation_id = record["rotation_id"].as_str().unwrap().to_string();
+
+    // Wait for the watch to probe both dependents.
+    let m = metric_eventually(&stack, &daemon, "watch probes of both dependents", |m| {
+        ["worker", "edge"].iter().all(|d| {
+            metric_value(
+                m,
+                "keyrotd_post_rotation_checks_total",
+                &[("key", KEY), ("dependent", d), ("result", "ok")],
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        })
+    })
+    .await;
+    promtool_check(&m);
+
+    let k = [("key", KEY)];
+    assert_eq!(
+        value(
+            &m,
+            "keyrotd_rotations_total",
+            &[("key", KEY), ("outcome", "success")]
+        ),
+        1.0
+    );
+    for outcome in ["degraded", "aborted", "failed"] {
+        assert_eq!(
+            value(
+                &m,
+                "keyrotd_rotations_total",
+                &[("key", KEY), ("outcome", outcome)]
+            ),
+            0.0
+        );
+    }
+    assert_eq!(
+        value(&m, "keyrotd_rotation_duration_seconds_count", &k),
+        1.0
+    );
+    assert!(value(&m, "keyrotd_rotation_duration_seconds_sum", &k) > 0.0);
+    assert_eq!(
+        value(
+            &m,
+            "keyrotd_rotation_duration_seconds_bucket",
+            &[("key", KEY), ("le", "+Inf")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "keyrotd_invalidation_window_seconds_count", &k),
+        1.0
+    );
+    assert!(value(&m, "keyrotd_invalidation_window_seconds_sum", &k) > 0.0);
+    for store in ["vault", "aws", "local"] {
+        assert!(
+            value(
+                &m,
+                "keyrotd_store_writes_total",
+                &[("key", KEY), ("store", store), ("outcome", "ok")]
+            ) >= 1.0,
+            "store {store} written"
+        );
+        value(
+            &m,
+            "keyrotd_store_writes_total",
+            &[("key", KEY), ("store", store), ("outcome", "error")],
+        );
+    }
+    for dep in ["worker", "edge"] {
+        assert_eq!(
+            value(
+                &m,
+                "keyrotd_reload_hooks_total",
+                &[("key", KEY), ("dependent", dep), ("outcome", "ok")]
+            ),
+            1.0,
+            "reload hook of {dep}"
+        );
+        assert_eq!(
+            value(
+                &m,
+                "keyrotd_reload_hooks_total",
+                &[("key", KEY), ("dependent", dep), ("outcome", "error")]
+            ),
+            0.0
+        );
+        for result in ["auth_failure", "error"] {
+            value(
+                &m,
+                "keyrotd_post_rotation_checks_total",
+                &[("key", KEY), ("dependent", dep), ("result", result)],
+            );
+        }
+        assert_eq!(
+            value(
+                &m,
+                "keyrotd_post_rotation_checks_total",
+                &[("key", KEY), ("dependent", dep), ("result", "auth_failure")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &m,
+                "keyrotd_post_rotation_auth_failures_total",
+                &[("key", KEY), ("dependent", dep)]
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &m,
+                "keyrotd_post_rotation_auth_failing",
+                &[("key", KEY), ("dependent", dep)]
+            ),
+            0.0
+        );
+    }
+    for reason in ["lost_before_storage", "crash_recovery", "drift"] {
+        assert_eq!(
+            value(
+                &m,
+                "keyrotd_rerotations_total",
+                &[("key", KEY), ("reason", reason)]
+            ),
+            0.0
+        );
+    }
+    let started = chrono::DateTime::parse_from_rfc3339(record["started_at"].as_str().unwrap())
+        .unwrap()
+        .timestamp() as f64;
+    let finished = chrono::DateTime::parse_from_rfc3339(record["finished_at"].as_str().unwrap())
+        .unwrap()
+        .timestamp() as f64;
+    let attempt = value(&m, "keyrotd_rotation_last_attempt_timestamp_seconds", &k);
+    assert!(
+        (attempt - started).abs() < 5.0,
+        "last attempt {attempt} ≈ start {started}"
+    );
+    let success = value(&m, "keyrotd_rotation_last_success_timestamp_seconds", &k);
+    assert!(
+        (success - finished).abs() < 5.0 && success >= attempt,
+        "last success {success} ≈ end {finished}"
+    );
+    assert_eq!(value(&m, "keyrotd_key_active", &k), 1.0);
+    let portal = stack.portal.state().await;
+    let _ = portal;
+    let view = daemon.key().await;
+    let last_rotated = chrono::DateTime::parse_from_rfc3339(view["last_rotated"].as_str().unwrap())
+        .unwrap()
+        .timestamp() as f64;
+    let exported = value(&m, "keyrotd_key_last_rotation_timestamp_seconds", &k);
+    assert!(
+        (exported - last_rotated).abs() < 1.0,
+        "key_last_rotation {exported} = provider's Last Rotated {last_rotated}"
+    );
+    assert!(
+        (exported - started).abs() < 10.0,
+        "Last Rotated is this rotation's"
+    );
+    assert_eq!(value(&m, "keyrotd_drift", &k), 0.0);
+    for op in ["status", "regenerate", "auth_check"] {
+        assert!(
+            value(
+                &m,
+                "keyrotd_provider_requests_total",
+                &[("provider", "portal"), ("operation", op), ("outcome", "ok")]
+            ) >= 1.0,
+            "provider {op} counted"
+        );
+        for outcome in ["auth_error", "rate_limited", "transient", "ambiguous"] {
+            value(
+                &m,
+                "keyrotd_provider_requests_total",
+                &[
+                    ("provider", "portal"),
+                    ("operation", op),
+                    ("outcome", outcome),
+                ],
+            );
+        }
+    }
+    assert_eq!(
+        value(
+            &m,
+            "keyrotd_provider_requests_total",
+            &[
+                ("provider", "portal"),
+                ("operation", "regenerate"),
+                ("outcome", "ok")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(value(&m, "keyrotd_paused", &[]), 0.0);
+    assert_eq!(
+        value(
+            &m,
+            "keyrotd_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "keyrotd_config_reloads_total", &[("outcome", "ok")]),
+        0.0
+    );
+
+    // Pause and reload.
+    let (status, _) = daemon
+        .post("/v1/pause", Some(ADMIN_TOKEN), Value::Null)
+        .await;
+    assert_eq!(status, 200);
+    daemon.signal("HUP");
+    let m = metric_eventually(&stack, &daemon, "a counted reload", |m| {
+        metric_value(m, "keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(value(&m, "keyrotd_paused", &[]), 1.0);
+    assert_eq!(
+        value(&m, "keyrotd_config_reloads_total", &[("outcome", "error")]),
+        0.0
+    );
+    // A bad config is refused and counted.
+    std::fs::write(&config, "this is not toml [").unwrap();
+    daemon.signal("HUP");
+    let m = metric_eventually(&stack, &daemon, "a refused reload", |m| {
+        metric_value(m, "keyrotd_config_reloads_total", &[("outcome", "error")]) == Some(1.0)
+    })
+    .await;
+    promtool_check(&m);
+    let (status, _) = daemon
+        .post("/v1/resume", Some(ADMIN_TOKEN), Value::Null)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(value(&daemon.metrics().await, "keyrotd_paused", &[]), 0.0);
+
+    // No label value outside the config's names and the fixed sets.
+    for line in m.lines().filter(|l| l.starts_with("keyrotd_")) {
+        assert!(
+            !line.contains(&rotation_id),
+            "a rotation id in a label: {line}"
+        );
+    }
+
+    // Logs: JSON, one object per line; every line of the rotation carries key and rotation_id.
+    let log = daemon.log_text();
+    assert_rotation_logs_json(&log, &rotation_id);
+
+    // Audit log: every field of the spec on every record; the rotation's events in order.
+    let audit = stack.audit();
+    let fields = [
+        "ts",
+        "key",
+        "rotation_id",
+        "event",
+        "trigger",
+        "reason",
+        "requested_by",
+        "outcome",
+        "old_key_id",
+        "new_key_id",
+        "fingerprint",
+        "detail",
+    ];
+    for r in &audit {
+        let obj = r.as_object().expect("audit record is an object");
+        for f in fields {
+            assert!(obj.contains_key(f), "audit record without {f}: {r}");
+        }
+        assert!(
+            obj.keys().all(|k| fields.contains(&k.as_str())),
+            "audit record with a field outside the spec: {r}"
+        );
+    }
+    let ours: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["rotation_id"] == rotation_id.as_str())
+        .collect();
+    let events: Vec<&str> = ours.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events.first(), Some(&"started"), "{events:?}");
+    assert_eq!(events.last(), Some(&"finished"), "{events:?}");
+    for e in ["regenerated", "verified"] {
+        assert!(events.contains(&e), "{events:?}");
+    }
+    assert_eq!(
+        events.iter().filter(|e| **e == "stored").count(),
+        3,
+        "one stored per destination: {events:?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| **e == "notified").count(),
+        2,
+        "one notified per dependent: {events:?}"
+    );
+    let allowed = [
+        "started",
+        "aborted",
+        "regenerated",
+        "stored",
+        "verified",
+        "notified",
+        "finished",
+        "rerotation",
+        "drift",
+        "recovered",
+    ];
+    assert!(
+        events.iter().all(|e| allowed.contains(e)),
+        "events outside the spec's set: {events:?}"
+    );
+    let state = stack.portal.state().await;
+    let regenerated = ours.iter().find(|r| r["event"] == "regenerated").unwrap();
+    let finished = ours.last().unwrap();
+    for r in [regenerated, finished] {
+        assert_eq!(r["key"], KEY);
+        assert_eq!(r["trigger"], "api");
+        assert_eq!(r["reason"], "test: observability");
+        assert_eq!(r["new_key_id"], state.key_id.as_str());
+        assert_eq!(r["fingerprint"], state.fingerprint.as_str());
+        assert!(r["old_key_id"].is_string(), "{r}");
+        assert_ne!(r["old_key_id"], r["new_key_id"]);
+        assert_eq!(r["fingerprint"].as_str().unwrap().len(), 12);
+    }
+    assert_eq!(finished["outcome"], "success");
+    let audit_text = std::fs::read_to_string(stack.state_dir().join("audit.jsonl")).unwrap();
+    for secret in stack.portal.issued_secrets().await {
+        assert!(!audit_text.contains(&secret), "a secret in the audit log");
+        assert!(!log.contains(&secret), "a secret in the log");
+    }
+}
+
+/// Every line parses as JSON; every line logged inside a rotation (or its watch) carries `key` and
+/// `rotation_id`; the rotation's own events are among them.
+fn assert_rotation_logs_json(log: &str, rotation_id: &str) {
+    let mut in_rotation = 0;
+    let mut events = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        let mentions = line.contains(rotation_id);
+        let spans = v["spans"].as_array().cloned().unwrap_or_default();
+        let rotation_span = spans.iter().any(|s| {
+            matches!(
+                s["name"].as_str(),
+                Some("rotation" | "watch" | "background_fill")
+            )
+        });
+        if !(mentions || rotation_span) {
+            continue;
+        }
+        in_rotation += 1;
+        let key = field(&v, "key");
+        let id = field(&v, "rotation_id");
+        assert_eq!(key.as_deref(), Some(KEY), "line without key: {line}");
+        assert!(id.is_some(), "line without rotation_id: {line}");
+        if id.as_deref() == Some(rotation_id)
+            && let Some(e) = v["fields"]["event"].as_str()
+        {
+            events.push(e.to_string());
+        }
+    }
+    assert!(in_rotation >= 5, "too few rotation lines:\n{log}");
+    for e in ["started", "regenerated", "stored", "notified", "finished"] {
+        assert!(
+            events.iter().any(|x| x == e),
+            "no log line for event {e}: {events:?}\n{log}"
+        );
+    }
+}
+
+/// A field of a JSON log line: top level, in its fields, or in its current span.
+fn field(v: &Value, name: &str) -> Option<String> {
+    [&v[name], &v["fields"][name], &v["span"][name]]
+        .into_iter()
+        .find_map(|x| x.as_str().map(String::from))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_logs_show_the_rotation_span_on_every_line() {
+    let stack = Stack::start().await;
+    let o = Options::default();
+    let config = stack.write_config(&o);
+    let daemon = stack.daemon(&config).await;
+    let record = daemon.rotate("test: text logs").await;
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    let id = record["rotation_id"].as_str().unwrap();
+    let log = daemon.log_text();
+    let context = format!("rotation{{key={KEY} rotation_id={id}}}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(id)).collect();
+    assert!(lines.len() >= 5, "too few lines of the rotation:\n{log}");
+    for line in &lines {
+        assert!(line.contains(&context), "line without {context}: {line}");
+    }
+    for event in ["started", "regenerated", "finished"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("event=\"{event}\""))
+                    || l.contains(&format!("event={event}"))),
+            "no line for {event}:\n{log}"
+        );
+    }
+}
+
+/// The config of `stack` plus a second key `other` on its own provider (`portal2`, the same
+/// simulator), with a file destination and a verified, hooked dependent.
+fn config_with_other(stack: &Stack, o: &Options) -> String {
+    let mut text = stack.config(o);
+    text.push_str(&format!(
+        r#"
+[providers.portal2]
+kind = "aos"
+base_url = "{portal}"
+management_token = {{ env = "KEYROTD_TEST_AOS_TOKEN" }}
+account_id = "acct_42"
+timeout = "5s"
+
+[[keys]]
+name = "other"
+provider = "portal2"
+schedule = "0 3 * * *"
+max_age = "30d"
+watch = "0s"
+
+  [[keys.destinations]]
+  store = "local"
+  file = "other.key"
+
+  [[keys.dependents]]
+  name = "other-worker"
+  reads_from = ["local"]
+  verify = {{ url = "{verify}", expect_status = 200, timeout = "2s" }}
+  reload = {{ url = "{reload}", timeout = "3s", signing_key = {{ env = "KEYROTD_TEST_HOOK_KEY" }} }}
+"#,
+        portal = stack.portal.url(),
+        verify = stack.dep_vault.verify_url(),
+        reload = stack.dep_vault.reload_url(),
+    ));
+    text
+}
+
+fn other_series(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.contains("\"other\"") || l.contains("other-worker") || l.contains("portal2"))
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_removed_by_a_reload_loses_its_series() {
+    let stack = Stack::start().await;
+    let o = Options::default();
+    let config = stack.write_config(&o);
+    std::fs::write(&config, config_with_other(&stack, &o)).unwrap();
+    let daemon = stack.daemon(&config).await;
+
+    let m = daemon.metrics().await;
+    promtool_check(&m);
+    let other = [("key", "other")];
+    assert_eq!(
+        value(
+            &m,
+            "keyrotd_rotations_total",
+            &[("key", "other"), ("outcome", "success")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "keyrotd_store_writes_total",
+            &[("key", "other"), ("store", "local"), ("outcome", "ok")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "keyrotd_post_rotation_auth_failing",
+            &[("key", "other"), ("dependent", "other-worker")]
+        ),
+        0.0
+    );
+    assert_eq!(value(&m, "keyrotd_drift", &other), 0.0);
+    // A scheduled key has its next rotation and period from the start; max_age is exported.
+    let next = value(&m, "keyrotd_key_next_rotation_timestamp_seconds", &other);
+    assert!(
+        next > chrono::Utc::now().timestamp() as f64,
+        "next rotation in the future"
+    );
+    assert_eq!(
+        value(&m, "keyrotd_key_schedule_period_seconds", &other),
+        86400.0
+    );
+    assert_eq!(
+        value(&m, "keyrotd_key_max_age_seconds", &other),
+        30.0 * 86400.0
+    );
+    // The manual-only key has no next rotation.
+    assert_eq!(
+        metric_value(
+            &m,
+            "keyrotd_key_next_rotation_timestamp_seconds",
+            &[("key", KEY)]
+        ),
+        None
+    );
+    // Recovery read both keys' status: both are active.
+    assert_eq!(value(&m, "keyrotd_key_active", &other), 1.0);
+    assert_eq!(value(&m, "keyrotd_key_active", &[("key", KEY)]), 1.0);
+    assert!(
+        value(
+            &m,
+            "keyrotd_provider_requests_total",
+            &[
+                ("provider", "portal2"),
+                ("operation", "status"),
+                ("outcome", "ok")
+            ]
+        ) >= 1.0
+    );
+    assert!(!other_series(&m).is_empty());
+
+    // Reload without `other`: its series are gone, billing's stay.
+    stack.write_config(&o);
+    daemon.signal("HUP");
+    let m = metric_eventually(&stack, &daemon, "the reload", |m| {
+        metric_value(m, "keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
+    })
+    .await;
+    promtool_check(&m);
+    assert_eq!(other_series(&m), Vec::<String>::new(), "stale series");
+    for name in [
+        "keyrotd_rotations_total",
+        "keyrotd_drift",
+        "keyrotd_key_active",
+        "keyrotd_store_writes_total",
+        "keyrotd_reload_hooks_total",
+    ] {
+        assert!(
+            metric_samples(&m, name)
+                .iter()
+                .any(|(l, _)| l.get("key").map(String::as_str) == Some(KEY)),
+            "{name} of {KEY} kept"
+        );
+    }
+    let (status, _) = daemon.get("/v1/keys/other").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloads_it() {
+    let stack = Stack::start().await;
+    let o = Options {
+        watch: "60s".into(),
+        watch_interval: "1s".into(),
+        ..Options::default()
+    };
+    let config = stack.write_config(&o);
+    let daemon = stack.daemon(&config).await;
+    // A first rotation gives both dependents a key; then the worker stops reloading.
+    let first = daemon.rotate("test: first key").await;
+    assert_eq!(first["outcome"], "success", "{first:#}");
+    stack.assert_consistent(&o).await;
+    stack
+        .dep_vault
+        .faults(serde_json::json!({ "ignore_reload": true }))
+        .await;
+
+    let record = daemon.rotate("test: ignore reload").await;
+    // The hook answered 200, so the rotation itself succeeded: only the watch can tell.
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    let worker = [("key", KEY), ("dependent", "worker")];
+    let m = metric_eventually(&stack, &daemon, "worker failing auth", |m| {
+        metric_value(m, "keyrotd_post_rotation_auth_failing", &worker) == Some(1.0)
+    })
+    .await;
+    assert!(value(&m, "keyrotd_post_rotation_auth_failures_total", &worker) >= 1.0);
+    assert!(
+        value(
+            &m,
+            "keyrotd_post_rotation_checks_total",
+            &[
+                ("key", KEY),
+                ("dependent", "worker"),
+                ("result", "auth_failure")
+            ]
+        ) >= 1.0
+    );
+    // The other dependent reloaded: not failing.
+    assert_eq!(
+        value(
+            &m,
+            "keyrotd_post_rotation_auth_failing",
+            &[("key", KEY), ("dependent", "edge")]
+        ),
+        0.0
+    );
+    // After 3 failures the hook is resent (the dependent still ignores it).
+    let m = metric_eventually(&stack, &daemon, "the reload hook resent", |m| {
+        metric_value(
+            m,
+            "keyrotd_reload_hooks_total",
+            &[("key", KEY), ("dependent", "worker"), ("outcome", "ok")],
+        )
+        .unwrap_or(0.0)
+            >= 3.0
+    })
+    .await;
+    assert!(value(&m, "keyrotd_post_rotation_auth_failures_total", &worker) >= 3.0);
+    assert_eq!(
+        value(&m, "keyrotd_post_rotation_auth_failing", &worker),
+        1.0
+    );
+    assert_eq!(stack.dep_vault.verify().await, 401, "still on the old key");
+
+    // Clear the fault: the second resend makes it reload; the gauge goes back to 0.
+    stack
+        .dep_vault
+        .faults(serde_json::json!({ "ignore_reload": false }))
+        .await;
+    let m = metric_eventually(&stack, &daemon, "worker authenticating again", |m| {
+        metric_value(m, "keyrotd_post_rotation_auth_failing", &worker) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        value(
+            &m,
+            "keyrotd_reload_hooks_total",
+            &[("key", KEY), ("dependent", "worker"), ("outcome", "ok")]
+        ),
+        4.0,
+        "one call per rotation and two resends"
+    );
+    stack.assert_consistent(&o).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_remembers_the_last_successful_rotation() {
+    let stack = Stack::start().await;
+    let o = Options::default();
+    let config = stack.write_config(&o);
+    let mut daemon = stack.daemon(&config).await;
+    let record = daemon.rotate("test: before restart").await;
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    let k = [("key", KEY)];
+    let before = value(
+        &daemon.metrics().await,
+        "keyrotd_rotation_last_success_timestamp_seconds",
+        &k,
+    );
+    daemon.terminate(Duration::from_secs(30));
+
+    let daemon = stack.daemon(&config).await;
+    let m = daemon.metrics().await;
+    let after = value(&m, "keyrotd_rotation_last_success_timestamp_seconds", &k);
+    assert!(
+        (after - before).abs() < 2.0,
+        "last success {before} forgotten by the restart: {after}"
+    );
+    // What the provider says is read again at start.
+    assert_eq!(value(&m, "keyrotd_key_active", &k), 1.0);
+    assert!(value(&m, "keyrotd_key_last_rotation_timestamp_seconds", &k) > 0.0);
+}

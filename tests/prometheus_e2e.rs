@@ -1,0 +1,303 @@
+//! The shipped alert rules against a real Prometheus scraping the real daemon: a dependent that keeps
+//! its old key after a rotation makes `KeyrotdPostRotationAuthFailures` fire (after its `for: 1m`),
+//! and once the dependent reloads the alert resolves and the "seen" warning takes over.
+//!
+//! Needs the `prometheus` binary on PATH (Debian package `prometheus`); fails loudly without it.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hmac::{KeyInit, Mac};
+use serde_json::{Value, json};
+use support::daemon::{HOOK_KEY, KEY, Options, Stack, metric_value};
+use support::{free_port, project_root};
+
+/// A Prometheus server scraping keyrotd every second with `prometheus/alerts.yml` loaded.
+struct Prometheus {
+    child: Child,
+    base: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = project_root().join("prometheus/alerts.yml");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+  - {rules}
+scrape_configs:
+  - job_name: keyrotd
+    static_configs:
+      - targets: ["{target}"]
+"#,
+                rules = rules.display()
+            ),
+        )
+        .unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let log = dir.path().join("prometheus.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start prometheus (Debian package `prometheus`, must be on PATH): {e}"
+                )
+            });
+        Prometheus {
+            child,
+            base: format!("http://{listen}"),
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_ready(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(r) = reqwest::get(format!("{}/-/ready", self.base)).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("prometheus not ready in 60s; log:\n{}", self.log_text());
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        reqwest::get(format!("{}{path}", self.base))
+            .await
+            .expect("prometheus answers")
+            .json()
+            .await
+            .expect("prometheus answers JSON")
+    }
+
+    /// Current alerts: (alertname, labels, state).
+    async fn alerts(&self) -> Vec<Value> {
+        self.get("/api/v1/alerts").await["data"]["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn alert_state(&self, name: &str, dependent: &str) -> Option<String> {
+        self.alerts()
+            .await
+            .into_iter()
+            .find(|a| a["labels"]["alertname"] == name && a["labels"]["dependent"] == dependent)
+            .and_then(|a| a["state"].as_str().map(String::from))
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the dependent's operator does: make it reload (a correctly signed reload request).
+async fn signed_reload(url: &str) -> u16 {
+    let body = serde_json::to_vec(&json!({ "key": KEY, "reason": "operator restart" })).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(HOOK_KEY.as_bytes()).unwrap();
+    mac.update(&body);
+    let sig = hex::encode(mac.finalize().into_bytes());
+    reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("X-Keyrotd-Signature", format!("sha256={sig}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn rules_file() -> PathBuf {
+    project_root().join("prometheus/alerts.yml")
+}
+
+/// The `for:` of an alert in the shipped rules, so the test waits as long as operators would.
+fn alert_for(path: &Path, name: &str) -> Duration {
+    let text = std::fs::read_to_string(path).unwrap();
+    let after = text
+        .split(&format!("- alert: {name}\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no alert {name} in {}", path.display()));
+    let block = after.split("- alert:").next().unwrap();
+    let f = block
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("for: "))
+        .unwrap_or("0s");
+    humantime::parse_duration(f).unwrap_or_else(|e| panic!("for: {f}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dependent_on_the_old_key_fires_the_post_rotation_alert_until_it_reloads() {
+    let name = "KeyrotdPostRotationAuthFailures";
+    let hold = alert_for(&rules_file(), name);
+    assert!(
+        hold <= Duration::from_secs(120),
+        "{name} waits {hold:?}; this test allows up to 2 minutes"
+    );
+
+    let stack = Stack::start().await;
+    let o = Options {
+        watch: "600s".into(),
+        watch_interval: "1s".into(),
+        ..Options::default()
+    };
+    let config = stack.write_config(&o);
+    let daemon = stack.daemon(&config).await;
+    let prom = Prometheus::start(&stack.listen);
+    prom.wait_ready().await;
+
+    // A first rotation gives the dependents a key.
+    let first = daemon.rotate("test: first key").await;
+    assert_eq!(first["outcome"], "success", "{first:#}");
+    stack.assert_consistent(&o).await;
+
+    // Prometheus scrapes keyrotd as job "keyrotd".
+    stack
+        .eventually(
+            Duration::from_secs(60),
+            "keyrotd scraped and up",
+            || async {
+                let r = prom
+                    .get("/api/v1/query?query=up%7Bjob%3D%22keyrotd%22%7D")
+                    .await;
+                r["data"]["result"][0]["value"][1] == "1"
+            },
+        )
+        .await;
+
+    // The worker ignores reloads from now on: after the next rotation it keeps the old, dead key.
+    stack
+        .dep_vault
+        .faults(json!({ "ignore_reload": true }))
+        .await;
+    let record = daemon.rotate("test: dependent keeps its old key").await;
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    let worker = [("key", KEY), ("dependent", "worker")];
+    stack
+        .eventually(
+            Duration::from_secs(60),
+            "keyrotd sees the worker failing",
+            || async {
+                metric_value(
+                    &daemon.metrics().await,
+                    "keyrotd_post_rotation_auth_failing",
+                    &worker,
+                ) == Some(1.0)
+            },
+        )
+        .await;
+    let failing_since = Instant::now();
+
+    // Pending first, then firing once `for` has passed.
+    stack
+        .eventually(
+            Duration::from_secs(60),
+            "the alert pending or firing",
+            || async { prom.alert_state(name, "worker").await.is_some() },
+        )
+        .await;
+    stack
+        .eventually(
+            hold + Duration::from_secs(60),
+            "the alert firing",
+            || async { prom.alert_state(name, "worker").await.as_deref() == Some("firing") },
+        )
+        .await;
+    assert!(
+        failing_since.elapsed() + Duration::from_secs(5) >= hold,
+        "fired after {:?}, before its for: {hold:?}",
+        failing_since.elapsed()
+    );
+    let alerts = prom.alerts().await;
+    let ours = alerts
+        .iter()
+        .find(|a| a["labels"]["alertname"] == name)
+        .unwrap();
+    assert_eq!(ours["labels"]["key"], KEY);
+    assert_eq!(ours["labels"]["job"], "keyrotd");
+    assert_eq!(ours["labels"]["severity"], "page");
+    // The dependent that reloaded does not alert; nothing says keyrotd is down.
+    for a in &alerts {
+        let n = a["labels"]["alertname"].as_str().unwrap_or("");
+        assert!(
+            !(n == name && a["labels"]["dependent"] == "edge"),
+            "edge reloaded: {a}"
+        );
+        assert!(
+            !["KeyrotdDown", "KeyrotdNotKeyrotd"].contains(&n),
+            "unexpected {n}: {a}"
+        );
+    }
+
+    // The operator makes the worker reload: the watch sees it authenticate, the alert resolves.
+    stack
+        .dep_vault
+        .faults(json!({ "ignore_reload": false }))
+        .await;
+    assert_eq!(signed_reload(&stack.dep_vault.reload_url()).await, 200);
+    assert_eq!(stack.dep_vault.verify().await, 200);
+    stack
+        .eventually(
+            Duration::from_secs(30),
+            "keyrotd sees the worker recovered",
+            || async {
+                metric_value(
+                    &daemon.metrics().await,
+                    "keyrotd_post_rotation_auth_failing",
+                    &worker,
+                ) == Some(0.0)
+            },
+        )
+        .await;
+    stack
+        .eventually(Duration::from_secs(60), "the alert resolved", || async {
+            prom.alert_state(name, "worker").await.is_none()
+        })
+        .await;
+    // What is left is the warning that it happened.
+    stack
+        .eventually(
+            Duration::from_secs(60),
+            "the seen warning firing",
+            || async {
+                prom.alert_state("KeyrotdPostRotationAuthFailuresSeen", "worker")
+                    .await
+                    .as_deref()
+                    == Some("firing")
+            },
+        )
+        .await;
+}
