@@ -58,7 +58,10 @@ async fn an_out_of_band_rotation_is_detected_and_rerotated() {
     stack.assert_consistent(&o).await;
     // A new key, not the out-of-band one (keyrotd never saw that secret).
     let fps = stack.destination_fingerprints().await;
-    assert!(fps.iter().all(|f| f.as_deref() != Some(fp(&oob_secret).as_str())));
+    assert!(
+        fps.iter()
+            .all(|f| f.as_deref() != Some(fp(&oob_secret).as_str()))
+    );
     assert!(
         daemon
             .metric("keyrotd_rerotations_total", &["reason=\"drift\""])

@@ -60,11 +60,17 @@ async fn openbao_down_before_storing_degrades_then_is_filled_when_back() {
         daemon.log_text()
     );
     let journal = stack.journal();
-    assert_eq!(journal["lost"], false, "the key is held by AWS and the file");
+    assert_eq!(
+        journal["lost"], false,
+        "the key is held by AWS and the file"
+    );
     let new_fp = stack.portal.state().await.fingerprint;
     let file = std::fs::read(stack.key_file()).expect("the file holds the new key");
     assert_eq!(keyrotd::secret::fingerprint_bytes(&file), new_fp);
-    assert_eq!(aws_fingerprint(&stack).await.as_deref(), Some(new_fp.as_str()));
+    assert_eq!(
+        aws_fingerprint(&stack).await.as_deref(),
+        Some(new_fp.as_str())
+    );
 
     fast_regenerate(&stack).await;
     stack.bao.start_again();
