@@ -27,6 +27,7 @@ pub async fn run_key(engine: Arc<Engine>, key_name: String) {
             return;
         }
         let changed = engine.changed.notified();
+        tokio::pin!(changed);
         let config = engine.config();
         let Some(key) = config.key(&key_name) else {
             engine.set_next_rotation(&key_name, None);
@@ -53,21 +54,26 @@ pub async fn run_key(engine: Arc<Engine>, key_name: String) {
             // Manual-only: nothing to wait for but a change.
             tokio::select! {
                 _ = engine.shutdown.cancelled() => return,
-                _ = changed => continue,
+                _ = &mut changed => continue,
             }
         };
         let wait = (due.at - now).to_std().unwrap_or(Duration::ZERO);
         if wait > Duration::ZERO {
             tokio::select! {
                 _ = engine.shutdown.cancelled() => return,
-                _ = changed => continue,
-                _ = tokio::time::sleep(wait.min(MAX_SLEEP)) => continue,
+                _ = &mut changed => continue,
+                _ = tokio::time::sleep(wait.min(MAX_SLEEP)) => {}
+            }
+            // Slept the whole wait: this due time has come. Computing it again now would give the
+            // *next* occurrence (this one is no longer in the future), so it would never fire.
+            if wait > MAX_SLEEP {
+                continue;
             }
         }
         if engine.is_paused() {
             tokio::select! {
                 _ = engine.shutdown.cancelled() => return,
-                _ = changed => continue,
+                _ = &mut changed => continue,
             }
         }
         let trigger = match due.reason {
