@@ -119,8 +119,8 @@ pub fn status_table(reports: &[KeyReport]) -> String {
         }
         let _ = writeln!(
             out,
-            "  {:<14} {:<32} {:<22} {:<14} {:<8} {}",
-            "STORE", "TARGET", "KEY ID", "FINGERPRINT", "VERSION", "IN SYNC"
+            "  {:<14} {:<32} {:<22} {:<14} {:<8} IN SYNC",
+            "STORE", "TARGET", "KEY ID", "FINGERPRINT", "VERSION"
         );
         for d in &r.destinations {
             let sync = match (&d.error, d.in_sync) {
