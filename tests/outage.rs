@@ -117,7 +117,14 @@ async fn openbao_down_while_storing_is_retried_within_the_store_deadline() {
         .await;
     stack.bao.stop();
     // Keyrotd is storing (AWS and the file confirm; OpenBao refuses connections) when OpenBao returns.
-    daemon.wait_phase("storing", Duration::from_secs(30)).await;
+    stack
+        .eventually(LONG, "a destination confirmed the new key", || async {
+            let (_, r) = daemon.get(&format!("/v1/rotations/{id}")).await;
+            r["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["event"] == "stored"))
+        })
+        .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stack.bao.start_again();
     let record = daemon.wait_rotation(&id, LONG).await;
