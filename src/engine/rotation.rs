@@ -1252,6 +1252,11 @@ pub(crate) async fn distribute(
         }
     };
     let (verify, ()) = tokio::join!(verify, store_and_notify);
+    // Off the hooks' path (every hook has answered): the stores' follow-up work, e.g. the AWS tags
+    // that let a later read tell which key id a value is.
+    if let Some(req) = &write_req {
+        after_writes(rt, key, &confirmed, req).await;
+    }
 
     // Dependents whose destinations never confirmed were not told: their hook counts as failed.
     for (di, dep) in key.dependents.iter().enumerate() {
@@ -1291,42 +1296,6 @@ pub(crate) async fn distribute(
         })
         .collect();
 
-    // Metadata that only operators read (AWS tags) is written now that every hook has answered.
-    if let Some(secret) = secret {
-        let stores: Vec<_> = key
-            .destinations
-            .iter()
-            .zip(&confirmed)
-            .filter(|(_, ok)| **ok)
-            .filter_map(|(d, _)| {
-                rt.store(&d.store)
-                    .ok()
-                    .map(|s| (s.clone(), d.target.clone()))
-            })
-            .collect();
-        let (name, key_id, fp, secret) = (
-            key.name.clone(),
-            key_id.to_string(),
-            fp.to_string(),
-            secret.clone(),
-        );
-        engine.tasks.spawn(async move {
-            let req = WriteRequest {
-                key: &name,
-                rotation_id,
-                key_id: &key_id,
-                secret: &secret,
-                fingerprint: &fp,
-                rotated_at: issued_at,
-            };
-            for (store, target) in stores {
-                if let Err(e) = store.after_write(&target, &req).await {
-                    tracing::warn!(key = %name, store = %store.name(), error = %e, "Metadata update after the write failed.");
-                }
-            }
-        });
-    }
-
     // Stragglers keep being retried in the background (degraded, not abandoned).
     if let Some(secret) = secret
         && confirmed.iter().any(|c| !*c)
@@ -1351,6 +1320,26 @@ pub(crate) async fn distribute(
         window,
         views,
     }
+}
+
+/// Runs each confirmed destination's `after_write` (AWS tags). A failure is logged only: the value is
+/// stored; what is missing is metadata, which the next write sets again.
+async fn after_writes(rt: &Runtime, key: &KeyConfig, confirmed: &[bool], req: &WriteRequest<'_>) {
+    futures::future::join_all(
+        key.destinations
+            .iter()
+            .zip(confirmed)
+            .filter(|(_, ok)| **ok)
+            .map(|(d, _)| async move {
+                let Ok(store) = rt.store(&d.store) else {
+                    return;
+                };
+                if let Err(e) = store.after_write(&d.target, req).await {
+                    tracing::warn!(store = %d.store, error = %e, "Follow-up after the write failed (value stored; metadata missing).");
+                }
+            }),
+    )
+    .await;
 }
 
 /// One reload hook with its retries; counted.
@@ -1450,6 +1439,9 @@ fn background_fill(
                     if ok {
                         confirmed[i] = true;
                         tracing::info!(store = %d.store, "Destination filled after the deadline.");
+                        if let Err(e) = store.after_write(&d.target, &req).await {
+                            tracing::warn!(store = %d.store, error = %e, "Follow-up after the write failed (value stored; metadata missing).");
+                        }
                         // Dependents reading from it that could not be told before are told now.
                         for dep in &key.dependents {
                             let all = key

@@ -641,3 +641,85 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
     );
     matching.first().copied()
 }
+
+impl Stack {
+    /// Writes `secret` into every destination (Vault, AWS, file) as an operator would before keyrotd
+    /// first starts.
+    pub async fn seed_destinations(&self, secret: &str) {
+        self.bao
+            .kv_put(VAULT_PATH, serde_json::json!({ "api_key": secret }))
+            .await;
+        self.moto
+            .client()
+            .await
+            .put_secret_value()
+            .secret_id(AWS_SECRET)
+            .secret_string(serde_json::json!({ "api_key": secret }).to_string())
+            .send()
+            .await
+            .expect("moto PutSecretValue");
+        std::fs::write(self.key_file(), secret).expect("write key file");
+    }
+
+    /// The fingerprint of the key OpenBao holds; None when empty, down or unreadable (never panics).
+    pub async fn vault_fingerprint(&self) -> Option<String> {
+        let r = reqwest::Client::new()
+            .get(format!("{}/v1/secret/data/{VAULT_PATH}", self.bao.addr))
+            .header("X-Vault-Token", &self.bao.root_token)
+            .send()
+            .await
+            .ok()?;
+        let v: Value = r.json().await.ok()?;
+        v["data"]["data"]["api_key"].as_str().map(fp)
+    }
+
+    /// How many times the portal regenerated (out-of-band rotations included).
+    pub async fn regenerations(&self) -> u64 {
+        self.portal.state().await.regenerations
+    }
+}
+
+impl Daemon {
+    /// Starts a rotation through the API and returns its id at once (202 asserted).
+    pub async fn start_rotate(&self, reason: &str) -> String {
+        let (status, body) = self
+            .post(
+                &format!("/v1/keys/{KEY}/rotate"),
+                Some(ADMIN_TOKEN),
+                serde_json::json!({ "reason": reason }),
+            )
+            .await;
+        assert_eq!(status, 202, "rotation accepted: {body}");
+        body["rotation_id"]
+            .as_str()
+            .expect("rotation_id")
+            .to_string()
+    }
+
+    /// Waits until the key's live phase is `phase` (e.g. "regenerating").
+    pub async fn wait_phase(&self, phase: &str, timeout: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.key().await["phase"] == phase {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "key never reached phase {phase} in {timeout:?}; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// The value of metric `name` on the line carrying every label in `labels` (e.g.
+    /// `key="billing"`), if exported.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .find(|l| labels.iter().all(|lab| l.contains(lab)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}

@@ -416,3 +416,11 @@ impl Drop for Dependent {
         let _ = self.child.wait();
     }
 }
+
+impl Dependent {
+    /// Kills the dependent: its verify and reload URLs stop answering.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
