@@ -187,21 +187,36 @@ impl Moto {
         aws_sdk_secretsmanager::Client::new(&self.sdk_config().await)
     }
 
-    /// Creates a secret holding `initial_value` (keyrotd never creates secrets itself).
+    /// Creates a secret holding `initial_value` (keyrotd never creates secrets itself). A freshly
+    /// started moto on a loaded machine sometimes drops the first requests: a transport failure is
+    /// retried for a few seconds before the test fails.
     pub async fn create_secret(&self, name: &str, initial_value: &str) {
-        self.client()
-            .await
-            .create_secret()
-            .name(name)
-            .secret_string(initial_value)
-            .send()
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
+        let client = self.client().await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let result = client
+                .create_secret()
+                .name(name)
+                .secret_string(initial_value)
+                .send()
+                .await;
+            match result {
+                Ok(_) => return,
+                Err(e)
+                    if Instant::now() < deadline
+                        && !matches!(
+                            e,
+                            aws_sdk_secretsmanager::error::SdkError::ServiceError(_)
+                        ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => panic!(
                     "moto CreateSecret {name}: {}",
                     aws_sdk_secretsmanager::error::DisplayErrorContext(&e)
-                )
-            });
+                ),
+            }
+        }
     }
 }
 
