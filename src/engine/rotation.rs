@@ -73,19 +73,13 @@ pub(crate) async fn run(
 ) -> Option<Outcome> {
     let started = Instant::now();
     let rotation_id = lock(record).rotation_id;
+    // Ends the rotation with an outcome that distributed nothing (no invalidation window).
+    let end = |outcome: Outcome| finish(engine, key, record, &req, outcome, started, None);
     let provider = match rt.provider(key) {
         Ok(p) => p.clone(),
         Err(e) => {
             engine.event(record, "aborted", e.to_string());
-            return Some(finish(
-                engine,
-                key,
-                record,
-                &req,
-                Outcome::Aborted,
-                started,
-                None,
-            ));
+            return Some(end(Outcome::Aborted));
         }
     };
     if !req.dry_run {
@@ -218,15 +212,7 @@ pub(crate) async fn run(
             None,
             &detail,
         );
-        return Some(finish(
-            engine,
-            key,
-            record,
-            &req,
-            Outcome::Aborted,
-            started,
-            None,
-        ));
+        return Some(end(Outcome::Aborted));
     }
     engine.event(record, "preflight_ok", preflight.findings.join("; "));
 
@@ -236,15 +222,7 @@ pub(crate) async fn run(
     let mut first = true;
     loop {
         if shutdown_before_destructive_step(engine, record) {
-            return Some(finish(
-                engine,
-                key,
-                record,
-                &req,
-                Outcome::Aborted,
-                started,
-                None,
-            ));
+            return Some(end(Outcome::Aborted));
         }
         // Re-rotations are bounded in a row and, like every regenerate, by the daily budget.
         //
@@ -268,7 +246,7 @@ pub(crate) async fn run(
             }
             save_journal(engine, journal);
             audit("finished", Some("failed"), None, None, None, detail);
-            finish(engine, key, record, &req, Outcome::Failed, started, None)
+            end(Outcome::Failed)
         };
         if rerotation.is_some() && journal.rerotations_in_row > key.max_rerotations {
             let detail = format!(
@@ -349,15 +327,7 @@ pub(crate) async fn run(
                     None,
                     &detail,
                 );
-                return Some(finish(
-                    engine,
-                    key,
-                    record,
-                    &req,
-                    Outcome::Failed,
-                    started,
-                    None,
-                ));
+                return Some(end(Outcome::Failed));
             }
             Regen::Refused(detail) => {
                 // Refused by a re-rotation: the old key died with an earlier regenerate, so the
@@ -379,15 +349,7 @@ pub(crate) async fn run(
                     None,
                     &detail,
                 );
-                return Some(finish(
-                    engine,
-                    key,
-                    record,
-                    &req,
-                    Outcome::Failed,
-                    started,
-                    None,
-                ));
+                return Some(end(Outcome::Failed));
             }
         };
         let issued_at = Utc::now();
@@ -448,15 +410,7 @@ pub(crate) async fn run(
                 Some(&fp),
                 &detail,
             );
-            return Some(finish(
-                engine,
-                key,
-                record,
-                &req,
-                Outcome::Failed,
-                started,
-                None,
-            ));
+            return Some(end(Outcome::Failed));
         }
         if dist.verify == VerifyResult::Drift && key.auto_recover {
             // Someone rotated between our regenerate and our verify: what we distributed is dead.
