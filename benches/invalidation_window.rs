@@ -6,7 +6,7 @@
 //!     ROTATIONS=100 cargo bench --bench invalidation_window
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::time::Instant;
