@@ -407,3 +407,24 @@ fn every_command_shows_an_example_in_its_help() {
     let (code, _, err) = run(c);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn every_shipped_config_binds_the_admin_api_to_loopback() {
+    for file in toml_files(&root().join("config")) {
+        let text = std::fs::read_to_string(&file).expect("read config");
+        let listen: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("listen = \""))
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        // Absent means the default, 127.0.0.1:9464.
+        for addr in listen {
+            let addr: std::net::SocketAddr = addr.parse().expect("listen is a socket address");
+            assert!(
+                addr.ip().is_loopback(),
+                "{}: listen = {addr} is not loopback",
+                file.display()
+            );
+        }
+    }
+}

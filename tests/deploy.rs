@@ -469,15 +469,22 @@ fn container_paths_in_the_stacks_configs_are_where_compose_mounts_the_files() {
             "rule file {rules} is prometheus/alerts.yml as mounted: {prom:?}"
         );
     }
-    // ...and scrapes keyrotd where it listens.
+    // ...and scrapes keyrotd where it listens: on loopback, from inside keyrotd's network namespace.
     let listen_port = read("config/compose.toml")
         .lines()
-        .find_map(|l| l.trim().strip_prefix("listen = \"0.0.0.0:"))
+        .find_map(|l| l.trim().strip_prefix("listen = \"127.0.0.1:"))
         .and_then(|rest| rest.split('"').next().map(str::to_owned))
-        .expect("config/compose.toml listens on 0.0.0.0:PORT");
+        .expect("config/compose.toml listens on 127.0.0.1:PORT");
     assert!(
-        read("prometheus/prometheus.compose.yml").contains(&format!("\"keyrotd:{listen_port}\"")),
-        "Prometheus scrapes keyrotd:{listen_port}"
+        read("prometheus/prometheus.compose.yml").contains(&format!("\"127.0.0.1:{listen_port}\"")),
+        "Prometheus scrapes 127.0.0.1:{listen_port}"
+    );
+    assert_eq!(
+        service(&doc, "prometheus")
+            .get("network_mode")
+            .and_then(Value::as_str),
+        Some("service:keyrotd"),
+        "Prometheus shares keyrotd's network namespace, so the admin API stays on loopback"
     );
 
     // Grafana's dashboard provider reads the directory the dashboard is mounted into.
