@@ -16,7 +16,7 @@ pub mod recovery;
 pub mod rotation;
 pub mod scheduler;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -635,17 +635,6 @@ impl Engine {
     pub fn key_names(&self) -> Vec<String> {
         self.config().keys.iter().map(|k| k.name.clone()).collect()
     }
-
-    /// Per-key last outcomes from the journals (for `status` without a daemon).
-    pub fn journal_outcomes(&self) -> BTreeMap<String, Option<String>> {
-        self.key_names()
-            .into_iter()
-            .map(|k| {
-                let o = self.journal.load(&k).ok().and_then(|j| j.last_outcome);
-                (k, o)
-            })
-            .collect()
-    }
 }
 
 /// Per key, the time of the last `finished` audit record with outcome success or degraded. An
@@ -668,14 +657,9 @@ fn last_successes(audit_path: &std::path::Path) -> HashMap<String, DateTime<Utc>
     out
 }
 
+/// The outcome label a journal's text names, if it names one.
 pub(crate) fn outcome_str(s: &str) -> Option<&'static str> {
-    match s {
-        "success" => Some("success"),
-        "degraded" => Some("degraded"),
-        "aborted" => Some("aborted"),
-        "failed" => Some("failed"),
-        _ => None,
-    }
+    Outcome::ALL.iter().map(|o| o.as_str()).find(|o| *o == s)
 }
 
 /// Locks a record; a poisoned lock only means a panic elsewhere while it was held, the record is whole.
