@@ -14,4 +14,10 @@ cargo clippy --all-targets --features failpoints -- -D warnings
 echo "== cargo build --release --locked (the Dockerfile's build stage)" >&2
 cargo build --release --locked
 echo "== cargo test (failpoints on: the crash-recovery tests place their kills with them)" >&2
-cargo test --features failpoints --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --features failpoints --no-fail-fast --tests 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
