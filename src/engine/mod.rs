@@ -465,6 +465,7 @@ impl Engine {
         }
         if !req.dry_run {
             state.busy = true;
+            state.phase = LivePhase::Preflight;
             if let Some(c) = state.watch_cancel.take() {
                 c.cancel();
             }

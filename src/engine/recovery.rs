@@ -45,6 +45,16 @@ pub async fn recover_all(engine: &Arc<Engine>) -> BTreeMap<String, Decision> {
         }
     }))
     .await;
+    // Keys with nothing to recover get their live view now (recovery rotations refresh theirs).
+    futures::future::join_all(
+        rt.config
+            .keys
+            .iter()
+            .zip(&decisions)
+            .filter(|(_, (_, d))| *d == Decision::Nothing)
+            .map(|(k, _)| look(engine, &rt, k)),
+    )
+    .await;
     engine.set_ready();
     decisions.into_iter().collect()
 }
@@ -396,6 +406,22 @@ pub async fn observe(
 
 /// Compares the provider's active key with each destination (lifecycle.md, "Reconcile").
 pub async fn reconcile_key(engine: &Arc<Engine>, rt: &Arc<Runtime>, key: &KeyConfig) -> Reconciled {
+    reconcile(engine, rt, key, true).await
+}
+
+/// Reconcile's look without its action: refreshes the key's live view (portal status, what each
+/// destination holds, drift; an adoption is remembered) and starts nothing. Run once at start, so
+/// `/v1/keys` and the drift gauge are right before the first reconcile interval has passed.
+pub async fn look(engine: &Arc<Engine>, rt: &Arc<Runtime>, key: &KeyConfig) -> Reconciled {
+    reconcile(engine, rt, key, false).await
+}
+
+async fn reconcile(
+    engine: &Arc<Engine>,
+    rt: &Arc<Runtime>,
+    key: &KeyConfig,
+    act: bool,
+) -> Reconciled {
     if engine.is_busy(&key.name) {
         return Reconciled::Skipped("a rotation is running".into());
     }
@@ -446,6 +472,9 @@ pub async fn reconcile_key(engine: &Arc<Engine>, rt: &Arc<Runtime>, key: &KeyCon
         return Reconciled::Skipped("some destinations unreadable".into());
     }
     engine.set_destinations(&key.name, views, true);
+    if !act {
+        return Reconciled::Drift { rerotating: false };
+    }
     let audit_drift = |detail: &str| {
         engine.audit(AuditRecord {
             ts: Utc::now(),
