@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Engine, LivePhase, RotationRecord, RotationRequest, Runtime, Trigger, lock};
-use crate::config::{DependentConfig, KeyConfig, ReloadHook};
+use crate::config::{DependentConfig, KeyConfig, ReloadHook, VerifyConfig};
 use crate::journal::{AuditRecord, KeyJournal, Phase};
 use crate::notify::{Probe, ReloadNotice};
 use crate::provider::{KeyStatus, Provider, ProviderError, Regenerated};
@@ -776,16 +776,9 @@ async fn preflight(
     let deps_fut = futures::future::join_all(
         key.dependents
             .iter()
-            .filter(|d| !rerotation && d.verify.is_some())
-            .map(|d| async move {
-                (
-                    d,
-                    engine
-                        .notifier
-                        .probe(d.verify.as_ref().expect("filtered"))
-                        .await,
-                )
-            }),
+            .filter(|_| !rerotation)
+            .filter_map(|d| d.verify.as_ref().map(|v| (d, v)))
+            .map(|(d, v)| async move { (d, engine.notifier.probe(v).await) }),
     );
     let (status, stores, deps) = tokio::join!(status_fut, stores_fut, deps_fut);
 
@@ -1449,22 +1442,18 @@ async fn watch_loop(
         Err(_) => return,
     };
     let until = tokio::time::Instant::now() + key.watch;
-    let deps: Vec<&DependentConfig> = key
+    let deps: Vec<(&DependentConfig, &VerifyConfig)> = key
         .dependents
         .iter()
-        .filter(|d| d.verify.is_some())
+        .filter_map(|d| d.verify.as_ref().map(|v| (d, v)))
         .collect();
     let mut failing = vec![0u32; deps.len()];
     let mut resent = vec![0u32; deps.len()];
     let issued_at = Utc::now();
     loop {
-        let probes = futures::future::join_all(deps.iter().map(|d| {
-            engine
-                .notifier
-                .probe(d.verify.as_ref().expect("filtered on verify"))
-        }))
-        .await;
-        for (i, (dep, probe)) in deps.iter().zip(probes).enumerate() {
+        let probes =
+            futures::future::join_all(deps.iter().map(|(_, v)| engine.notifier.probe(v))).await;
+        for (i, ((dep, _), probe)) in deps.iter().zip(probes).enumerate() {
             let result = match &probe {
                 Probe::Ok => CheckResult::Ok,
                 Probe::AuthFailure(_) => CheckResult::AuthFailure,
