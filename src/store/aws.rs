@@ -183,15 +183,6 @@ impl AwsStore {
         self.err(kind, label, text)
     }
 
-    /// Belt and braces: no error leaves [`AwsStore::write`] holding the value.
-    fn redact(mut e: StoreError, secret: &Secret) -> StoreError {
-        let value = secret.expose_secret();
-        if !value.is_empty() && e.message.contains(value) {
-            e.message = e.message.replace(value, "[redacted]");
-        }
-        e
-    }
-
     /// The secret exists and can be described. Changes nothing.
     pub async fn preflight(&self, t: &DestinationTarget) -> Result<(), StoreError> {
         let label = t.to_string();
@@ -263,16 +254,6 @@ impl AwsStore {
     /// VersionId. The same request twice yields the same version (request token); in JSON mode, a
     /// field that already holds the value is not written again.
     pub async fn write(
-        &self,
-        t: &DestinationTarget,
-        r: &WriteRequest<'_>,
-    ) -> Result<Option<String>, StoreError> {
-        self.write_inner(t, r)
-            .await
-            .map_err(|e| Self::redact(e, r.secret))
-    }
-
-    async fn write_inner(
         &self,
         t: &DestinationTarget,
         r: &WriteRequest<'_>,

@@ -75,6 +75,16 @@ pub struct StoreError {
 }
 
 impl StoreError {
+    /// The error with every occurrence of `secret` in its message replaced by `[redacted]`.
+    pub fn redact(mut self, secret: &Secret) -> StoreError {
+        use secrecy::ExposeSecret;
+        let value = secret.expose_secret();
+        if !value.is_empty() && self.message.contains(value) {
+            self.message = self.message.replace(value, "[redacted]");
+        }
+        self
+    }
+
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
@@ -120,16 +130,19 @@ impl Store {
     }
 
     /// Writes the value and its metadata. Idempotent for the same request. Returns the new version.
+    /// Whatever a store's error says, the value never leaves in it: a last line of defence against a
+    /// server that echoes the request body.
     pub async fn write(
         &self,
         target: &DestinationTarget,
         req: &WriteRequest<'_>,
     ) -> Result<Option<String>, StoreError> {
-        match self {
+        let result = match self {
             Store::Vault(s) => s.write(target, req).await,
             Store::Aws(s) => s.write(target, req).await,
             Store::File(s) => s.write(target, req).await,
-        }
+        };
+        result.map_err(|e| e.redact(req.secret))
     }
 
     /// What the destination holds now; `Ok(None)` when it holds nothing (no field, no file, no value).

@@ -134,15 +134,6 @@ impl VaultStore {
         }
     }
 
-    /// Belt and braces: no error leaves [`VaultStore::write`] holding the value, whatever Vault said.
-    fn redact(mut e: StoreError, secret: &Secret) -> StoreError {
-        let value = secret.expose_secret();
-        if !value.is_empty() && e.message.contains(value) {
-            e.message = e.message.replace(value, "[redacted]");
-        }
-        e
-    }
-
     fn target<'t>(&self, t: &'t DestinationTarget) -> Result<(&'t str, &'t str), StoreError> {
         match t {
             DestinationTarget::Vault { path, field } => {
@@ -450,16 +441,6 @@ impl VaultStore {
     /// Returns the KV version holding the value. When the field already holds the value (a retry
     /// after a write whose answer was lost) no new version is made.
     pub async fn write(
-        &self,
-        t: &DestinationTarget,
-        r: &WriteRequest<'_>,
-    ) -> Result<Option<String>, StoreError> {
-        self.write_inner(t, r)
-            .await
-            .map_err(|e| Self::redact(e, r.secret))
-    }
-
-    async fn write_inner(
         &self,
         t: &DestinationTarget,
         r: &WriteRequest<'_>,
