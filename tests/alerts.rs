@@ -5,19 +5,16 @@
 //!
 //! `promtool` must be on PATH (`scripts/install-tools.sh` installs it); the tests fail if it is not.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
+use support::sample::config;
 
 use chrono::{TimeZone, Utc};
-use keyrotd::config::{
-    AosPaths, AosProviderConfig, Config, DaemonConfig, DependentConfig, DestinationConfig,
-    DestinationTarget, FileStoreConfig, KeyConfig, LogFormat, ProviderConfig, ReloadHook,
-    StoreConfig, VerifyConfig,
-};
-use keyrotd::schedule::Schedule;
 use keyrotd::telemetry::{CheckResult, Metrics, Outcome, RerotationReason};
 use serde::Deserialize;
 
@@ -222,80 +219,6 @@ fn every_alert_has_a_firing_and_a_silent_unit_test() {
             silent.contains(name.as_str()),
             "{name}: no test case where it stays silent"
         );
-    }
-}
-
-fn dependent(name: &str) -> DependentConfig {
-    DependentConfig {
-        name: name.into(),
-        reads_from: vec![],
-        verify: Some(VerifyConfig {
-            url: "http://127.0.0.1:1/health".parse().expect("valid URL"),
-            expect_status: 200,
-            timeout: Duration::from_secs(5),
-        }),
-        reload: Some(ReloadHook::Command {
-            command: vec!["/bin/true".into()],
-            timeout: Duration::from_secs(30),
-            env: BTreeMap::new(),
-            retries: 2,
-        }),
-    }
-}
-
-/// One scheduled key with a file destination and a dependent with hook and verify.
-fn config() -> Config {
-    let key = KeyConfig {
-        name: "billing".into(),
-        provider: "aos".into(),
-        schedule: Some(Schedule::parse("@weekly").expect("valid schedule")),
-        timezone: chrono_tz::UTC,
-        max_age: Some(Duration::from_secs(30 * 86400)),
-        jitter: Duration::ZERO,
-        window: None,
-        catch_up: false,
-        watch: Duration::from_secs(600),
-        watch_interval: Duration::from_secs(30),
-        store_deadline: Duration::from_secs(60),
-        auto_recover: true,
-        max_rerotations: 3,
-        max_regenerations_per_day: 6,
-        destinations: vec![DestinationConfig {
-            store: "files".into(),
-            target: DestinationTarget::File {
-                file: "billing.key".into(),
-            },
-        }],
-        dependents: vec![dependent("api")],
-    };
-    Config {
-        daemon: DaemonConfig {
-            state_dir: "/tmp/state".into(),
-            listen: "127.0.0.1:9464".parse().expect("valid address"),
-            admin_token: None,
-            max_concurrent_rotations: 16,
-            reconcile_interval: None,
-            log_format: LogFormat::Json,
-            paused: false,
-        },
-        providers: BTreeMap::from([(
-            "aos".to_string(),
-            ProviderConfig::Aos(AosProviderConfig {
-                base_url: "http://127.0.0.1:1/".parse().expect("valid URL"),
-                management_token: "not-a-real-token".to_string().into(),
-                account_id: Some("acct-1".into()),
-                timeout: Duration::from_secs(10),
-                requested_by: "keyrotd@test".into(),
-                paths: AosPaths::default(),
-            }),
-        )]),
-        stores: BTreeMap::from([(
-            "files".to_string(),
-            StoreConfig::File(FileStoreConfig { dir: "/tmp".into() }),
-        )]),
-        keys: vec![key],
-        coordination: None,
-        warnings: vec![],
     }
 }
 

@@ -4,18 +4,15 @@
 //! (`promtool check rules` on them as recording rules), its variables are the ones the panels use, and
 //! it shows every keyrotd metric.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use support::sample::config;
 
 use chrono::{TimeZone, Utc};
-use keyrotd::config::{
-    AosPaths, AosProviderConfig, Config, DaemonConfig, DependentConfig, DestinationConfig,
-    DestinationTarget, FileStoreConfig, KeyConfig, LogFormat, ProviderConfig, ReloadHook,
-    StoreConfig, VerifyConfig,
-};
-use keyrotd::schedule::Schedule;
 use keyrotd::telemetry::{CheckResult, Metrics, Outcome};
 use serde_json::Value;
 
@@ -109,79 +106,6 @@ fn metric_names_are_found_outside_strings_only() {
         names.into_iter().collect::<Vec<_>>(),
         vec!["keyrotd_rotations_total", "process_start_time_seconds"]
     );
-}
-
-fn dependent(name: &str) -> DependentConfig {
-    DependentConfig {
-        name: name.into(),
-        reads_from: vec![],
-        verify: Some(VerifyConfig {
-            url: "http://127.0.0.1:1/health".parse().expect("valid URL"),
-            expect_status: 200,
-            timeout: Duration::from_secs(5),
-        }),
-        reload: Some(ReloadHook::Command {
-            command: vec!["/bin/true".into()],
-            timeout: Duration::from_secs(30),
-            env: BTreeMap::new(),
-            retries: 2,
-        }),
-    }
-}
-
-fn config() -> Config {
-    let key = KeyConfig {
-        name: "billing".into(),
-        provider: "aos".into(),
-        schedule: Some(Schedule::parse("@weekly").expect("valid schedule")),
-        timezone: chrono_tz::UTC,
-        max_age: Some(Duration::from_secs(30 * 86400)),
-        jitter: Duration::ZERO,
-        window: None,
-        catch_up: false,
-        watch: Duration::from_secs(600),
-        watch_interval: Duration::from_secs(30),
-        store_deadline: Duration::from_secs(60),
-        auto_recover: true,
-        max_rerotations: 3,
-        max_regenerations_per_day: 6,
-        destinations: vec![DestinationConfig {
-            store: "files".into(),
-            target: DestinationTarget::File {
-                file: "billing.key".into(),
-            },
-        }],
-        dependents: vec![dependent("api")],
-    };
-    Config {
-        daemon: DaemonConfig {
-            state_dir: "/tmp/state".into(),
-            listen: "127.0.0.1:9464".parse().expect("valid address"),
-            admin_token: None,
-            max_concurrent_rotations: 16,
-            reconcile_interval: None,
-            log_format: LogFormat::Json,
-            paused: false,
-        },
-        providers: BTreeMap::from([(
-            "aos".to_string(),
-            ProviderConfig::Aos(AosProviderConfig {
-                base_url: "http://127.0.0.1:1/".parse().expect("valid URL"),
-                management_token: "not-a-real-token".to_string().into(),
-                account_id: None,
-                timeout: Duration::from_secs(10),
-                requested_by: "keyrotd@test".into(),
-                paths: AosPaths::default(),
-            }),
-        )]),
-        stores: BTreeMap::from([(
-            "files".to_string(),
-            StoreConfig::File(FileStoreConfig { dir: "/tmp".into() }),
-        )]),
-        keys: vec![key],
-        coordination: None,
-        warnings: vec![],
-    }
 }
 
 /// What keyrotd exports once configured and past its first rotation: metric family name -> type.

@@ -1,0 +1,87 @@
+//! A small validated `Config` built by hand, for tests of the metrics, alert rules and dashboard that
+//! need a configured keyrotd but no outside services: one scheduled key with a file destination and a
+//! dependent with a reload hook and a verify.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keyrotd::config::{
+    AosPaths, AosProviderConfig, Config, DaemonConfig, DependentConfig, DestinationConfig,
+    DestinationTarget, FileStoreConfig, KeyConfig, LogFormat, ProviderConfig, ReloadHook,
+    StoreConfig, VerifyConfig,
+};
+use keyrotd::schedule::Schedule;
+
+/// One scheduled key with a file destination and a dependent with hook and verify.
+pub fn dependent(name: &str) -> DependentConfig {
+    DependentConfig {
+        name: name.into(),
+        reads_from: vec![],
+        verify: Some(VerifyConfig {
+            url: "http://127.0.0.1:1/health".parse().expect("valid URL"),
+            expect_status: 200,
+            timeout: Duration::from_secs(5),
+        }),
+        reload: Some(ReloadHook::Command {
+            command: vec!["/bin/true".into()],
+            timeout: Duration::from_secs(30),
+            env: BTreeMap::new(),
+            retries: 2,
+        }),
+    }
+}
+
+pub fn config() -> Config {
+    let key = KeyConfig {
+        name: "billing".into(),
+        provider: "aos".into(),
+        schedule: Some(Schedule::parse("@weekly").expect("valid schedule")),
+        timezone: chrono_tz::UTC,
+        max_age: Some(Duration::from_secs(30 * 86400)),
+        jitter: Duration::ZERO,
+        window: None,
+        catch_up: false,
+        watch: Duration::from_secs(600),
+        watch_interval: Duration::from_secs(30),
+        store_deadline: Duration::from_secs(60),
+        auto_recover: true,
+        max_rerotations: 3,
+        max_regenerations_per_day: 6,
+        destinations: vec![DestinationConfig {
+            store: "files".into(),
+            target: DestinationTarget::File {
+                file: "billing.key".into(),
+            },
+        }],
+        dependents: vec![dependent("api")],
+    };
+    Config {
+        daemon: DaemonConfig {
+            state_dir: "/tmp/state".into(),
+            listen: "127.0.0.1:9464".parse().expect("valid address"),
+            admin_token: None,
+            max_concurrent_rotations: 16,
+            reconcile_interval: None,
+            log_format: LogFormat::Json,
+            paused: false,
+        },
+        providers: BTreeMap::from([(
+            "aos".to_string(),
+            ProviderConfig::Aos(AosProviderConfig {
+                base_url: "http://127.0.0.1:1/".parse().expect("valid URL"),
+                management_token: "not-a-real-token".to_string().into(),
+                account_id: Some("acct-1".into()),
+                timeout: Duration::from_secs(10),
+                requested_by: "keyrotd@test".into(),
+                paths: AosPaths::default(),
+            }),
+        )]),
+        stores: BTreeMap::from([(
+            "files".to_string(),
+            StoreConfig::File(FileStoreConfig { dir: "/tmp".into() }),
+        )]),
+        keys: vec![key],
+        coordination: None,
+        warnings: vec![],
+    }
+}
