@@ -58,9 +58,12 @@ pub const ROTATION_DURATION_BUCKETS: &[f64] = &[
 macro_rules! label_set {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
+            serde::Serialize, serde::Deserialize,
+        )]
         pub enum $name {
-            $($(#[$vmeta])* $variant,)+
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
         }
 
         impl $name {
@@ -194,6 +197,8 @@ pub struct Metrics {
     drift: IntGaugeVec,
     provider_requests: IntCounterVec,
     config_reloads: IntCounterVec,
+    journal_write_failures: prometheus::IntCounter,
+    journal_blocked: IntGaugeVec,
     paused: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -419,6 +424,22 @@ impl Metrics {
                 "SIGHUP configuration reloads by outcome (ok, error).",
                 &["outcome"],
             ),
+            journal_write_failures: {
+                let c = prometheus::IntCounter::new(
+                    "keyrotd_journal_write_failures_total",
+                    "Journal writes that failed (state_dir full, read-only or gone); retried, and /readyz fails meanwhile.",
+                )
+                .expect("valid counter definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
+            journal_blocked: int_gauge(
+                &r,
+                "keyrotd_journal_blocked",
+                "1 while the key's journal was unreadable at start: set aside, and the key blocked from automatic rotation until an operator rotates it.",
+                k,
+            ),
             paused: {
                 let g = IntGauge::new("keyrotd_paused", "1 while scheduled rotations are paused.")
                     .expect("valid gauge definition");
@@ -564,6 +585,7 @@ impl Metrics {
                 self.rerotations.with_label_values(&[name, reason.as_str()]);
             }
             self.drift.with_label_values(&[name]);
+            self.journal_blocked.with_label_values(&[name]);
 
             match key.max_age {
                 Some(max_age) => self
@@ -622,6 +644,7 @@ impl Metrics {
         prune(&self.key_active, key_known);
         prune(&self.key_last_rotation, key_known);
         prune(&self.drift, key_known);
+        prune(&self.journal_blocked, key_known);
         // For known keys, apply_config sets or removes these two from the key's config.
         prune(&self.key_max_age, key_known);
         prune(&self.key_schedule_period, key_known);
@@ -862,6 +885,20 @@ impl Metrics {
             .inc();
     }
 
+    /// A journal write failed.
+    pub fn journal_write_failure(&self) {
+        self.journal_write_failures.inc();
+    }
+
+    /// Whether `key` is blocked because its journal was unreadable.
+    pub fn journal_blocked(&self, key: &str, blocked: bool) {
+        self.with_key(key, |_| {
+            self.journal_blocked
+                .with_label_values(&[key])
+                .set(i64::from(blocked))
+        });
+    }
+
     /// Whether scheduled rotations are paused.
     pub fn paused(&self, paused: bool) {
         self.paused.set(i64::from(paused));
@@ -1038,7 +1075,7 @@ mod tests {
         let expected: &[(&str, &[(&str, &str)])] = &[
             (
                 "keyrotd_rotations_total",
-                &[("key", "billing"), ("outcome", "failed")],
+                &[("key", "billing"), ("outcome", Outcome::Failed.as_str())],
             ),
             (
                 "keyrotd_rotation_duration_seconds_count",
@@ -1229,7 +1266,7 @@ mod tests {
             value(
                 &text,
                 "keyrotd_rotations_total",
-                &[("key", "billing"), ("outcome", "degraded")]
+                &[("key", "billing"), ("outcome", Outcome::Degraded.as_str())]
             ),
             Some(1.0),
             "a key that stays keeps its counts"
