@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod daemon;
@@ -32,3 +33,5 @@ pub mod sim;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -93,6 +93,9 @@ impl ProviderError {
 pub enum Provider {
     Aos(aos::AosProvider),
     Http(http::HttpProvider),
+    /// An in-memory portal with injectable faults: the engine's tests (feature `testing`).
+    #[cfg(feature = "testing")]
+    Scripted(crate::testing::ScriptedProvider),
 }
 
 impl Provider {
@@ -107,6 +110,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.name(),
             Provider::Http(p) => p.name(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.name(),
         }
     }
 
@@ -115,6 +120,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.expected_account(),
             Provider::Http(p) => p.expected_account(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.expected_account(),
         }
     }
 
@@ -123,6 +130,8 @@ impl Provider {
         match self {
             Provider::Aos(_) => true,
             Provider::Http(p) => p.has_status(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.has_status(),
         }
     }
 
@@ -131,6 +140,8 @@ impl Provider {
         match self {
             Provider::Aos(_) => true,
             Provider::Http(p) => p.has_auth_check(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.has_auth_check(),
         }
     }
 
@@ -138,6 +149,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.status().await,
             Provider::Http(p) => p.status().await,
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.status().await,
         }
     }
 
@@ -150,6 +163,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.regenerate(reason).await,
             Provider::Http(p) => p.regenerate(reason, current_key_id).await,
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.regenerate().await,
         }
     }
 
@@ -158,6 +173,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.auth_check(secret).await,
             Provider::Http(p) => p.auth_check(secret).await,
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.auth_check(secret).await,
         }
     }
 }
