@@ -7,7 +7,6 @@
 //! Under systemd (`Type=notify`) it reports READY after recovery, WATCHDOG from the main loop,
 //! RELOADING/READY around reloads and STOPPING on shutdown.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +15,7 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{self, Config};
-use crate::engine::{Engine, Runtime, recovery, scheduler};
+use crate::engine::{Engine, Runtime, reconcile, recovery, scheduler};
 use crate::journal::StateLock;
 use crate::systemd::SystemdNotifier;
 use crate::telemetry::Metrics;
@@ -47,8 +46,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     tracing::info!(keys = decisions.len(), "Recovery scan done.");
     sd.ready();
 
-    let mut scheduled: HashSet<String> = HashSet::new();
-    spawn_schedulers(&engine, &mut scheduled);
+    tokio::spawn(scheduler::run(engine.clone()));
     spawn_loops(&engine);
 
     let watchdog = sd.watchdog_interval();
@@ -59,7 +57,6 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 sd.reloading();
                 reload(&engine, &config_path).await;
-                spawn_schedulers(&engine, &mut scheduled);
                 sd.ready();
             }
             _ = term.recv() => break,
@@ -91,31 +88,19 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_schedulers(engine: &Arc<Engine>, scheduled: &mut HashSet<String>) {
-    let names: HashSet<String> = engine.key_names().into_iter().collect();
-    scheduled.retain(|k| names.contains(k));
-    for name in names {
-        if scheduled.insert(name.clone()) {
-            tokio::spawn(scheduler::run_key(engine.clone(), name));
-        }
-    }
-}
-
 fn spawn_loops(engine: &Arc<Engine>) {
     let e = engine.clone();
     tokio::spawn(async move {
         loop {
-            let Some(interval) = e.config().daemon.reconcile_interval else {
-                tokio::select! {
-                    _ = e.shutdown.cancelled() => return,
-                    _ = e.changed.notified() => continue,
-                }
-            };
+            // Disabled ("0s"): look again now and then, in case a reload enables it.
+            let interval = e.config().daemon.reconcile_interval;
             tokio::select! {
                 _ = e.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(interval.unwrap_or(Duration::from_secs(60))) => {}
             }
-            recovery::reconcile_all(&e).await;
+            if interval.is_some() {
+                reconcile::reconcile_all(&e).await;
+            }
         }
     });
     let e = engine.clone();
