@@ -294,8 +294,17 @@ async fn keyrotd_run_notifies_ready_watchdog_reload_and_stopping() {
     let stack = Stack::start().await;
     let config = stack.write_config(&Options::default());
     let systemd = Recorder::start();
-    // The portal's status call fails four times: recovery retries it with backoff (about 4 s), long
-    // enough to watch the daemon answer /readyz 503 before it is ready.
+    // A journal left at `regenerating` makes the recovery scan read the portal's status, which fails
+    // four times: recovery retries it with backoff (a few seconds), long enough to watch the daemon
+    // answer /readyz 503 before it is ready.
+    let key_id = stack.portal.state().await.key_id;
+    let journal = stack.state_dir().join("journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    std::fs::write(
+        journal.join(format!("{KEY}.json")),
+        json!({ "key": KEY, "phase": "regenerating", "old_key_id": key_id }).to_string(),
+    )
+    .unwrap();
     stack
         .portal
         .faults(json!({ "status": { "fail_next": 4, "status": 503 } }))
