@@ -12,9 +12,12 @@
 //! - [`engine`]: the rotation lifecycle, recovery, re-rotation, reconcile, the scheduler loop;
 //! - [`telemetry`]: every metric, defined once;
 //! - [`admin`]: the HTTP API (metrics, health, status, the few POSTs);
-//! - [`daemon`]: `keyrotd run`: wires it all, signals, systemd notify;
-//! - [`cli`]: the commands;
+//! - [`daemon`]: `keyrotd run`: wires it all, signals, the calls to [`systemd`];
+//! - [`systemd`]: the sd_notify protocol (READY, WATCHDOG, RELOADING, STOPPING);
+//! - [`cli`]: the commands, parsed and printed; [`commands`]: the async bodies of `status` and `rotate`;
 //! - [`sim`]: the portal and dependent simulators used by the tests and the demo.
+//!
+//! What each part promises its operators is in `docs/` (docs/README.md lists the pages).
 #![forbid(unsafe_code)]
 
 pub mod admin;
