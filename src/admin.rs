@@ -1,4 +1,4 @@
-//! The admin HTTP API on `daemon.listen` (spec/observability.md): metrics, health, readiness, the
+//! The admin HTTP API on `daemon.listen` (docs/admin-api.md): metrics, health, readiness, the
 //! keys' live view, rotation records, and the few POSTs (rotate, pause, resume).
 //!
 //! GET endpoints never change state and never show a secret. POSTs need `Authorization: Bearer

@@ -1,4 +1,4 @@
-//! Every metric keyrotd exports, defined once (spec/observability.md), and the typed calls that record
+//! Every metric keyrotd exports, defined once (docs/metrics.md), and the typed calls that record
 //! them.
 //!
 //! This module owns the metric names, types, HELP texts, label names and label value sets. The engine,
@@ -22,7 +22,7 @@
 //! last-success and last-attempt timestamps) appear on their first recording: exporting `0` for them
 //! would claim "inactive" or "never rotated" when keyrotd simply has not asked yet.
 //!
-//! Two gauges go beyond the spec's table, because the alert rules need them (docs/metrics.md):
+//! Two gauges exist for the alert rules alone (docs/metrics.md#two-gauges-for-the-alert-rules):
 //! `keyrotd_key_max_age_seconds{key}` and `keyrotd_key_schedule_period_seconds{key}`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -67,7 +67,7 @@ macro_rules! label_set {
         }
 
         impl $name {
-            /// Every value, in the order the spec lists them.
+            /// Every value, in the order docs/metrics.md lists them.
             pub const ALL: &'static [$name] = &[$($name::$variant,)+];
 
             /// The label value as exported.
@@ -87,7 +87,7 @@ macro_rules! label_set {
 }
 
 label_set! {
-    /// How a rotation ended (spec/lifecycle.md, "Outcomes").
+    /// How a rotation ended (docs/lifecycle.md#6-outcome).
     Outcome {
         /// Every destination and dependent served with the new key.
         Success => "success",
@@ -121,7 +121,8 @@ label_set! {
 }
 
 label_set! {
-    /// Why a key had to be regenerated again (spec/lifecycle.md).
+    /// Why a key had to be regenerated again (docs/lifecycle.md#ambiguous-regenerate, and the
+    /// recovery and reconcile sections after it).
     RerotationReason {
         /// An ambiguous regenerate rotated the key but its secret never arrived.
         LostBeforeStorage => "lost_before_storage",
@@ -1071,7 +1072,7 @@ mod tests {
         let m = Metrics::new();
         m.apply_config_with(&two_keys(), t0(), weekday_runs);
         let text = m.encode();
-        // Each spec metric with one series it must have from start, labels in the spec's order.
+        // Each metric of docs/metrics.md with one series it must have from start, labels in its order.
         let expected: &[(&str, &[(&str, &str)])] = &[
             (
                 "keyrotd_rotations_total",

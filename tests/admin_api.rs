@@ -1,4 +1,4 @@
-//! The admin API's table (spec/observability.md), every status code, against the real daemon.
+//! The admin API's table (docs/admin-api.md), every status code, against the real daemon.
 
 mod support;
 

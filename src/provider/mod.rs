@@ -77,18 +77,6 @@ pub enum ProviderError {
     },
 }
 
-impl ProviderError {
-    /// Metric label for `keyrotd_provider_requests_total{outcome}`.
-    pub fn outcome_label(&self) -> &'static str {
-        match self {
-            ProviderError::Auth { .. } => "auth_error",
-            ProviderError::RateLimited { .. } => "rate_limited",
-            ProviderError::Transient { .. } | ProviderError::Permanent { .. } => "transient",
-            ProviderError::Ambiguous { .. } => "ambiguous",
-        }
-    }
-}
-
 /// A configured provider, ready to use.
 pub enum Provider {
     Aos(aos::AosProvider),
