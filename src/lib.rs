@@ -18,7 +18,7 @@
 //! - [`systemd`]: the sd_notify protocol (READY, WATCHDOG, RELOADING, STOPPING);
 //! - [`cli`]: the commands, parsed and printed; [`commands`]: the async bodies of `status` and `rotate`;
 //! - [`sim`]: the portal and dependent simulators used by the tests and the demo;
-//! - `testing` (feature `testing`): the in-process seam — an in-memory store, a scripted provider
+//! - [`testing`] (feature `testing`): the in-process seam — an in-memory store, a scripted provider
 //!   and scripted dependents — that the engine's tests run on.
 //!
 //! What each part promises its operators is in `docs/` (docs/README.md lists the pages).
