@@ -312,3 +312,129 @@ fn repair_key(
     }
     reported(&key.name, repair, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(auto_recover: bool) -> KeyConfig {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t"), "t").unwrap();
+        let text = format!(
+            r#"
+            [daemon]
+            state_dir = "{d}"
+            [providers.p]
+            kind = "aos"
+            base_url = "http://127.0.0.1:1"
+            management_token = {{ file = "{d}/t" }}
+            [stores.a]
+            kind = "file"
+            dir = "{d}"
+            [[keys]]
+            name = "k"
+            provider = "p"
+            auto_recover = {auto_recover}
+            [[keys.destinations]]
+            store = "a"
+            file = "k1"
+            [[keys.destinations]]
+            store = "a"
+            file = "k2"
+            "#,
+            d = dir.path().display()
+        );
+        crate::config::load_str(&text).unwrap().keys[0].clone()
+    }
+
+    /// A destination as observed: `s` in sync, `o` another value or none, `e` unreadable.
+    fn view(c: char) -> DestinationView {
+        DestinationView {
+            store: "a".into(),
+            target: "t".into(),
+            key_id: None,
+            fingerprint: None,
+            version: None,
+            in_sync: c == 's',
+            error: (c == 'e').then(|| "unreachable".into()),
+        }
+    }
+
+    fn obs(status: &str, views: &str) -> Observation {
+        let status = match status {
+            "active" | "inactive" => Seen::Read(KeyStatus {
+                active: status == "active",
+                key_id: "k1".into(),
+                account_id: None,
+                first_generated: None,
+                last_rotated: None,
+                generated_by: None,
+            }),
+            "none" => Seen::NoEndpoint,
+            _ => Seen::Unreadable("HTTP 503".into()),
+        };
+        Observation {
+            active_key_id: Some("k1".into()),
+            active_fingerprint: Some("fp".into()),
+            adopted: false,
+            status,
+            values: Vec::new(),
+            views: views.chars().map(view).collect(),
+        }
+    }
+
+    #[test]
+    fn judge_table() {
+        let j = KeyJournal::new("k");
+        let mut tired = KeyJournal::new("k");
+        tired.rerotations_in_row = 4;
+        let (on, off) = (key(true), key(false));
+        let table: &[(&str, &str, &KeyConfig, &KeyJournal, Repair)] = &[
+            ("active", "ss", &on, &j, Repair::InSync),
+            ("active", "so", &on, &j, Repair::Copy { from: 0 }),
+            ("active", "os", &on, &j, Repair::Copy { from: 1 }),
+            ("active", "oo", &on, &j, Repair::Rerotate),
+            ("active", "oo", &off, &j, Repair::Report),
+            ("active", "oo", &on, &tired, Repair::Report),
+            (
+                "active",
+                "se",
+                &on,
+                &j,
+                Repair::Skip("some destinations unreadable".into()),
+            ),
+            (
+                "active",
+                "ee",
+                &on,
+                &j,
+                Repair::Skip("some destinations unreadable".into()),
+            ),
+            ("active", "oe", &on, &j, Repair::Rerotate),
+            ("inactive", "oo", &on, &j, Repair::NotActive),
+            ("inactive", "ss", &on, &j, Repair::NotActive),
+            (
+                "down",
+                "oo",
+                &on,
+                &j,
+                Repair::Skip("provider status: HTTP 503".into()),
+            ),
+            ("none", "so", &on, &j, Repair::Copy { from: 0 }),
+        ];
+        for (status, views, key, journal, want) in table {
+            let got = judge(&obs(status, views), journal, key);
+            assert_eq!(&got, want, "status {status}, destinations {views}");
+        }
+    }
+
+    #[test]
+    fn drift_is_reported_for_what_needs_repair_or_report() {
+        let views: Vec<DestinationView> = "so".chars().map(view).collect();
+        assert!(Repair::Copy { from: 0 }.drift(&views));
+        assert!(Repair::Report.drift(&views));
+        assert!(Repair::NotActive.drift(&views));
+        assert!(!Repair::InSync.drift(&views));
+        assert!(!Repair::Skip(String::new()).drift(&views));
+    }
+}

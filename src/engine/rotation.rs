@@ -652,7 +652,13 @@ mod tests {
         use VerifyResult as V;
         let (ok, lagging) = (Some(Outcome::Success), Some(Outcome::Degraded));
         // None = not done: `lost` or `drift` as the last column says.
-        type Row<'a> = (&'a [bool], &'a [bool], VerifyResult, Option<Outcome>, &'a str);
+        type Row<'a> = (
+            &'a [bool],
+            &'a [bool],
+            VerifyResult,
+            Option<Outcome>,
+            &'a str,
+        );
         let table: &[Row] = &[
             (&[true, true], &[true], V::Ok, ok, ""),
             (&[true, true], &[true], V::Unknown, ok, ""),

@@ -81,7 +81,13 @@ fn journal(phase: &str) -> KeyJournal {
     j.first_confirmed();
     if phase == "watch" {
         // A crash in the watch: the outcome was decided and the new key is the active one.
-        j.concluded(crate::telemetry::Outcome::Success, "new", "fp-new", true, now());
+        j.concluded(
+            crate::telemetry::Outcome::Success,
+            "new",
+            "fp-new",
+            true,
+            now(),
+        );
         j.old_key_id = Some("old".into());
     }
     assert_eq!(crate::journal::phase_name(j.phase), phase);
