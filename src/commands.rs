@@ -40,6 +40,10 @@ pub struct KeyReport {
     pub last_finished_at: Option<DateTime<Utc>>,
     pub next_rotation: Option<DateTime<Utc>>,
     pub phase: Phase,
+    /// The journal could not be read: the daemon sets it aside and blocks the key until an operator
+    /// rotates it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_error: Option<String>,
 }
 
 /// Reads every key's provider status and destinations live (read-only: nothing is adopted, repaired
@@ -59,9 +63,13 @@ pub async fn status(config: Config, only: Option<&str>) -> anyhow::Result<Vec<Ke
         let metrics = &metrics;
         let journal = &journal;
         async move {
-            let j = journal
-                .load(&k.name)
-                .unwrap_or_else(|_| crate::journal::KeyJournal::new(&k.name));
+            let (j, journal_error) = match journal.load(&k.name) {
+                Ok(j) => (j, None),
+                Err(e) => (
+                    crate::journal::KeyJournal::new(&k.name),
+                    Some(e.to_string()),
+                ),
+            };
             let obs = observe(metrics, rt, k, &j).await;
             let drift = obs.views.iter().any(|v| !v.in_sync && v.error.is_none());
             let (portal, portal_error) = match obs.status {
@@ -83,6 +91,7 @@ pub async fn status(config: Config, only: Option<&str>) -> anyhow::Result<Vec<Ke
                 last_outcome: j.last_outcome,
                 last_finished_at: j.last_finished_at,
                 next_rotation: next,
+                journal_error,
                 phase: j.phase,
             }
         }
@@ -157,12 +166,20 @@ pub fn status_table(reports: &[KeyReport]) -> String {
                 .collect();
             let _ = writeln!(out, "  {}", line.join("  ").trim_end());
         }
+        if let Some(e) = &r.journal_error {
+            let _ = writeln!(
+                out,
+                "  JOURNAL UNREADABLE: {e}\n  keyrotd sets it aside and will not rotate this key by itself; \
+                 compare the portal with the destinations above, then `keyrotd rotate {} --reason ...`",
+                r.name
+            );
+        }
         let _ = writeln!(
             out,
-            "  drift: {}  last outcome: {}  phase: {:?}  next rotation: {}\n",
+            "  drift: {}  last outcome: {}  phase: {}  next rotation: {}\n",
             if r.drift { "YES" } else { "no" },
             opt(&r.last_outcome),
-            r.phase,
+            crate::journal::phase_name(r.phase),
             opt(&r.next_rotation.map(|t| t.to_rfc3339())),
         );
     }

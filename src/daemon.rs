@@ -23,6 +23,10 @@ use crate::telemetry::Metrics;
 /// How often owed re-rotations (lost keys) and unresolved ambiguous regenerates are looked at.
 const RECOVERY_TICK: Duration = Duration::from_secs(3);
 
+/// How long shutdown waits for work that holds no issued key (watches and fills end at once,
+/// rotations in preflight stop before regenerate).
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs the daemon until shutdown. `config_path` is re-read on SIGHUP.
 pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let sd = SystemdNotifier::from_env();
@@ -70,19 +74,31 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     );
     engine.shutdown.cancel();
     engine.tasks.close();
-    let bound = engine
-        .config()
-        .keys
-        .iter()
-        .map(|k| k.store_deadline)
-        .max()
-        .unwrap_or_default()
-        + Duration::from_secs(15);
-    tokio::select! {
-        _ = engine.tasks.wait() => tracing::info!("All rotations ended."),
-        _ = tokio::time::sleep(bound) => tracing::warn!("Shutdown bound reached with rotations still running."),
-        _ = term.recv() => tracing::warn!("Second signal: exiting now."),
-        _ = int.recv() => tracing::warn!("Second signal: exiting now."),
+    // Rotations that have not regenerated stop at once; one holding an issued key is waited for until
+    // its store_deadline, counted from the regenerate response (a regenerate still in flight when the
+    // signal came registers its own bound when it answers).
+    loop {
+        let bound = engine.drain_deadline(DRAIN_GRACE);
+        tokio::select! {
+            _ = engine.tasks.wait() => {
+                tracing::info!("All rotations ended.");
+                break;
+            }
+            _ = tokio::time::sleep_until(bound) => {
+                if engine.drain_deadline(DRAIN_GRACE) <= tokio::time::Instant::now() {
+                    tracing::warn!("Shutdown bound reached with rotations still running.");
+                    break;
+                }
+            }
+            _ = term.recv() => {
+                tracing::warn!("Second signal: exiting now.");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::warn!("Second signal: exiting now.");
+                break;
+            }
+        }
     }
     admin.abort();
     Ok(())

@@ -170,6 +170,9 @@ async fn write_once(
 pub async fn run(r: &Rotation, secret: Option<&Secret>, ident: &Ident) -> Distribution {
     r.show_phase();
     let deadline = Instant::now() + r.key.store_deadline;
+    // Shutdown waits for the key to reach its destinations (and the hooks a little longer).
+    let drain = ident.responded + r.key.store_deadline + Duration::from_secs(15);
+    r.engine.hold_shutdown(r.meta.rotation_id, Some(drain));
     let write_req = secret.map(|s| write_request(r, s, ident));
     let (verify, mut progress) = tokio::join!(
         verify(r, secret, ident),

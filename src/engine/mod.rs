@@ -258,6 +258,9 @@ pub struct Engine {
     pub tasks: TaskTracker,
     /// Tells the scheduler which keys' due times to compute again.
     pub(crate) schedule: scheduler::Signal,
+    /// Rotations holding (or about to hold) an issued key, with the time until which shutdown waits
+    /// for them: their store_deadline counted from the regenerate response.
+    inflight: Mutex<HashMap<Uuid, tokio::time::Instant>>,
 }
 
 impl Engine {
@@ -294,6 +297,7 @@ impl Engine {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             schedule: scheduler::Signal::default(),
+            inflight: Mutex::new(HashMap::new()),
         });
         let journaled = engine.open_slots(&config);
         engine.seed_last_successes(&config, journaled);
@@ -703,6 +707,27 @@ impl Engine {
             })
             .next()
             .unwrap_or_else(|| "keyrotd".into())
+    }
+
+    /// Shutdown waits for rotation `id` until `until` (it holds an issued key, or a regenerate is in
+    /// flight); `None` when it no longer needs waiting for.
+    pub(crate) fn hold_shutdown(&self, id: Uuid, until: Option<tokio::time::Instant>) {
+        let mut inflight = lock(&self.inflight);
+        match until {
+            Some(t) => inflight.insert(id, t),
+            None => inflight.remove(&id),
+        };
+    }
+
+    /// Until when shutdown waits: the latest bound of a rotation holding an issued key, or `grace`
+    /// from now when none does.
+    pub fn drain_deadline(&self, grace: std::time::Duration) -> tokio::time::Instant {
+        let grace = tokio::time::Instant::now() + grace;
+        lock(&self.inflight)
+            .values()
+            .copied()
+            .max()
+            .map_or(grace, |t| t.max(grace))
     }
 
     /// Keys' names in config order.

@@ -20,6 +20,9 @@ use crate::secret::{Secret, fingerprint};
 /// connection refused) before the rotation ends `failed` with the old key still working.
 pub const REGENERATE_ATTEMPTS: u32 = 3;
 
+/// How long shutdown waits for a regenerate that is in flight to answer.
+const REGENERATE_IN_FLIGHT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A key the portal issued: the secret (held only in memory, zeroized on drop) and its identity.
 pub struct Issued {
     pub secret: Secret,
@@ -69,6 +72,11 @@ pub async fn run(r: &Rotation, before: Option<&KeyStatus>) -> Regen {
             ));
         }
         r.show_phase();
+        // From here a key may be issued: shutdown waits for this rotation (the bound moves to the
+        // response's store_deadline when it answers).
+        let provisional = Instant::now() + REGENERATE_IN_FLIGHT + r.key.store_deadline;
+        r.engine
+            .hold_shutdown(r.meta.rotation_id, Some(provisional));
         fail::fail_point!("before_regenerate");
         let answer = calls::regenerate(
             &r.engine.metrics,

@@ -629,6 +629,12 @@ impl Rotation {
     }
 }
 
+impl Drop for Rotation {
+    fn drop(&mut self) {
+        self.engine.hold_shutdown(self.meta.rotation_id, None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -324,3 +324,32 @@ async fn an_emergency_rotation_with_a_store_down_needs_allow_partial() {
     assert_eq!(fx.holds("b"), Holds::Active);
     let _ = (StoreFault::Transient, dep("x", &["a"]), target());
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_an_issued_key_from_its_regenerate_response() {
+    let fx = Fx::new(Spec::default());
+    fx.store("b").delay_writes(Duration::from_secs(3));
+    let fx = fx.start();
+    let grace = Duration::from_secs(5);
+    let idle = fx.engine().drain_deadline(grace);
+    assert!(idle <= tokio::time::Instant::now() + grace);
+    let engine = fx.engine().clone();
+    let rotation = tokio::spawn(async move {
+        let req = RotationRequest::new(Trigger::Manual, "t", "tester");
+        engine.rotate(KEY, req).await.map(|r| r.1)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fx.engine().shutdown.cancel();
+    // store_deadline (10 s) counted from the response, not from the signal, plus time for the hooks.
+    let bound = fx.engine().drain_deadline(grace);
+    assert!(
+        bound >= tokio::time::Instant::now() + Duration::from_secs(20),
+        "shutdown would wait only {:?}",
+        bound - tokio::time::Instant::now()
+    );
+    assert!(matches!(
+        rotation.await.unwrap(),
+        Ok(RunResult::Finished(Outcome::Success))
+    ));
+    assert!(fx.engine().drain_deadline(grace) <= tokio::time::Instant::now() + grace);
+}
