@@ -200,7 +200,7 @@ async fn rotate(
 fn trigger_error(e: TriggerError) -> Response {
     let status = match e {
         TriggerError::UnknownKey(_) => StatusCode::NOT_FOUND,
-        TriggerError::Busy(_) => StatusCode::CONFLICT,
+        TriggerError::Busy(_) | TriggerError::HeldElsewhere { .. } => StatusCode::CONFLICT,
         TriggerError::Paused | TriggerError::OutsideWindow(_) | TriggerError::Blocked { .. } => {
             StatusCode::LOCKED
         }

@@ -15,7 +15,7 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{self, Config};
-use crate::engine::{Engine, Runtime, reconcile, recovery, scheduler};
+use crate::engine::{Engine, Runtime, reconcile, recovery, replicas, scheduler};
 use crate::journal::StateLock;
 use crate::systemd::SystemdNotifier;
 use crate::telemetry::Metrics;
@@ -45,12 +45,15 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
+    // Several replicas: take this replica's share of the keys first, so the scan recovers them.
+    replicas::round(&engine).await;
     // Recovery first: nothing is scheduled before every journal is decided.
     let decisions = recovery::recover_all(&engine).await;
     tracing::info!(keys = decisions.len(), "Recovery scan done.");
     sd.ready();
 
     tokio::spawn(scheduler::run(engine.clone()));
+    tokio::spawn(replicas::run(engine.clone()));
     spawn_loops(&engine);
 
     let watchdog = sd.watchdog_interval();

@@ -10,6 +10,7 @@
 //! - [`store`]: destinations (`vault` KV v2, `aws` Secrets Manager, `file`);
 //! - [`notify`]: dependents' reload hooks (HTTP, command) and verify probes;
 //! - [`journal`]: crash-safe per-key state, the state-dir lock, the audit log;
+//! - [`coordination`]: several replicas on a Vault lease (membership, rendezvous, fencing);
 //! - [`engine`]: one owner per key; the rotation as a pipeline of phases; recovery and reconcile
 //!   (decide, then act); the scheduler's one timer;
 //! - [`telemetry`]: every metric, defined once;
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod coordination;
 pub mod daemon;
 pub mod engine;
 pub mod journal;

@@ -200,6 +200,9 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     journal_write_failures: prometheus::IntCounter,
     journal_blocked: IntGaugeVec,
+    lease_held: IntGaugeVec,
+    lease_takeovers: IntCounterVec,
+    lease_renew_failures: prometheus::IntCounter,
     paused: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -441,6 +444,28 @@ impl Metrics {
                 "1 while the key's journal was unreadable at start: set aside, and the key blocked from automatic rotation until an operator rotates it.",
                 k,
             ),
+            lease_held: int_gauge(
+                &r,
+                "keyrotd_lease_held",
+                "1 while this replica holds the key's lease (several replicas, [coordination]).",
+                k,
+            ),
+            lease_takeovers: counter(
+                &r,
+                "keyrotd_lease_takeovers_total",
+                "Times this replica took the key over from another replica whose lease had expired.",
+                k,
+            ),
+            lease_renew_failures: {
+                let c = prometheus::IntCounter::new(
+                    "keyrotd_lease_renew_failures_total",
+                    "Renewals of this replica's membership lease that failed (Vault unreachable or refusing).",
+                )
+                .expect("valid counter definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
             paused: {
                 let g = IntGauge::new("keyrotd_paused", "1 while scheduled rotations are paused.")
                     .expect("valid gauge definition");
@@ -587,6 +612,10 @@ impl Metrics {
             }
             self.drift.with_label_values(&[name]);
             self.journal_blocked.with_label_values(&[name]);
+            if config.coordination.is_some() {
+                self.lease_held.with_label_values(&[name]);
+                self.lease_takeovers.with_label_values(&[name]);
+            }
 
             match key.max_age {
                 Some(max_age) => self
@@ -646,6 +675,8 @@ impl Metrics {
         prune(&self.key_last_rotation, key_known);
         prune(&self.drift, key_known);
         prune(&self.journal_blocked, key_known);
+        prune(&self.lease_held, key_known);
+        prune(&self.lease_takeovers, key_known);
         // For known keys, apply_config sets or removes these two from the key's config.
         prune(&self.key_max_age, key_known);
         prune(&self.key_schedule_period, key_known);
@@ -898,6 +929,27 @@ impl Metrics {
                 .with_label_values(&[key])
                 .set(i64::from(blocked))
         });
+    }
+
+    /// Whether this replica holds `key`'s lease.
+    pub fn lease_held(&self, key: &str, held: bool) {
+        self.with_key(key, |_| {
+            self.lease_held
+                .with_label_values(&[key])
+                .set(i64::from(held))
+        });
+    }
+
+    /// This replica took `key` over from another.
+    pub fn lease_takeover(&self, key: &str) {
+        self.with_key(key, |_| {
+            self.lease_takeovers.with_label_values(&[key]).inc()
+        });
+    }
+
+    /// A membership renewal failed.
+    pub fn lease_renew_failure(&self) {
+        self.lease_renew_failures.inc();
     }
 
     /// Whether scheduled rotations are paused.

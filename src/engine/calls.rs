@@ -153,12 +153,12 @@ pub struct Notice {
 
 /// One dependent's reload hook with its retries, each attempt counted. True once it answered.
 pub async fn call_hook(
-    dependents: &Dependents,
-    metrics: &Metrics,
+    engine: &super::Engine,
     key: &KeyConfig,
     dep: &DependentConfig,
     notice: &Notice,
 ) -> bool {
+    let (dependents, metrics) = (&engine.dependents, &engine.metrics);
     let Some(hook) = &dep.reload else { return true };
     let retries = match hook {
         ReloadHook::Http { retries, .. } | ReloadHook::Command { retries, .. } => *retries,
@@ -170,6 +170,12 @@ pub async fn call_hook(
         rotated_at: notice.rotated_at,
     };
     for attempt in 0..=retries {
+        if let Some(c) = &engine.coordination
+            && let Err(e) = c.fence(&key.name, crate::coordination::Step::Reload).await
+        {
+            tracing::warn!(dependent = %dep.name, error = %e, "Reload hook not sent: the key's lease is gone.");
+            return false;
+        }
         match dependents.reload(hook, &notice).await {
             Ok(()) => {
                 metrics.reload_hook(&key.name, &dep.name, true);

@@ -97,10 +97,11 @@ impl Distribution {
     }
 }
 
-/// Where one write's attempts are counted.
+/// Where one write's attempts are counted, and (several replicas) the lease they need.
 pub struct WriteCount<'a> {
     pub metrics: &'a Metrics,
     pub key: &'a str,
+    pub coordination: Option<&'a crate::coordination::Coordinator>,
 }
 
 /// Writes one destination and reads it back until it shows the new fingerprint (some stores are
@@ -116,6 +117,11 @@ pub async fn write_and_confirm(
     let mut attempt = 0u32;
     let mut last_err = String::from("deadline passed before the first attempt");
     loop {
+        if let Some(c) = count.coordination
+            && let Err(e) = c.fence(count.key, crate::coordination::Step::Write).await
+        {
+            return Err(format!("not written: {e}"));
+        }
         match tokio::time::timeout_at(deadline, write_once(store, d, req)).await {
             Ok(Ok(version)) => {
                 count.metrics.store_write(count.key, &d.store, true);
@@ -354,6 +360,7 @@ async fn store_and_notify(
     let count = WriteCount {
         metrics: &r.engine.metrics,
         key: &r.key.name,
+        coordination: r.engine.coordination.as_deref(),
     };
     let mut writes: FuturesUnordered<_> = FuturesUnordered::new();
     if let Some(req) = req {
@@ -387,14 +394,7 @@ async fn store_and_notify(
                 p.hook_started[di] = true;
                 let notice = &notice;
                 hooks.push(async move {
-                    let ok = calls::call_hook(
-                        &r.engine.dependents,
-                        &r.engine.metrics,
-                        &r.key,
-                        dep,
-                        notice,
-                    )
-                    .await;
+                    let ok = calls::call_hook(&r.engine, &r.key, dep, notice).await;
                     (di, ok)
                 });
             }

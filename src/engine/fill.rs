@@ -88,6 +88,7 @@ impl Fill {
         let count = WriteCount {
             metrics: &self.engine.metrics,
             key: &self.key.name,
+            coordination: self.engine.coordination.as_deref(),
         };
         for (i, d) in self.key.destinations.iter().enumerate() {
             if self.confirmed[i] {
@@ -123,14 +124,7 @@ impl Fill {
             if dep.reads_from.iter().any(|s| s == store)
                 && can_tell(&self.key, dep, &self.confirmed)
             {
-                calls::call_hook(
-                    &self.engine.dependents,
-                    &self.engine.metrics,
-                    &self.key,
-                    dep,
-                    &notice,
-                )
-                .await;
+                calls::call_hook(&self.engine, &self.key, dep, &notice).await;
             }
         }
     }

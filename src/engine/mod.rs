@@ -21,6 +21,7 @@ pub mod reconcile;
 pub mod record;
 pub mod recovery;
 pub mod regenerate;
+pub mod replicas;
 pub mod rotation;
 pub mod scheduler;
 pub mod slot;
@@ -43,6 +44,8 @@ pub use rotation::Resume;
 
 use crate::clock::Clock;
 use crate::config::{Config, KeyConfig};
+use crate::coordination::kv::Kv;
+use crate::coordination::{Coordinator, Replica};
 use crate::journal::{AuditEvent, AuditLog, AuditRecord, Journal, JournalError, KeyJournal};
 use crate::provider::{KeyStatus, Provider};
 use crate::store::Store;
@@ -169,6 +172,8 @@ pub enum TriggerError {
     NotReady,
     #[error("{key}: blocked from automatic rotation: {why}")]
     Blocked { key: String, why: String },
+    #[error("{key} is held by replica {holder}; send the request there")]
+    HeldElsewhere { key: String, holder: String },
 }
 
 /// The configuration in force with the clients built from it. Swapped whole on reload; a running
@@ -231,6 +236,9 @@ pub struct KeyView {
     /// Why the key is blocked from automatic rotation, if it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked: Option<String>,
+    /// With several replicas: the replica that holds the key's lease (`null` while none does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Option<String>>,
 }
 
 /// How the engine is built beyond its config: the clock and how dependents are reached.
@@ -238,6 +246,8 @@ pub struct KeyView {
 pub struct EngineOptions {
     pub clock: Clock,
     pub dependents: Dependents,
+    /// Several replicas: this replica's coordinator (built from `[coordination]` by [`Engine::new`]).
+    pub coordination: Option<Arc<Coordinator>>,
 }
 
 /// The engine shared by the daemon's tasks, the admin API and the CLI.
@@ -248,6 +258,8 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     pub(crate) dependents: Dependents,
     pub clock: Clock,
+    /// Several replicas: which keys this replica holds, and the fencing of its destructive steps.
+    pub coordination: Option<Arc<Coordinator>>,
     slots: RwLock<HashMap<String, Arc<KeySlot>>>,
     permits: Arc<tokio::sync::Semaphore>,
     paused: AtomicBool,
@@ -266,8 +278,20 @@ pub struct Engine {
 impl Engine {
     /// Builds the engine on a validated config, with real clients. The caller holds the state-dir lock.
     pub async fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Engine>> {
-        let runtime = Runtime::build(config).await?;
-        Engine::with_runtime(runtime, metrics, EngineOptions::default())
+        let runtime = Runtime::build(config.clone()).await?;
+        let mut options = EngineOptions::default();
+        if let Some(co) = &config.coordination {
+            let store = runtime.store(&co.store)?.clone();
+            let replica = Replica::this_process(options.clock.now());
+            options.coordination = Some(Arc::new(Coordinator::new(
+                replica,
+                Kv::Vault(store),
+                co,
+                options.clock.clone(),
+                metrics.clone(),
+            )));
+        }
+        Engine::with_runtime(runtime, metrics, options)
     }
 
     /// Builds the engine on a runtime whose clients are already built (tests give in-memory ones).
@@ -292,6 +316,7 @@ impl Engine {
             metrics,
             dependents: options.dependents,
             clock: options.clock,
+            coordination: options.coordination,
             slots: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
@@ -315,7 +340,13 @@ impl Engine {
             if slots.contains_key(&k.name) {
                 continue;
             }
-            let (journal, blocked) = match self.journal.load(&k.name) {
+            // With several replicas a key's journal lives in its lease document, read when the key
+            // is taken.
+            let local = match self.coordination {
+                Some(_) => Ok(KeyJournal::new(&k.name)),
+                None => self.journal.load(&k.name),
+            };
+            let (journal, blocked) = match local {
                 Ok(j) => (j, None),
                 Err(e) => {
                     let aside = self.journal.set_aside(&k.name, now);
@@ -435,6 +466,11 @@ impl Engine {
         self.readiness().is_ok()
     }
 
+    /// The start-up recovery scan is over.
+    pub fn is_started(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
     }
@@ -462,9 +498,17 @@ impl Engine {
         let mut j = slot.lock_journal().await;
         f(&mut j);
         slot.changed(&j);
-        let written = self.journal.store(&j, self.clock.now());
+        let written = self.persist(&j).await;
         self.written(slot, &written);
         written
+    }
+
+    /// Writes a journal where it lives: the state dir, or (several replicas) the key's lease document.
+    async fn persist(&self, j: &KeyJournal) -> Result<(), JournalError> {
+        match &self.coordination {
+            Some(c) => c.write_journal(&j.key, j).await,
+            None => self.journal.store(j, self.clock.now()),
+        }
     }
 
     /// Like [`Engine::commit`], but all or nothing: when the write fails the journal is unchanged.
@@ -477,7 +521,7 @@ impl Engine {
         let mut j = slot.lock_journal().await;
         let mut next = j.clone();
         f(&mut next);
-        let written = self.journal.store(&next, self.clock.now());
+        let written = self.persist(&next).await;
         self.written(slot, &written);
         written?;
         *j = next;
@@ -508,7 +552,7 @@ impl Engine {
             .collect();
         for slot in slots {
             let j = slot.lock_journal().await;
-            let written = self.journal.store(&j, self.clock.now());
+            let written = self.persist(&j).await;
             self.written(&slot, &written);
             if written.is_ok() {
                 tracing::info!(key = %slot.name, "Journal written again after a failure.");
@@ -573,7 +617,13 @@ impl Engine {
         config
             .keys
             .iter()
-            .filter_map(|k| self.slot(&k.name).map(|s| key_view(k, &s)))
+            .filter_map(|k| {
+                self.slot(&k.name).map(|s| {
+                    let mut view = key_view(k, &s);
+                    view.holder = self.coordination.as_ref().map(|c| c.holder(&k.name));
+                    view
+                })
+            })
             .collect()
     }
 
@@ -592,6 +642,16 @@ impl Engine {
             .ok_or_else(|| TriggerError::UnknownKey(key.to_string()))?;
         if !self.ready.load(Ordering::SeqCst) && !req.is_repair() && !req.dry_run {
             return Err(TriggerError::NotReady);
+        }
+        if let Some(c) = &self.coordination
+            && !c.holds(key)
+        {
+            return Err(TriggerError::HeldElsewhere {
+                key: key.to_string(),
+                holder: c
+                    .holder(key)
+                    .unwrap_or_else(|| "none (being taken over)".into()),
+            });
         }
         if slot.is_busy() && !req.dry_run {
             return Err(TriggerError::Busy(key.to_string()));
@@ -730,6 +790,35 @@ impl Engine {
             .map_or(grace, |t| t.max(grace))
     }
 
+    /// Whether this process acts on `key` (always, unless another replica holds its lease).
+    pub fn acts_on(&self, key: &str) -> bool {
+        self.coordination.as_ref().is_none_or(|c| c.holds(key))
+    }
+
+    /// This replica took `key`'s lease: its journal (from the lease document) replaces the slot's,
+    /// and the key is recovered exactly as after a restart.
+    pub async fn gain(self: &Arc<Self>, key: &str, journal: KeyJournal) {
+        let Some(slot) = self.slot(key) else { return };
+        {
+            let mut j = slot.lock_journal().await;
+            *j = journal;
+            slot.changed(&j);
+        }
+        slot.live().last_outcome = slot.journal().await.last_outcome;
+        self.schedule.key(key);
+    }
+
+    /// Another replica holds `key` now: its watch ends here; a rotation in flight stops at its next
+    /// destructive step (fencing).
+    pub fn lose(&self, key: &str) {
+        if let Some(slot) = self.slot(key)
+            && let Some(watch) = slot.live().watch_cancel.take()
+        {
+            watch.cancel();
+        }
+        self.schedule.key(key);
+    }
+
     /// Keys' names in config order.
     pub fn key_names(&self) -> Vec<String> {
         self.config().keys.iter().map(|k| k.name.clone()).collect()
@@ -756,6 +845,7 @@ fn key_view(k: &KeyConfig, slot: &KeySlot) -> KeyView {
         drift: live.drift,
         observing: live.observing,
         blocked: live.blocked.clone(),
+        holder: None,
     }
 }
 

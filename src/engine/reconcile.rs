@@ -225,6 +225,8 @@ pub async fn reconcile_key(engine: &Arc<Engine>, key: &KeyConfig, act: bool) -> 
     if slot.is_busy() {
         return Reconciled::Skipped("a rotation is running".into());
     }
+    // Another replica's key is observed (for this replica's /v1/keys), never repaired from here.
+    let act = act && engine.acts_on(&key.name);
     let generation = slot.generation();
     let journal = slot.journal().await;
     let rt = engine.runtime();

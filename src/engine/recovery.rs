@@ -199,6 +199,9 @@ pub async fn recover_key(engine: &Arc<Engine>, key: &KeyConfig, at_start: bool) 
     let Some(slot) = engine.slot(&key.name) else {
         return Decision::Nothing;
     };
+    if !engine.acts_on(&key.name) {
+        return Decision::Nothing;
+    }
     let Some(claim) = slot.try_claim() else {
         return Decision::Defer("another actor holds the key".into());
     };

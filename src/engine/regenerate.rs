@@ -61,6 +61,13 @@ pub async fn run(r: &Rotation, before: Option<&KeyStatus>) -> Regen {
         if let Some(refusal) = over_budget(r, sent_at).await {
             return refusal;
         }
+        // Several replicas: only with a valid lease (the journal's check-and-set write below then
+        // proves at the store that no other replica took the key).
+        if let Some(c) = &r.engine.coordination
+            && let Err(e) = c.may_regenerate(&r.key.name)
+        {
+            return Regen::NotSent(format!("no regenerate without the key's lease: {e}"));
+        }
         let meta = &r.meta;
         let recorded = r
             .engine

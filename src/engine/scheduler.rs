@@ -209,7 +209,8 @@ fn fire_due(engine: &Arc<Engine>, plan: &mut Plan, now: DateTime<Utc>) {
             Err(
                 e @ (TriggerError::UnknownKey(_)
                 | TriggerError::ShuttingDown
-                | TriggerError::Blocked { .. }),
+                | TriggerError::Blocked { .. }
+                | TriggerError::HeldElsewhere { .. }),
             ) => {
                 tracing::info!(key = %key, error = %e, "Scheduled rotation dropped.");
             }

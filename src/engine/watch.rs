@@ -134,14 +134,7 @@ impl Watch {
                 key_id: self.key_id.clone(),
                 rotated_at: self.engine.clock.now(),
             };
-            let ok = calls::call_hook(
-                &self.engine.dependents,
-                &self.engine.metrics,
-                &self.key,
-                dep,
-                &notice,
-            )
-            .await;
+            let ok = calls::call_hook(&self.engine, &self.key, dep, &notice).await;
             tracing::info!(dependent = %dep.name, ok, "Reload hook sent again.");
         }
     }

@@ -180,6 +180,7 @@ impl Fx {
         let options = EngineOptions {
             clock: self.clock.clone(),
             dependents: Dependents::Scripted(self.deps.clone()),
+            coordination: None,
         };
         let engine = Engine::with_runtime(runtime, self.metrics.clone(), options)
             .unwrap_or_else(|e| panic!("engine: {e:#}"));
