@@ -7,6 +7,7 @@
 //! - [`schedule`]: cron + time zone + window + jitter -> next due time (pure, takes a clock);
 //! - [`provider`]: the issuing portals (`aos`, `http`), errors that know if they are retryable/ambiguous;
 //! - [`store`]: destinations (`vault` KV v2, `aws` Secrets Manager, `file`);
+//! - [`http_client`]: every HTTP client, built one way and shared between identical settings;
 //! - [`notify`]: dependents' reload hooks (HTTP, command) and verify probes;
 //! - [`journal`]: crash-safe per-key state, the state-dir lock, the audit log;
 //! - [`engine`]: the rotation lifecycle, recovery, re-rotation, reconcile, the scheduler loop;
@@ -23,6 +24,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod http_client;
 pub mod journal;
 pub mod notify;
 pub mod provider;

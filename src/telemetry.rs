@@ -887,6 +887,7 @@ mod tests {
                 url: "http://127.0.0.1:1/health".parse().unwrap(),
                 expect_status: 200,
                 timeout: Duration::from_secs(5),
+                tls: Default::default(),
             }),
             reload: reload.then(|| ReloadHook::Command {
                 command: vec!["/bin/true".into()],
@@ -937,6 +938,7 @@ mod tests {
                 timeout: Duration::from_secs(10),
                 requested_by: "keyrotd@test".into(),
                 paths: AosPaths::default(),
+                tls: Default::default(),
             }),
         );
         let mut stores = BTreeMap::new();

@@ -79,6 +79,8 @@ fn vault_config(bao_addr: &str, auth: VaultAuth) -> VaultStoreConfig {
         mount: "secret".into(),
         namespace: None,
         timeout: Duration::from_secs(5),
+        token_file: None,
+        tls: Default::default(),
     }
 }
 
