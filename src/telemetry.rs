@@ -1545,13 +1545,19 @@ mod tests {
         // Renewal failing: it lapses at the end of its lease.
         status.renew_failed = true;
         m.store_credential("files", Some(&status));
-        assert_eq!(value(&m.encode(), name, &files), Some(end.timestamp() as f64));
+        assert_eq!(
+            value(&m.encode(), name, &files),
+            Some(end.timestamp() as f64)
+        );
         assert_eq!(value(&m.encode(), failing, &files), Some(1.0));
         // Not renewable: the same.
         status.renew_failed = false;
         status.renewable = false;
         m.store_credential("files", Some(&status));
-        assert_eq!(value(&m.encode(), name, &files), Some(end.timestamp() as f64));
+        assert_eq!(
+            value(&m.encode(), name, &files),
+            Some(end.timestamp() as f64)
+        );
         // Unknown stores are ignored; a store dropped by a reload loses its series.
         m.store_credential("nope", Some(&status));
         assert!(series_with(&m.encode(), "nope").is_empty());
