@@ -413,7 +413,7 @@ pub async fn maintain(store: Weak<super::Inner>, changed: Arc<Notify>, stop: Can
 /// One look at the token: a lookup when it is new to us, a renewal when one is due. Returns how
 /// long to wait before the next look.
 async fn step(cred: &Credential, wire: &Wire, lease: &mut Option<Lease>) -> Duration {
-    let target = "token";
+    let target = "auth/token";
     let Some((generation, token)) = cred.peek(target).await else {
         return IDLE;
     };
@@ -526,6 +526,6 @@ async fn token_trouble(
             s.expires_at = dead;
         }
     });
-    tracing::warn!(store = %cred.store, error = %e, "Vault token could not be renewed; it lapses at its expiry unless this clears.");
+    tracing::warn!(store = %cred.store, error = %e, "Vault token could not be looked up or renewed; it lapses at its expiry unless this clears.");
     RETRY
 }
