@@ -798,10 +798,12 @@ fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
                 Duration::from_secs(10),
                 false,
             );
+            let tls = c.tls(&base, a.ca_file, None, None);
             Some(StoreConfig::Aws(AwsStoreConfig {
                 region: a.region,
                 endpoint_url,
                 timeout,
+                ca_file: tls.ca_file,
             }))
         }
         raw::RawStore::File(f) => {

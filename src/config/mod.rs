@@ -208,6 +208,9 @@ pub struct AwsStoreConfig {
     pub endpoint_url: Option<Url>,
     /// Per request. Default 10s.
     pub timeout: Duration,
+    /// PEM CA certificates trusted in addition to the system's roots (a TLS-inspecting proxy, a
+    /// private endpoint). The SDK's client takes no client certificate, so there is no mTLS here.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

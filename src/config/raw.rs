@@ -175,6 +175,7 @@ pub struct RawAwsStore {
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     pub timeout: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,7 @@
-//! Private CAs and client certificates, against a real OpenBao listening on TLS with a CA and
-//! certificates this test generates; and the `VAULT_*` variables of the environment, which keyrotd
-//! must ignore (a subprocess run of the real binary with them set).
+//! Private CAs and client certificates, with a CA and certificates this test generates: a real
+//! OpenBao listening on TLS (server-only and mTLS listeners), moto on TLS for the AWS store's
+//! `ca_file`; and the `VAULT_*` variables of the environment, which keyrotd must ignore (a
+//! subprocess run of the real binary with them set).
 
 mod support;
 
@@ -383,4 +384,91 @@ async fn vault_variables_in_the_environment_neither_weaken_tls_nor_lend_their_to
             assert!(head.contains("configured-token"), "{head}");
         }
     }
+}
+
+/// moto on TLS with the test's server certificate, killed when dropped.
+struct TlsMoto {
+    child: Child,
+    endpoint: String,
+}
+
+impl TlsMoto {
+    fn start(pki: &Pki) -> TlsMoto {
+        let port = free_port();
+        let child = Command::new(tools_bin().join("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string(), "-s"])
+            .arg("-c")
+            .arg(pki.path("server.pem"))
+            .arg("-k")
+            .arg(pki.path("server.key"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start moto_server: run scripts/install-tools.sh");
+        let moto = TlsMoto {
+            child,
+            endpoint: format!("https://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto on TLS did not come up on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+}
+
+impl Drop for TlsMoto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_aws_store_trusts_its_ca_file_and_only_then() {
+    use aws_config::BehaviorVersion;
+    use aws_sdk_secretsmanager::config::{Credentials, Region};
+    use keyrotd::config::AwsStoreConfig;
+    use keyrotd::store::StoreErrorKind;
+    use keyrotd::store::aws::AwsStore;
+    let pki = Pki::new();
+    let moto = TlsMoto::start(&pki);
+    let sdk = aws_config::defaults(BehaviorVersion::latest())
+        .credentials_provider(Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "keyrotd-tests",
+        ))
+        .region(Region::new("eu-central-2"))
+        .load()
+        .await;
+    let mut c = AwsStoreConfig {
+        region: Some("eu-central-2".into()),
+        endpoint_url: Some(moto.endpoint.parse().unwrap()),
+        timeout: Duration::from_secs(5),
+        ca_file: Some(pki.path("ca.pem")),
+    };
+    let missing = DestinationTarget::Aws {
+        secret_id: "prod/none".into(),
+        field: None,
+    };
+    // Through TLS, moto answers: the secret does not exist.
+    let trusted = AwsStore::with_sdk_config("aws-tls", &c, &sdk).unwrap();
+    let e = trusted.preflight(&missing).await.unwrap_err();
+    assert_eq!(e.kind, StoreErrorKind::NotFound, "{e}");
+    c.ca_file = None;
+    let untrusted = AwsStore::with_sdk_config("aws-tls", &c, &sdk).unwrap();
+    let e = untrusted.preflight(&missing).await.unwrap_err();
+    assert_eq!(e.kind, StoreErrorKind::Transient, "{e}");
+    assert!(
+        e.to_string().starts_with("aws-tls:") && e.to_string().contains("certificate"),
+        "{e}"
+    );
 }
