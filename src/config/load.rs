@@ -1446,6 +1446,53 @@ max_age = "30d"
     }
 
     #[test]
+    fn tls_files_are_checked_at_load_and_named_by_their_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), "");
+        let base = text.replace(
+            "[stores.aws-main]",
+            "ca_file = \"missing-ca.pem\"\nclient_cert = \"cert.pem\"\n\n[stores.aws-main]",
+        );
+        std::fs::write(dir.path().join("cert.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let Err(ConfigError::Invalid(problems)) = load(&base, &[]) else {
+            panic!("expected problems")
+        };
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown.len(), 1, "{shown:?}");
+        // A relative path is not resolved without a config file: it is read as written.
+        assert!(
+            shown[0].starts_with("stores.vault-main.ca_file: cannot read ca_file missing-ca.pem"),
+            "{shown:?}"
+        );
+
+        // Without the CA, the half identity is named at the field that is missing.
+        let no_ca = base.replace("ca_file = \"missing-ca.pem\"\n", "");
+        let Err(ConfigError::Invalid(problems)) = load(&no_ca, &[]) else {
+            panic!("expected problems")
+        };
+        assert_eq!(
+            problems[0].to_string(),
+            "stores.vault-main.client_key: client_cert and client_key go together: set both or neither"
+        );
+    }
+
+    #[test]
+    fn a_command_hook_refuses_tls_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), "").replace(
+            "reload = { command = [\"systemctl\", \"reload\", \"nginx\"] }",
+            "reload = { command = [\"true\"], ca_file = \"/x.pem\" }",
+        );
+        let Err(ConfigError::Invalid(problems)) = load(&text, &[]) else {
+            panic!("expected problems")
+        };
+        assert_eq!(
+            problems[0].to_string(),
+            "keys[0].dependents[1].reload.ca_file: only an HTTP hook (url) takes ca_file"
+        );
+    }
+
+    #[test]
     fn key_names_follow_the_documented_pattern() {
         for ok in ["billing-api", "a", "0x_1-b"] {
             assert!(is_valid_key_name(ok), "{ok}");
