@@ -655,6 +655,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_deleted_latest_version_without_metadata_in_its_404_takes_cas_from_the_metadata() {
+        use wiremock::matchers::body_partial_json;
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/v1/secret/data/apps/x"))
+            .respond_with(ResponseTemplate::new(404).set_body_json(json!({ "errors": [] })))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1/secret/metadata/apps/x"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(envelope(json!({
+                "cas_required": false, "created_time": "", "current_version": 7,
+                "delete_version_after": "0s", "max_versions": 0, "oldest_version": 1,
+                "updated_time": "", "custom_metadata": { "owner": "ops" }, "versions": {}
+            }))))
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/v1/secret/data/apps/x"))
+            .and(body_partial_json(json!({ "options": { "cas": 7 } })))
+            .respond_with(ResponseTemplate::new(200).set_body_json(envelope(json!({
+                "version": 8, "created_time": "", "deletion_time": "", "destroyed": false
+            }))))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/v1/secret/metadata/apps/x"))
+            .and(body_partial_json(
+                json!({ "custom_metadata": { "owner": "ops" } }),
+            ))
+            .respond_with(ResponseTemplate::new(204))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let s = store(&server, token("t"));
+        assert_eq!(write_with(&s).await.unwrap().as_deref(), Some("8"));
+    }
+
+    #[tokio::test]
     async fn a_sealed_or_broken_server_is_transient_and_a_403_is_auth() {
         let server = MockServer::start().await;
         Mock::given(method("GET"))
