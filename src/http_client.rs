@@ -119,6 +119,9 @@ fn material(tls: &TlsConfig) -> Result<Material, ClientError> {
     })
 }
 
+/// Clients by their settings and the digest of their TLS files.
+type Cache = HashMap<(ClientSettings, [u8; 32]), reqwest::Client>;
+
 /// Checks that the files of `tls` can be read and hold what they should.
 pub fn check_tls(tls: &TlsConfig) -> Result<(), ClientError> {
     material(tls).map(|_| ())
@@ -127,8 +130,7 @@ pub fn check_tls(tls: &TlsConfig) -> Result<(), ClientError> {
 /// The shared client for `settings`: built on first use, then the same handle for every caller
 /// with the same settings and the same TLS file contents.
 pub fn client(settings: &ClientSettings) -> Result<reqwest::Client, ClientError> {
-    static CACHE: OnceLock<Mutex<HashMap<(ClientSettings, [u8; 32]), reqwest::Client>>> =
-        OnceLock::new();
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     let material = material(&settings.tls)?;
     let key = (settings.clone(), material.digest);
     let cache = CACHE.get_or_init(Default::default);

@@ -1568,6 +1568,28 @@ mod tests {
     }
 
     #[test]
+    fn a_credential_status_reads_as_one_line() {
+        let now = t0();
+        let mut s = CredentialStatus {
+            expires_at: Some(now + chrono::Duration::minutes(300)),
+            max_expires_at: None,
+            renewable: true,
+            renew_failed: false,
+        };
+        assert_eq!(
+            s.summary(now),
+            "credential expires in 5h 0m (renewed by keyrotd)"
+        );
+        s.renew_failed = true;
+        assert_eq!(
+            s.summary(now),
+            "credential expires in 5h 0m (renewal failing)"
+        );
+        s.expires_at = None;
+        assert_eq!(s.summary(now), "credential does not expire");
+    }
+
+    #[test]
     fn metrics_can_be_shared_between_tasks() {
         fn shared<T: Send + Sync + 'static>() {}
         shared::<Metrics>();

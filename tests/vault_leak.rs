@@ -299,7 +299,7 @@ async fn truncated_json_holding_the_secret() {
             let full =
                 String::from_utf8(envelope(json!({ "data": { "api_key": secret } }))).unwrap();
             let cut = full.find(secret.as_str()).unwrap() + secret.len();
-            (200, "application/json", full[..cut].as_bytes().to_vec())
+            (200, "application/json", full.as_bytes()[..cut].to_vec())
         })
     });
     run_scenario("truncated JSON", &c, false, script).await;
@@ -507,7 +507,7 @@ fn run_binary(config: &std::path::Path, c: &Canaries, portal: &Portal, format: &
     let out = Command::new(env!("CARGO_BIN_EXE_keyrotd"))
         .arg("-c")
         .arg(config)
-        .args(&args)
+        .args(args)
         .env("KEYROTD_TEST_AOS_TOKEN", portal.token())
         .env("KEYROTD_TEST_VAULT_TOKEN", &c.token)
         .env("KEYROTD_TEST_ROLE_ID", &c.role_id)

@@ -109,6 +109,27 @@ pub struct CredentialStatus {
 }
 
 impl CredentialStatus {
+    /// One line for a preflight finding, e.g. "credential expires in 5h 0m (renewed by keyrotd)".
+    pub fn summary(&self, now: DateTime<Utc>) -> String {
+        let left = |at: DateTime<Utc>| {
+            let secs = (at - now).num_seconds();
+            if secs <= 0 {
+                "has expired".to_string()
+            } else {
+                format!("expires in {}h {}m", secs / 3600, secs % 3600 / 60)
+            }
+        };
+        let how = match (self.renewable, self.renew_failed) {
+            (_, true) => " (renewal failing)",
+            (true, false) => " (renewed by keyrotd)",
+            (false, false) => " (not renewable)",
+        };
+        match self.expires_at {
+            None => "credential does not expire".to_string(),
+            Some(at) => format!("credential {}{how}", left(at)),
+        }
+    }
+
     /// When the credential stops working if nothing changes: its lease end when keyrotd cannot
     /// keep it valid (not renewable, or renewal failing), else the end no renewal passes; `None`
     /// when that is never.
