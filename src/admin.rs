@@ -48,6 +48,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+    // The stores' token tasks keep their credential status in memory; a scrape is when it is read.
+    for (name, store) in &engine.runtime().stores {
+        engine
+            .metrics
+            .store_credential(name, store.credential_status().as_ref());
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -8,6 +8,7 @@
 //! - [`clock`]: the wall clock the engine reads, injected (system, or virtual in tests);
 //! - [`provider`]: the issuing portals (`aos`, `http`), errors that know if they are retryable/ambiguous;
 //! - [`store`]: destinations (`vault` KV v2, `aws` Secrets Manager, `file`);
+//! - [`http_client`]: every HTTP client, built one way and shared between identical settings;
 //! - [`notify`]: dependents' reload hooks (HTTP, command) and verify probes;
 //! - [`journal`]: crash-safe per-key state, the state-dir lock, the audit log;
 //! - [`coordination`]: several replicas on a Vault lease (membership, rendezvous, fencing);
@@ -33,6 +34,7 @@ pub mod config;
 pub mod coordination;
 pub mod daemon;
 pub mod engine;
+pub mod http_client;
 pub mod journal;
 pub mod notify;
 pub mod provider;

@@ -9,6 +9,8 @@ use clap::Parser;
 use keyrotd::cli::{self, Cli};
 use keyrotd::config::LogFormat;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> ExitCode {
     // Usage errors (bad flags) exit 2 through clap; `--help`/`--version` exit 0.
@@ -27,16 +29,18 @@ fn main() -> ExitCode {
 
 /// Logs to stderr: a human format or one JSON object per line. `RUST_LOG` filters (default `info`).
 /// Colours only on a terminal: journald, log files and shippers get plain text, so that a line reads
-/// `rotation{key=billing rotation_id=...}: ...` for grep and parsers alike.
+/// `rotation{key=billing rotation_id=...}: ...` for grep and parsers alike. The Vault client
+/// libraries' own logs are dropped whatever `RUST_LOG` says (`store::vault::quiet_client_logs`).
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let quiet = keyrotd::store::vault::quiet_client_logs();
     // `try_init` only fails if a subscriber is already set, which leaves logging working.
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.finish().with(quiet).try_init(),
+        LogFormat::Json => builder.json().finish().with(quiet).try_init(),
     };
 }

@@ -37,6 +37,7 @@ use prometheus::{
 };
 
 use crate::config::{Config, KeyConfig};
+use crate::store::CredentialStatus;
 
 /// The `Content-Type` of [`Metrics::encode`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
@@ -159,6 +160,8 @@ label_set! {
 struct Known {
     keys: BTreeMap<String, KeyShape>,
     providers: BTreeSet<String>,
+    /// Every `[stores.*]` name, used by a key or not.
+    stores: BTreeSet<String>,
 }
 
 /// The names one key's series may carry, from its `[[keys]]` entry.
@@ -197,6 +200,8 @@ pub struct Metrics {
     key_schedule_period: GaugeVec,
     drift: IntGaugeVec,
     provider_requests: IntCounterVec,
+    store_credential_expiry: GaugeVec,
+    store_credential_renewal_failing: IntGaugeVec,
     config_reloads: IntCounterVec,
     journal_write_failures: prometheus::IntCounter,
     journal_blocked: IntGaugeVec,
@@ -422,6 +427,18 @@ impl Metrics {
                 "Provider calls by operation (status, regenerate, auth_check) and outcome.",
                 &["provider", "operation", "outcome"],
             ),
+            store_credential_expiry: gauge(
+                &r,
+                "keyrotd_store_credential_expiry_timestamp_seconds",
+                "When the store's credential (a Vault token) stops working unless someone acts, Unix seconds; +Inf while keyrotd keeps it valid.",
+                &["store"],
+            ),
+            store_credential_renewal_failing: int_gauge(
+                &r,
+                "keyrotd_store_credential_renewal_failing",
+                "1 while the last renewal (or AppRole login) of the store's credential failed, else 0.",
+                &["store"],
+            ),
             config_reloads: counter(
                 &r,
                 "keyrotd_config_reloads_total",
@@ -548,6 +565,7 @@ impl Metrics {
     ) {
         let mut new_known = Known {
             providers: config.providers.keys().cloned().collect(),
+            stores: config.stores.keys().cloned().collect(),
             ..Known::default()
         };
         for key in &config.keys {
@@ -696,6 +714,10 @@ impl Metrics {
         prune(&self.auth_failing, |l| {
             shape_has(l, |s| &s.verified, "dependent")
         });
+        let store_known =
+            |l: &HashMap<&str, &str>| l.get("store").is_some_and(|s| known.stores.contains(*s));
+        prune(&self.store_credential_expiry, store_known);
+        prune(&self.store_credential_renewal_failing, store_known);
         prune(&self.provider_requests, |l| {
             l.get("provider")
                 .is_some_and(|p| known.providers.contains(*p))
@@ -905,6 +927,33 @@ impl Metrics {
         }
     }
 
+    /// What `store` (a `[stores.*]` name) knows of its credential's lifetime
+    /// ([`crate::store::Store::credential_status`]); `None` removes its series (a store whose
+    /// credential does not expire, or one that has not looked yet).
+    pub fn store_credential(&self, store: &str, status: Option<&CredentialStatus>) {
+        let known = self.known();
+        if !known.stores.contains(store) {
+            return;
+        }
+        match status {
+            Some(s) => {
+                let lapses = s.lapses_at().map_or(f64::INFINITY, unix_seconds);
+                self.store_credential_expiry
+                    .with_label_values(&[store])
+                    .set(lapses);
+                self.store_credential_renewal_failing
+                    .with_label_values(&[store])
+                    .set(i64::from(s.renew_failed));
+            }
+            None => {
+                let _ = self.store_credential_expiry.remove_label_values(&[store]);
+                let _ = self
+                    .store_credential_renewal_failing
+                    .remove_label_values(&[store]);
+            }
+        }
+    }
+
     /// One SIGHUP reload, applied (`ok`) or refused.
     pub fn config_reload(&self, ok: bool) {
         let outcome = if ok {
@@ -977,6 +1026,7 @@ mod tests {
                 url: "http://127.0.0.1:1/health".parse().unwrap(),
                 expect_status: 200,
                 timeout: Duration::from_secs(5),
+                tls: Default::default(),
             }),
             reload: reload.then(|| ReloadHook::Command {
                 command: vec!["/bin/true".into()],
@@ -1027,6 +1077,7 @@ mod tests {
                 timeout: Duration::from_secs(10),
                 requested_by: "keyrotd@test".into(),
                 paths: AosPaths::default(),
+                tls: Default::default(),
             }),
         );
         let mut stores = BTreeMap::new();
@@ -1561,6 +1612,71 @@ mod tests {
         ] {
             assert_eq!(value(&text, name, &[("key", "billing")]), None, "{name}");
         }
+    }
+
+    #[test]
+    fn a_store_credential_exports_when_it_lapses_and_whether_renewal_fails() {
+        let m = Metrics::new();
+        m.apply_config_with(&two_keys(), t0(), weekday_runs);
+        let name = "keyrotd_store_credential_expiry_timestamp_seconds";
+        let failing = "keyrotd_store_credential_renewal_failing";
+        let files = [("store", "files")];
+        let end = t0() + chrono::Duration::hours(10);
+        // Kept valid by renewal: it never lapses on its own.
+        let mut status = CredentialStatus {
+            expires_at: Some(end),
+            max_expires_at: None,
+            renewable: true,
+            renew_failed: false,
+        };
+        m.store_credential("files", Some(&status));
+        assert_eq!(value(&m.encode(), name, &files), Some(f64::INFINITY));
+        assert_eq!(value(&m.encode(), failing, &files), Some(0.0));
+        // Renewal failing: it lapses at the end of its lease.
+        status.renew_failed = true;
+        m.store_credential("files", Some(&status));
+        assert_eq!(
+            value(&m.encode(), name, &files),
+            Some(end.timestamp() as f64)
+        );
+        assert_eq!(value(&m.encode(), failing, &files), Some(1.0));
+        // Not renewable: the same.
+        status.renew_failed = false;
+        status.renewable = false;
+        m.store_credential("files", Some(&status));
+        assert_eq!(
+            value(&m.encode(), name, &files),
+            Some(end.timestamp() as f64)
+        );
+        // Unknown stores are ignored; a store dropped by a reload loses its series.
+        m.store_credential("nope", Some(&status));
+        assert!(series_with(&m.encode(), "nope").is_empty());
+        let mut fewer = two_keys();
+        fewer.stores.remove("files");
+        m.apply_config_with(&fewer, t0(), weekday_runs);
+        assert_eq!(value(&m.encode(), name, &files), None);
+    }
+
+    #[test]
+    fn a_credential_status_reads_as_one_line() {
+        let now = t0();
+        let mut s = CredentialStatus {
+            expires_at: Some(now + chrono::Duration::minutes(300)),
+            max_expires_at: None,
+            renewable: true,
+            renew_failed: false,
+        };
+        assert_eq!(
+            s.summary(now),
+            "credential expires in 5h 0m (renewed by keyrotd)"
+        );
+        s.renew_failed = true;
+        assert_eq!(
+            s.summary(now),
+            "credential expires in 5h 0m (renewal failing)"
+        );
+        s.expires_at = None;
+        assert_eq!(s.summary(now), "credential does not expire");
     }
 
     #[test]

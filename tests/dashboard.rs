@@ -121,6 +121,15 @@ fn exported() -> (BTreeMap<String, String>, String) {
     // The schedule module computes the period in apply_config; set it here so this test does not
     // depend on it.
     metrics.schedule_period("billing", Some(Duration::from_secs(7 * 86400)));
+    metrics.store_credential(
+        "files",
+        Some(&keyrotd::store::CredentialStatus {
+            expires_at: Some(at + chrono::Duration::hours(8)),
+            max_expires_at: None,
+            renewable: false,
+            renew_failed: false,
+        }),
+    );
     let text = metrics.encode();
     let families = text
         .lines()

@@ -101,8 +101,10 @@ async fn no_secret_reaches_any_output() {
     let mut haystacks: Vec<(String, String)> = Vec::new();
     let mut ids: Vec<String> = Vec::new();
 
-    // --- A daemon with JSON logs.
-    let mut daemon = stack.daemon(&config).await;
+    // --- A daemon with JSON logs, every target at TRACE.
+    let mut daemon = stack
+        .daemon_with_env(&config, &[("RUST_LOG", "trace")])
+        .await;
     rotate_ok(&daemon, "leak test: first", &mut ids).await;
     stack.assert_consistent(&o).await;
 

@@ -79,6 +79,8 @@ fn vault_config(bao_addr: &str, auth: VaultAuth) -> VaultStoreConfig {
         mount: "secret".into(),
         namespace: None,
         timeout: Duration::from_secs(5),
+        token_file: None,
+        tls: Default::default(),
     }
 }
 
@@ -676,6 +678,7 @@ async fn aws_new_reads_the_standard_chain_and_needs_a_region() {
         region: Some("eu-central-2".into()),
         endpoint_url: None,
         timeout: Duration::from_secs(1),
+        ca_file: None,
     };
     AwsStore::new("aws-main", &c).await.unwrap();
     // No region anywhere: a clear config error rather than a failure at the first write.

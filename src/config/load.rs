@@ -25,10 +25,12 @@ use super::{
     AosPaths, AosProviderConfig, AwsStoreConfig, Config, CoordinationConfig, DaemonConfig,
     DependentConfig, DestinationConfig, DestinationTarget, FileStoreConfig, HttpAuth,
     HttpAuthCheck, HttpProviderConfig, HttpRegenerate, HttpStatus, KeyConfig, LogFormat,
-    ProviderConfig, ReloadHook, StoreConfig, VaultAuth, VaultStoreConfig, VerifyConfig,
+    ProviderConfig, ReloadHook, StoreConfig, TlsConfig, VaultAuth, VaultStoreConfig, VerifyConfig,
 };
+use crate::http_client::ClientError;
 use crate::schedule::{self, Schedule, Window};
 use crate::secret::Secret;
+use crate::secret::SecretRef;
 
 /// The prefix of environment overrides: `KEYROTD__DAEMON__LISTEN` sets `daemon.listen`.
 pub const ENV_PREFIX: &str = "KEYROTD__";
@@ -227,6 +229,37 @@ impl Check {
                 None
             }
         }
+    }
+
+    /// `ca_file`, `client_cert`, `client_key` of the table at `base`: relative paths resolved
+    /// against the config file's directory, and the files read and parsed now, so that a bad one
+    /// is a load error naming its field.
+    fn tls(
+        &mut self,
+        base: &str,
+        ca_file: Option<PathBuf>,
+        client_cert: Option<PathBuf>,
+        client_key: Option<PathBuf>,
+    ) -> TlsConfig {
+        let resolve = |p: PathBuf| match &self.base_dir {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        };
+        let tls = TlsConfig {
+            ca_file: ca_file.map(resolve),
+            client_cert: client_cert.map(resolve),
+            client_key: client_key.map(resolve),
+        };
+        if let Err(e) = crate::http_client::check_tls(&tls) {
+            let field = match &e {
+                ClientError::Read { field, .. } | ClientError::NoCertificate { field, .. } => field,
+                ClientError::BadIdentity { .. } | ClientError::Build(_) => "client_cert",
+                ClientError::HalfIdentity if tls.client_cert.is_none() => "client_cert",
+                ClientError::HalfIdentity => "client_key",
+            };
+            self.problem(format!("{base}.{field}"), e.to_string());
+        }
+        tls
     }
 
     fn count(&mut self, path: &str, n: Option<Num>, default: u32, min: u32) -> u32 {
@@ -570,6 +603,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 c.non_empty(&format!("{base}.account_id"), acct);
             }
             let requested_by = requested_by(c, &base, a.requested_by);
+            let tls = c.tls(&base, a.ca_file, a.client_cert, a.client_key);
             Some(ProviderConfig::Aos(AosProviderConfig {
                 base_url: base_url?,
                 management_token: token?,
@@ -577,6 +611,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 timeout,
                 requested_by,
                 paths,
+                tls,
             }))
         }
         raw::RawProvider::Http(h) => {
@@ -643,6 +678,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 false,
             );
             let requested_by = requested_by(c, &base, h.requested_by);
+            let tls = c.tls(&base, h.ca_file, h.client_cert, h.client_key);
             Some(ProviderConfig::Http(HttpProviderConfig {
                 auth,
                 regenerate,
@@ -651,6 +687,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 account_id: h.account_id,
                 timeout,
                 requested_by,
+                tls,
             }))
         }
     }
@@ -693,8 +730,8 @@ fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
     match s {
         raw::RawStore::Vault(v) => {
             let address = c.url(&format!("{base}.address"), &v.address);
-            let auth = match (v.token, v.approle) {
-                (Some(t), None) => c.secret(&format!("{base}.token"), &t).map(VaultAuth::Token),
+            let auth = match (&v.token, v.approle) {
+                (Some(t), None) => c.secret(&format!("{base}.token"), t).map(VaultAuth::Token),
                 (None, Some(a)) => {
                     let role_id = c.secret(&format!("{base}.approle.role_id"), &a.role_id);
                     let secret_id = c.secret(&format!("{base}.approle.secret_id"), &a.secret_id);
@@ -729,12 +766,22 @@ fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
                 Duration::from_secs(10),
                 false,
             );
+            let token_file = match &v.token {
+                Some(RawSecret(SecretRef::File(p))) => Some(match &c.base_dir {
+                    Some(dir) if p.is_relative() => dir.join(p),
+                    _ => p.clone(),
+                }),
+                _ => None,
+            };
+            let tls = c.tls(&base, v.ca_file, v.client_cert, v.client_key);
             Some(StoreConfig::Vault(VaultStoreConfig {
                 address: address?,
                 auth: auth?,
                 mount: mount.trim_matches('/').to_string(),
                 namespace: v.namespace,
                 timeout,
+                token_file,
+                tls,
             }))
         }
         raw::RawStore::Aws(a) => {
@@ -751,10 +798,12 @@ fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
                 Duration::from_secs(10),
                 false,
             );
+            let tls = c.tls(&base, a.ca_file, None, None);
             Some(StoreConfig::Aws(AwsStoreConfig {
                 region: a.region,
                 endpoint_url,
                 timeout,
+                ca_file: tls.ca_file,
             }))
         }
         raw::RawStore::File(f) => {
@@ -973,10 +1022,17 @@ fn key(
                 Duration::from_secs(5),
                 false,
             );
+            let tls = c.tls(
+                &format!("{dp}.verify"),
+                v.ca_file,
+                v.client_cert,
+                v.client_key,
+            );
             Some(VerifyConfig {
                 url: url?,
                 expect_status,
                 timeout,
+                tls,
             })
         });
         let reload = d.reload.and_then(|r| reload(c, &format!("{dp}.reload"), r));
@@ -1139,12 +1195,14 @@ fn reload(c: &mut Check, path: &str, r: raw::RawReload) -> Option<ReloadHook> {
                 .signing_key
                 .as_ref()
                 .and_then(|s| c.secret(&format!("{path}.signing_key"), s));
+            let tls = c.tls(path, r.ca_file, r.client_cert, r.client_key);
             Some(ReloadHook::Http {
                 url: url?,
                 method,
                 timeout,
                 signing_key,
                 retries,
+                tls,
             })
         }
         (None, Some(command)) => {
@@ -1159,6 +1217,18 @@ fn reload(c: &mut Check, path: &str, r: raw::RawReload) -> Option<ReloadHook> {
                     format!("{path}.signing_key"),
                     "only an HTTP hook (url) takes signing_key",
                 );
+            }
+            for (field, set) in [
+                ("ca_file", r.ca_file.is_some()),
+                ("client_cert", r.client_cert.is_some()),
+                ("client_key", r.client_key.is_some()),
+            ] {
+                if set {
+                    c.problem(
+                        format!("{path}.{field}"),
+                        format!("only an HTTP hook (url) takes {field}"),
+                    );
+                }
             }
             if command.first().is_none_or(|p| p.trim().is_empty()) {
                 c.problem(
@@ -1372,6 +1442,53 @@ max_age = "30d"
         assert_eq!(
             index_segments("KEYROTD__DAEMON__LISTEN"),
             "KEYROTD__DAEMON__LISTEN"
+        );
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_load_and_named_by_their_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), "");
+        let base = text.replace(
+            "[stores.aws-main]",
+            "ca_file = \"missing-ca.pem\"\nclient_cert = \"cert.pem\"\n\n[stores.aws-main]",
+        );
+        std::fs::write(dir.path().join("cert.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let Err(ConfigError::Invalid(problems)) = load(&base, &[]) else {
+            panic!("expected problems")
+        };
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown.len(), 1, "{shown:?}");
+        // A relative path is not resolved without a config file: it is read as written.
+        assert!(
+            shown[0].starts_with("stores.vault-main.ca_file: cannot read ca_file missing-ca.pem"),
+            "{shown:?}"
+        );
+
+        // Without the CA, the half identity is named at the field that is missing.
+        let no_ca = base.replace("ca_file = \"missing-ca.pem\"\n", "");
+        let Err(ConfigError::Invalid(problems)) = load(&no_ca, &[]) else {
+            panic!("expected problems")
+        };
+        assert_eq!(
+            problems[0].to_string(),
+            "stores.vault-main.client_key: client_cert and client_key go together: set both or neither"
+        );
+    }
+
+    #[test]
+    fn a_command_hook_refuses_tls_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), "").replace(
+            "reload = { command = [\"systemctl\", \"reload\", \"nginx\"] }",
+            "reload = { command = [\"true\"], ca_file = \"/x.pem\" }",
+        );
+        let Err(ConfigError::Invalid(problems)) = load(&text, &[]) else {
+            panic!("expected problems")
+        };
+        assert_eq!(
+            problems[0].to_string(),
+            "keys[0].dependents[1].reload.ca_file: only an HTTP hook (url) takes ca_file"
         );
     }
 

@@ -95,6 +95,7 @@ pub struct AosProviderConfig {
     /// Sent with every regenerate. Default `keyrotd@<hostname>`.
     pub requested_by: String,
     pub paths: AosPaths,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +140,21 @@ pub struct HttpProviderConfig {
     pub account_id: Option<String>,
     pub timeout: Duration,
     pub requested_by: String,
+    pub tls: TlsConfig,
+}
+
+/// How an HTTPS client proves the server's identity and, optionally, its own: `ca_file`,
+/// `client_cert` and `client_key` on Vault stores, providers, reload hooks and verify probes. Paths
+/// are absolute (relative ones are resolved against the config file's directory at load). The
+/// files are read and checked at load and read again whenever the client is built (start, reload).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TlsConfig {
+    /// PEM bundle of CA certificates trusted in addition to the system's roots: a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) presented when the server asks for one (mTLS); with `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `client_cert`.
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +194,10 @@ pub struct VaultStoreConfig {
     pub namespace: Option<String>,
     /// Per request. Default 10s.
     pub timeout: Duration,
+    /// Where the token was read from when it is `token = { file = ... }` (a Vault Agent sink, a
+    /// systemd credential): the store reads it again when the file changes, and after a 403.
+    pub token_file: Option<PathBuf>,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +208,9 @@ pub struct AwsStoreConfig {
     pub endpoint_url: Option<Url>,
     /// Per request. Default 10s.
     pub timeout: Duration,
+    /// PEM CA certificates trusted in addition to the system's roots (a TLS-inspecting proxy, a
+    /// private endpoint). The SDK's client takes no client certificate, so there is no mTLS here.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -286,6 +309,7 @@ pub struct VerifyConfig {
     pub expect_status: u16,
     /// Default 5s.
     pub timeout: Duration,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -299,6 +323,7 @@ pub enum ReloadHook {
         signing_key: Option<Secret>,
         /// Attempts after the first. Default 2.
         retries: u32,
+        tls: TlsConfig,
     },
     Command {
         /// argv; run without a shell.

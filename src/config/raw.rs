@@ -74,6 +74,9 @@ pub struct RawAosProvider {
     pub timeout: Option<String>,
     pub requested_by: Option<String>,
     pub paths: Option<RawAosPaths>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -94,6 +97,9 @@ pub struct RawHttpProvider {
     pub account_id: Option<String>,
     pub timeout: Option<String>,
     pub requested_by: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +156,9 @@ pub struct RawVaultStore {
     pub mount: Option<String>,
     pub namespace: Option<String>,
     pub timeout: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +175,7 @@ pub struct RawAwsStore {
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     pub timeout: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -245,6 +255,9 @@ pub struct RawVerify {
     pub url: String,
     pub expect_status: Option<Num>,
     pub timeout: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 /// A reload hook: `url` (HTTP) or `command` (argv), exactly one; checked in [`super::load`].
@@ -258,6 +271,9 @@ pub struct RawReload {
     pub env: Option<BTreeMap<String, String>>,
     pub timeout: Option<String>,
     pub retries: Option<Num>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 /// A credential field: only `{ env = "NAME" }` or `{ file = "/path" }`. Anything else is refused

@@ -78,12 +78,19 @@ async fn read_status(r: &Rotation) -> Option<Result<KeyStatus, ProviderError>> {
     }
 }
 
-async fn check_destinations(r: &Rotation) -> Vec<(&DestinationConfig, Result<(), String>)> {
+/// Each destination's preflight; a writable one's finding says how long its credential lasts.
+async fn check_destinations(r: &Rotation) -> Vec<(&DestinationConfig, Result<String, String>)> {
+    let now = r.engine.clock.now();
     futures::future::join_all(r.key.destinations.iter().map(|d| async move {
         let result = match r.rt.store(&d.store) {
             Ok(s) => s
                 .preflight(&d.target)
                 .await
+                .map(|()| {
+                    s.credential_status()
+                        .map(|c| format!(", {}", c.summary(now)))
+                        .unwrap_or_default()
+                })
                 .map_err(|e: StoreError| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
@@ -139,16 +146,16 @@ fn judge_status(
 }
 
 fn judge_destinations(
-    stores: Vec<(&DestinationConfig, Result<(), String>)>,
+    stores: Vec<(&DestinationConfig, Result<String, String>)>,
     need: Need,
     p: &mut Preflight,
 ) {
     let writable = stores.iter().filter(|(_, r)| r.is_ok()).count();
     for (d, result) in stores {
         match result {
-            Ok(()) => p
+            Ok(credential) => p
                 .findings
-                .push(format!("{} ({}) writable", d.store, d.target)),
+                .push(format!("{} ({}) writable{credential}", d.store, d.target)),
             Err(e) if need == Need::AtLeastOne => p.findings.push(format!(
                 "destination {e} (filled later: one writable destination is enough)"
             )),

@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::config::{ReloadHook, VerifyConfig};
+use crate::config::{ReloadHook, TlsConfig, VerifyConfig};
 
 /// What a reload hook is told.
 #[derive(Debug, Clone, Serialize)]
@@ -76,11 +76,22 @@ pub fn signature(key: &[u8], body: &[u8]) -> String {
 
 impl Notifier {
     pub fn new() -> Notifier {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
+        let http = crate::http_client::client(&crate::http_client::ClientSettings::default())
             .unwrap_or_default();
         Notifier { http }
+    }
+
+    /// The client for a hook or probe: the shared default one, or the shared one for its CA and
+    /// client certificate. Timeouts are per request.
+    fn client_for(&self, tls: &TlsConfig) -> Result<reqwest::Client, HookError> {
+        if *tls == TlsConfig::default() {
+            return Ok(self.http.clone());
+        }
+        crate::http_client::client(&crate::http_client::ClientSettings {
+            tls: tls.clone(),
+            ..Default::default()
+        })
+        .map_err(|e| HookError::Request(e.to_string()))
     }
 
     /// One call of a reload hook (no retries: the engine retries).
@@ -95,6 +106,7 @@ impl Notifier {
                 method,
                 timeout,
                 signing_key,
+                tls,
                 ..
             } => {
                 let body =
@@ -102,7 +114,7 @@ impl Notifier {
                 let method =
                     reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::POST);
                 let mut req = self
-                    .http
+                    .client_for(tls)?
                     .request(method, url.clone())
                     .timeout(*timeout)
                     .header(reqwest::header::CONTENT_TYPE, "application/json");
@@ -174,8 +186,11 @@ impl Notifier {
 
     /// One probe of a dependent's `verify` endpoint.
     pub async fn probe(&self, verify: &VerifyConfig) -> Probe {
-        match self
-            .http
+        let client = match self.client_for(&verify.tls) {
+            Ok(c) => c,
+            Err(e) => return Probe::Unreachable(e.to_string()),
+        };
+        match client
             .get(verify.url.clone())
             .timeout(verify.timeout)
             .send()
@@ -315,6 +330,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             signing_key: Some(crate::secret::Secret::from("hook-key".to_string())),
             retries: 0,
+            tls: TlsConfig::default(),
         };
         let n = Notifier::new();
         n.reload(&hook, &notice()).await.unwrap();
@@ -338,6 +354,7 @@ mod tests {
             url: format!("{}{p}", server.uri()).parse().unwrap(),
             expect_status: 200,
             timeout: Duration::from_secs(2),
+            tls: TlsConfig::default(),
         };
         assert_eq!(n.probe(&verify("/ok")).await, Probe::Ok);
         assert_eq!(n.probe(&verify("/401")).await, Probe::AuthFailure(401));

@@ -80,7 +80,11 @@ impl AosProvider {
             status_url: join("status", &c.paths.status)?,
             regenerate_url: join("regenerate", &c.paths.regenerate)?,
             auth_check_url: join("auth_check", &c.paths.auth_check)?,
-            client: wire::client(c.timeout).map_err(|e| bad("client", e.to_string()))?,
+            client: wire::client(c.timeout, &c.tls).map_err(|e| ProviderError::Permanent {
+                provider: name.to_string(),
+                operation: "configure",
+                message: e.to_string(),
+            })?,
         })
     }
 
@@ -210,6 +214,7 @@ mod tests {
                 timeout: Duration::from_secs(2),
                 requested_by: "keyrotd@host-a".into(),
                 paths: AosPaths::default(),
+                tls: Default::default(),
             },
         )
         .unwrap()

@@ -46,7 +46,8 @@ impl HttpProvider {
                 permanent(format!("invalid auth_check header name {:?}", check.header))
             })?;
         }
-        let client = wire::client(config.timeout).map_err(|e| permanent(e.to_string()))?;
+        let client =
+            wire::client(config.timeout, &config.tls).map_err(|e| permanent(e.to_string()))?;
         Ok(Self {
             name: name.into(),
             config: config.clone(),
@@ -284,15 +285,17 @@ pub(super) mod wire {
     /// Longest excerpt of an error text kept in a message.
     const EXCERPT: usize = 200;
 
-    pub fn client(timeout: Duration) -> reqwest::Result<Client> {
-        Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            // A redirect would replay a regenerate as a GET elsewhere, or drop the credential on the
-            // way: a 3xx is reported (as the status it is), never followed.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))
-            .build()
+    /// The provider's shared client ([`crate::http_client`]): no redirects (a 3xx is reported as
+    /// the status it is, never followed), the provider's timeout, its CA and client certificate.
+    pub fn client(
+        timeout: Duration,
+        tls: &crate::config::TlsConfig,
+    ) -> Result<Client, crate::http_client::ClientError> {
+        crate::http_client::client(&crate::http_client::ClientSettings {
+            timeout: Some(timeout),
+            connect_timeout: Some(timeout),
+            tls: tls.clone(),
+        })
     }
 
     pub fn parse_url(ctx: &Ctx<'_>, s: &str) -> Result<Url, ProviderError> {
@@ -575,6 +578,7 @@ mod tests {
             account_id: Some("acct_7".into()),
             timeout: Duration::from_secs(2),
             requested_by: "keyrotd@test".into(),
+            tls: Default::default(),
         }
     }
 

@@ -66,6 +66,9 @@ impl AwsStore {
         if let Some(url) = &c.endpoint_url {
             b = b.endpoint_url(url.as_str().trim_end_matches('/'));
         }
+        if let Some(ca_file) = &c.ca_file {
+            b = b.http_client(https_client_trusting(name, ca_file)?);
+        }
         let conf = b.build();
         if conf.region().is_none() {
             return Err(StoreError {
@@ -398,6 +401,43 @@ impl AwsStore {
             version,
         }))
     }
+}
+
+/// The SDK's HTTPS client (rustls, the system's roots) also trusting the CA certificates in
+/// `ca_file`. The file was checked at config load; it is read again here, at each build.
+fn https_client_trusting(
+    store: &str,
+    ca_file: &std::path::Path,
+) -> Result<aws_sdk_secretsmanager::config::SharedHttpClient, StoreError> {
+    use aws_smithy_http_client::tls;
+    let fail = |message: String| StoreError {
+        kind: StoreErrorKind::Permanent,
+        store: store.into(),
+        target: String::new(),
+        message,
+    };
+    let pem = std::fs::read(ca_file).map_err(|e| {
+        fail(format!(
+            "cannot read ca_file {}: {}",
+            ca_file.display(),
+            e.kind()
+        ))
+    })?;
+    let context = tls::TlsContext::builder()
+        .with_trust_store(tls::TrustStore::default().with_pem_certificate(pem))
+        .build()
+        .map_err(|_| {
+            fail(format!(
+                "ca_file {} cannot be used as a trust store",
+                ca_file.display()
+            ))
+        })?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .tls_context(context)
+        .build_https())
 }
 
 /// The secret's JSON object, or a description of what it holds instead (never the content).

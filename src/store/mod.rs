@@ -93,6 +93,58 @@ impl StoreError {
     }
 }
 
+/// What a store knows of the lifetime of the credential it uses (a Vault token): for preflight
+/// findings and the `keyrotd_store_credential_*` gauges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialStatus {
+    /// End of the credential's current lease; `None` when it does not expire (a root token).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The end no renewal goes past (an explicit max TTL), when the store can see one.
+    pub max_expires_at: Option<DateTime<Utc>>,
+    /// keyrotd keeps it valid on its own: it renews the token before `expires_at`, or (AppRole)
+    /// logs in again when it ends.
+    pub renewable: bool,
+    /// The last renewal or login failed: unless that clears, it lapses at `expires_at`.
+    pub renew_failed: bool,
+}
+
+impl CredentialStatus {
+    /// One line for a preflight finding, e.g. "credential expires in 5h 0m (renewed by keyrotd)".
+    pub fn summary(&self, now: DateTime<Utc>) -> String {
+        let left = |at: DateTime<Utc>| {
+            let secs = (at - now).num_seconds();
+            if secs <= 0 {
+                "has expired".to_string()
+            } else {
+                format!("expires in {}h {}m", secs / 3600, secs % 3600 / 60)
+            }
+        };
+        let how = match (self.renewable, self.renew_failed) {
+            (_, true) => " (renewal failing)",
+            (true, false) => " (renewed by keyrotd)",
+            (false, false) => " (not renewable)",
+        };
+        match self.expires_at {
+            None => "credential does not expire".to_string(),
+            Some(at) => format!("credential {}{how}", left(at)),
+        }
+    }
+
+    /// When the credential stops working if nothing changes: its lease end when keyrotd cannot
+    /// keep it valid (not renewable, or renewal failing), else the end no renewal passes; `None`
+    /// when that is never.
+    pub fn lapses_at(&self) -> Option<DateTime<Utc>> {
+        if self.renewable && !self.renew_failed {
+            self.max_expires_at
+        } else {
+            match (self.expires_at, self.max_expires_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+    }
+}
+
 /// A configured store, ready to use.
 pub enum Store {
     Vault(vault::VaultStore),
@@ -121,6 +173,15 @@ impl Store {
             Store::File(s) => s.name(),
             #[cfg(feature = "testing")]
             Store::Memory(s) => s.name(),
+        }
+    }
+
+    /// What the store knows of its credential's lifetime; `None` for stores without one that
+    /// expires (AWS: the SDK refreshes its own; file) and before a Vault store has looked.
+    pub fn credential_status(&self) -> Option<CredentialStatus> {
+        match self {
+            Store::Vault(s) => s.credential_status(),
+            _ => None,
         }
     }
 

@@ -173,6 +173,7 @@ impl Moto {
             region: Some(REGION.to_string()),
             endpoint_url: Some(self.endpoint.parse().expect("moto endpoint is a URL")),
             timeout: Duration::from_secs(5),
+            ca_file: None,
         }
     }
 

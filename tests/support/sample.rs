@@ -21,6 +21,7 @@ pub fn dependent(name: &str) -> DependentConfig {
             url: "http://127.0.0.1:1/health".parse().expect("valid URL"),
             expect_status: 200,
             timeout: Duration::from_secs(5),
+            tls: Default::default(),
         }),
         reload: Some(ReloadHook::Command {
             command: vec!["/bin/true".into()],
@@ -74,6 +75,7 @@ pub fn config() -> Config {
                 timeout: Duration::from_secs(10),
                 requested_by: "keyrotd@test".into(),
                 paths: AosPaths::default(),
+                tls: Default::default(),
             }),
         )]),
         stores: BTreeMap::from([(
