@@ -16,13 +16,15 @@ use serde_json::json;
 
 use crate::cli::{Exit, UsageError};
 use crate::config::Config;
+use crate::coordination::kv::Kv;
+use crate::coordination::read_key_doc;
 use crate::engine::reconcile::observe;
 use crate::engine::recovery::Seen;
 use crate::engine::{
     DestinationView, Engine, LivePhase, RecordEvent, RotationRequest, RunResult, Runtime, Trigger,
     Verdict,
 };
-use crate::journal::{Journal, Phase, StateLock};
+use crate::journal::{Journal, KeyJournal, Phase, StateLock};
 use crate::provider::KeyStatus;
 use crate::telemetry::Metrics;
 use crate::telemetry::Outcome;
@@ -44,6 +46,47 @@ pub struct KeyReport {
     /// rotates it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal_error: Option<String>,
+    /// Several replicas: who holds the key's lease, under which fencing number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseView>,
+}
+
+/// A key's lease as `keyrotd status` shows it.
+#[derive(Debug, Serialize)]
+pub struct LeaseView {
+    pub holder: Option<String>,
+    pub fence: u64,
+}
+
+/// A key's journal (from the state dir, or with several replicas from its lease document), why it
+/// could not be read, and its lease.
+async fn journal_of(
+    journal: &Journal,
+    leases: Option<&(Kv, crate::config::CoordinationConfig)>,
+    key: &str,
+) -> (KeyJournal, Option<String>, Option<LeaseView>) {
+    let Some((kv, co)) = leases else {
+        return match journal.load(key) {
+            Ok(j) => (j, None, None),
+            Err(e) => (KeyJournal::new(key), Some(e.to_string()), None),
+        };
+    };
+    match read_key_doc(kv, co, key).await {
+        Ok(doc) => {
+            let doc = doc.unwrap_or_default();
+            let lease = LeaseView {
+                holder: doc.holder,
+                fence: doc.fence,
+            };
+            let j = doc.journal.unwrap_or_else(|| KeyJournal::new(key));
+            (j, None, Some(lease))
+        }
+        Err(e) => (
+            KeyJournal::new(key),
+            Some(format!("lease document unreadable: {e}")),
+            None,
+        ),
+    }
 }
 
 /// Reads every key's provider status and destinations live (read-only: nothing is adopted, repaired
@@ -53,6 +96,11 @@ pub async fn status(config: Config, only: Option<&str>) -> anyhow::Result<Vec<Ke
     let journal = Journal::open(&config.daemon.state_dir)?;
     let rt = Runtime::build(config.clone()).await?;
     let metrics = Metrics::new();
+    // Several replicas: each key's journal and holder live in its lease document.
+    let leases = match &config.coordination {
+        Some(co) => Some((Kv::Vault(rt.store(&co.store)?.clone()), co.clone())),
+        None => None,
+    };
     let keys: Vec<_> = config
         .keys
         .iter()
@@ -62,14 +110,9 @@ pub async fn status(config: Config, only: Option<&str>) -> anyhow::Result<Vec<Ke
         let rt = &rt;
         let metrics = &metrics;
         let journal = &journal;
+        let leases = &leases;
         async move {
-            let (j, journal_error) = match journal.load(&k.name) {
-                Ok(j) => (j, None),
-                Err(e) => (
-                    crate::journal::KeyJournal::new(&k.name),
-                    Some(e.to_string()),
-                ),
-            };
+            let (j, journal_error, lease) = journal_of(journal, leases.as_ref(), &k.name).await;
             let obs = observe(metrics, rt, k, &j).await;
             let drift = obs.views.iter().any(|v| !v.in_sync && v.error.is_none());
             let (portal, portal_error) = match obs.status {
@@ -92,6 +135,7 @@ pub async fn status(config: Config, only: Option<&str>) -> anyhow::Result<Vec<Ke
                 last_finished_at: j.last_finished_at,
                 next_rotation: next,
                 journal_error,
+                lease,
                 phase: j.phase,
             }
         }
@@ -165,6 +209,14 @@ pub fn status_table(reports: &[KeyReport]) -> String {
                 .map(|(c, w)| format!("{c:<w$}"))
                 .collect();
             let _ = writeln!(out, "  {}", line.join("  ").trim_end());
+        }
+        if let Some(l) = &r.lease {
+            let _ = writeln!(
+                out,
+                "  lease: held by {} (fencing number {})",
+                l.holder.as_deref().unwrap_or("no replica"),
+                l.fence
+            );
         }
         if let Some(e) = &r.journal_error {
             let _ = writeln!(

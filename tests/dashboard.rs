@@ -111,7 +111,14 @@ fn metric_names_are_found_outside_strings_only() {
 /// What keyrotd exports once configured and past its first rotation: metric family name -> type.
 fn exported() -> (BTreeMap<String, String>, String) {
     let metrics = Metrics::new();
-    metrics.apply_config(&config());
+    // With several replicas: the lease series exist too.
+    let mut configured = config();
+    configured.coordination = Some(keyrotd::config::CoordinationConfig {
+        store: "files".into(),
+        path: "keyrotd/leases".into(),
+        ttl: Duration::from_secs(30),
+    });
+    metrics.apply_config(&configured);
     let at = Utc.with_ymd_and_hms(2030, 1, 7, 3, 0, 0).unwrap();
     metrics.rotation_started("billing", at);
     metrics.rotation_finished("billing", Outcome::Success, Duration::from_secs(2), at);

@@ -565,6 +565,16 @@ impl Coordinator {
     }
 }
 
+/// A key's document as any process (`keyrotd status`) may read it, without holding anything.
+pub async fn read_key_doc(
+    kv: &Kv,
+    config: &CoordinationConfig,
+    key: &str,
+) -> Result<Option<KeyDoc>, KvError> {
+    let path = format!("{}/keys/{key}", config.path.trim_matches('/'));
+    Ok(kv.read(&path).await?.map(|d| parse_key(&d.value)))
+}
+
 fn parse_key(value: &Value) -> KeyDoc {
     serde_json::from_value(value.clone()).unwrap_or_default()
 }
