@@ -53,6 +53,7 @@ impl NewKey {
             secret: &self.secret,
             fingerprint: &self.fingerprint,
             rotated_at: Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap(),
+            fence: None,
         }
     }
 

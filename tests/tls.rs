@@ -187,6 +187,7 @@ async fn write(store: &Store) -> Result<Option<String>, keyrotd::store::StoreErr
         secret: &secret,
         fingerprint: &fp,
         rotated_at: Utc::now(),
+        fence: None,
     };
     store.write(&target(), &req).await
 }

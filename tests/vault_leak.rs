@@ -262,6 +262,7 @@ async fn run_scenario(name: &str, c: &Canaries, approle: bool, script: Script) {
         secret: &secret,
         fingerprint: &fp,
         rotated_at: Utc::now(),
+        fence: None,
     };
     let mut errors: Vec<StoreError> = Vec::new();
     errors.extend(store.read(&target()).await.err());

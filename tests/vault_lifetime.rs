@@ -55,6 +55,7 @@ async fn write(store: &Store, t: &DestinationTarget) -> Result<(String, Option<S
         secret: &secret,
         fingerprint: &fp,
         rotated_at: Utc::now(),
+        fence: None,
     };
     match store.write(t, &req).await {
         Ok(v) => Ok((fp, v)),

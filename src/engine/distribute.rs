@@ -219,6 +219,11 @@ pub fn write_request<'a>(
         secret,
         fingerprint: &ident.fingerprint,
         rotated_at: ident.issued_at,
+        fence: r
+            .engine
+            .coordination
+            .as_ref()
+            .and_then(|c| c.fence_of(&r.key.name)),
     }
 }
 

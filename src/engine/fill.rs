@@ -84,6 +84,11 @@ impl Fill {
             secret: &self.secret,
             fingerprint: &self.ident.fingerprint,
             rotated_at: self.ident.issued_at,
+            fence: self
+                .engine
+                .coordination
+                .as_ref()
+                .and_then(|c| c.fence_of(&self.key.name)),
         };
         let count = WriteCount {
             metrics: &self.engine.metrics,

@@ -33,6 +33,8 @@ use crate::secret::{Secret, fingerprint_bytes};
 pub const TAG_KEY_ID: &str = "keyrotd:key_id";
 pub const TAG_FINGERPRINT: &str = "keyrotd:fingerprint";
 pub const TAG_ROTATED_AT: &str = "keyrotd:rotated_at";
+/// Several replicas: the writer's fencing number for the key.
+pub const TAG_FENCE: &str = "keyrotd:fence";
 
 pub struct AwsStore {
     name: String,
@@ -317,12 +319,18 @@ impl AwsStore {
         let label = t.to_string();
         let (secret_id, _) = self.target(t)?;
         let tag = |k: &str, v: String| Tag::builder().key(k).value(v).build();
+        let mut tags = vec![
+            tag(TAG_KEY_ID, r.key_id.to_string()),
+            tag(TAG_FINGERPRINT, r.fingerprint.to_string()),
+            tag(TAG_ROTATED_AT, r.rotated_at.to_rfc3339()),
+        ];
+        if let Some(fence) = r.fence {
+            tags.push(tag(TAG_FENCE, fence.to_string()));
+        }
         self.client
             .tag_resource()
             .secret_id(secret_id)
-            .tags(tag(TAG_KEY_ID, r.key_id.to_string()))
-            .tags(tag(TAG_FINGERPRINT, r.fingerprint.to_string()))
-            .tags(tag(TAG_ROTATED_AT, r.rotated_at.to_rfc3339()))
+            .set_tags(Some(tags))
             .send()
             .await
             .map_err(|e| self.classify(&label, secret_id, "TagResource", &e))?;

@@ -30,6 +30,9 @@ struct Sidecar {
     fingerprint: String,
     rotated_at: DateTime<Utc>,
     rotation_id: String,
+    /// Several replicas: the writer's fencing number for the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fence: Option<u64>,
 }
 
 pub struct FileStore {
@@ -106,6 +109,7 @@ impl FileStore {
             fingerprint: r.fingerprint.to_string(),
             rotated_at: r.rotated_at,
             rotation_id: r.rotation_id.to_string(),
+            fence: r.fence,
         };
         let meta = serde_json::to_vec_pretty(&sidecar).map_err(|e| {
             self.err(

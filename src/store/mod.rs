@@ -26,6 +26,10 @@ pub struct WriteRequest<'a> {
     /// `secret::fingerprint(secret)`.
     pub fingerprint: &'a str,
     pub rotated_at: DateTime<Utc>,
+    /// Several replicas: the writer's fencing number for the key, recorded beside the value (Vault
+    /// custom metadata `keyrotd_fence`, AWS tag `keyrotd:fence`, the file sidecar's `fence`) so that a
+    /// late write from a replica that lost the key is visible.
+    pub fence: Option<u64>,
 }
 
 impl WriteRequest<'_> {

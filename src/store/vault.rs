@@ -437,6 +437,9 @@ impl VaultStore {
         ] {
             custom.insert(k.to_string(), v);
         }
+        if let Some(fence) = r.fence {
+            custom.insert("keyrotd_fence".to_string(), fence.to_string());
+        }
         let endpoint = SetSecretMetadataRequest {
             mount: self.inner.mount.clone(),
             path: path.to_string(),
@@ -714,6 +717,7 @@ mod tests {
             secret: &secret,
             fingerprint: &fp,
             rotated_at: Utc::now(),
+            fence: None,
         };
         store.write(&target(), &req).await
     }
