@@ -406,23 +406,11 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
         let _ = writeln!(out, "  {name}  {detail}");
     }
 
-    match &config.coordination {
-        Some(c) => {
-            let _ = writeln!(
-                out,
-                "\nCoordination: leases on vault store {} at {}, ttl {}",
-                c.store,
-                c.path,
-                human(c.ttl)
-            );
-        }
-        None => {
-            let _ = writeln!(
-                out,
-                "\nCoordination: none (single process; the state_dir lock keeps a second one out)"
-            );
-        }
-    }
+    // `[coordination]` is refused by the loader: one process per state_dir is all there is.
+    let _ = writeln!(
+        out,
+        "\nCoordination: none (single process; the state_dir lock keeps a second one out)"
+    );
 
     if !config.warnings.is_empty() {
         let _ = writeln!(out, "\nWarnings ({}):", config.warnings.len());

@@ -213,6 +213,27 @@ impl Check {
         }
     }
 
+    /// Refuses a plain `http://` URL that would carry a credential to a host other than loopback,
+    /// unless the section opts in with `allow_insecure_http = true`. `section` is the table's path.
+    fn plaintext_credential(&mut self, path: &str, section: &str, url: &str, allowed: bool) {
+        if allowed {
+            return;
+        }
+        let Ok(u) = Url::parse(&url.replace("{key_id}", "KEY_ID")) else {
+            return; // `url` reports it
+        };
+        if u.scheme() != "http" || is_loopback_host(&u) {
+            return;
+        }
+        self.problem(
+            path,
+            format!(
+                "http:// would send a credential in plain text to {}: use https://, or set `allow_insecure_http = true` in [{section}] if the network between them is trusted",
+                u.host_str().unwrap_or("?")
+            ),
+        );
+    }
+
     /// A URL that may contain `{key_id}`; kept as text.
     fn url_template(&mut self, path: &str, text: &str) -> String {
         let _ = self.url(path, &text.replace("{key_id}", "KEY_ID"));
@@ -260,6 +281,26 @@ impl Check {
 }
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+/// `localhost`, 127.0.0.0/8 or ::1: traffic that never leaves the machine.
+fn is_loopback_host(u: &Url) -> bool {
+    match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// `max_retry_after`: positive, default [`crate::backoff::DEFAULT_MAX_RETRY_AFTER`].
+fn max_retry_after(c: &mut Check, base: &str, text: Option<&String>) -> Duration {
+    c.duration(
+        &format!("{base}.max_retry_after"),
+        text,
+        crate::backoff::DEFAULT_MAX_RETRY_AFTER,
+        false,
+    )
+}
 
 fn default_requested_by() -> String {
     format!("keyrotd@{}", gethostname::gethostname().to_string_lossy())
@@ -404,9 +445,10 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         keys.push(built);
     }
 
-    let coordination = raw
-        .coordination
-        .and_then(|co| coordination(&mut c, co, &store_kinds));
+    if let Some(co) = raw.coordination {
+        coordination(&mut c, co, &store_kinds);
+    }
+    let coordination: Option<CoordinationConfig> = None;
 
     // Warnings: things that are allowed but worth saying.
     for (name, p) in &providers {
@@ -570,6 +612,9 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 c.non_empty(&format!("{base}.account_id"), acct);
             }
             let requested_by = requested_by(c, &base, a.requested_by);
+            let insecure_ok = a.allow_insecure_http.is_some_and(|f| f.0);
+            c.plaintext_credential(&format!("{base}.base_url"), &base, &a.base_url, insecure_ok);
+            let max_retry_after = max_retry_after(c, &base, a.max_retry_after.as_ref());
             Some(ProviderConfig::Aos(AosProviderConfig {
                 base_url: base_url?,
                 management_token: token?,
@@ -577,6 +622,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 timeout,
                 requested_by,
                 paths,
+                max_retry_after,
             }))
         }
         raw::RawProvider::Http(h) => {
@@ -643,6 +689,29 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 false,
             );
             let requested_by = requested_by(c, &base, h.requested_by);
+            let insecure_ok = h.allow_insecure_http.is_some_and(|f| f.0);
+            // The management credential travels with regenerate and status; auth_check carries the
+            // key itself.
+            if auth.is_some() {
+                c.plaintext_credential(&format!("{rb}.url"), &base, &regenerate.url, insecure_ok);
+                if let Some(st) = &status {
+                    c.plaintext_credential(
+                        &format!("{base}.status.url"),
+                        &base,
+                        &st.url,
+                        insecure_ok,
+                    );
+                }
+            }
+            if let Some(ac) = &auth_check {
+                c.plaintext_credential(
+                    &format!("{base}.auth_check.url"),
+                    &base,
+                    &ac.url,
+                    insecure_ok,
+                );
+            }
+            let max_retry_after = max_retry_after(c, &base, h.max_retry_after.as_ref());
             Some(ProviderConfig::Http(HttpProviderConfig {
                 auth,
                 regenerate,
@@ -651,6 +720,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 account_id: h.account_id,
                 timeout,
                 requested_by,
+                max_retry_after,
             }))
         }
     }
@@ -693,6 +763,12 @@ fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
     match s {
         raw::RawStore::Vault(v) => {
             let address = c.url(&format!("{base}.address"), &v.address);
+            c.plaintext_credential(
+                &format!("{base}.address"),
+                &base,
+                &v.address,
+                v.allow_insecure_http.is_some_and(|f| f.0),
+            );
             let auth = match (v.token, v.approle) {
                 (Some(t), None) => c.secret(&format!("{base}.token"), &t).map(VaultAuth::Token),
                 (None, Some(a)) => {
@@ -767,11 +843,17 @@ fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
     }
 }
 
+/// `[coordination]` is checked, then refused: several replicas sharing leases are not built, and a
+/// setting that is shown but does nothing would make an operator believe two daemons are safe.
 fn coordination(
     c: &mut Check,
     co: raw::RawCoordination,
     store_kinds: &BTreeMap<String, Option<&'static str>>,
-) -> Option<CoordinationConfig> {
+) {
+    c.problem(
+        "coordination",
+        "not supported: keyrotd runs as a single process (the state_dir lock keeps a second one out); remove [coordination]",
+    );
     if let Some(kind) = &co.kind
         && kind != "vault"
     {
@@ -800,17 +882,13 @@ fn coordination(
     }
     let path = co.path.unwrap_or_else(|| "keyrotd/leases".into());
     c.non_empty("coordination.path", &path);
-    let ttl = c.duration(
+    // Checked so that every mistake in the section is named, though the section is refused.
+    c.duration(
         "coordination.ttl",
         co.ttl.as_ref(),
         Duration::from_secs(30),
         false,
     );
-    Some(CoordinationConfig {
-        store: co.store,
-        path: path.trim_matches('/').to_string(),
-        ttl,
-    })
 }
 
 fn key(

@@ -95,6 +95,8 @@ pub struct AosProviderConfig {
     /// Sent with every regenerate. Default `keyrotd@<hostname>`.
     pub requested_by: String,
     pub paths: AosPaths,
+    /// The longest `Retry-After` obeyed; a portal asking for more is waited on this long. Default 5m.
+    pub max_retry_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +141,8 @@ pub struct HttpProviderConfig {
     pub account_id: Option<String>,
     pub timeout: Duration,
     pub requested_by: String,
+    /// As for `aos`. Default 5m.
+    pub max_retry_after: Duration,
 }
 
 #[derive(Debug, Clone)]

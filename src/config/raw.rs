@@ -74,6 +74,8 @@ pub struct RawAosProvider {
     pub timeout: Option<String>,
     pub requested_by: Option<String>,
     pub paths: Option<RawAosPaths>,
+    pub max_retry_after: Option<String>,
+    pub allow_insecure_http: Option<Flag>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -94,6 +96,8 @@ pub struct RawHttpProvider {
     pub account_id: Option<String>,
     pub timeout: Option<String>,
     pub requested_by: Option<String>,
+    pub max_retry_after: Option<String>,
+    pub allow_insecure_http: Option<Flag>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +154,7 @@ pub struct RawVaultStore {
     pub mount: Option<String>,
     pub namespace: Option<String>,
     pub timeout: Option<String>,
+    pub allow_insecure_http: Option<Flag>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
