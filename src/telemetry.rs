@@ -937,6 +937,7 @@ mod tests {
                 timeout: Duration::from_secs(10),
                 requested_by: "keyrotd@test".into(),
                 paths: AosPaths::default(),
+                max_retry_after: crate::backoff::DEFAULT_MAX_RETRY_AFTER,
             }),
         );
         let mut stores = BTreeMap::new();

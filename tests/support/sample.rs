@@ -74,6 +74,7 @@ pub fn config() -> Config {
                 timeout: Duration::from_secs(10),
                 requested_by: "keyrotd@test".into(),
                 paths: AosPaths::default(),
+                max_retry_after: keyrotd::backoff::DEFAULT_MAX_RETRY_AFTER,
             }),
         )]),
         stores: BTreeMap::from([(

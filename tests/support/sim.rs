@@ -184,6 +184,7 @@ impl Portal {
             timeout: Duration::from_secs(5),
             requested_by: "keyrotd@test".into(),
             paths: AosPaths::default(),
+            max_retry_after: keyrotd::backoff::DEFAULT_MAX_RETRY_AFTER,
         }
     }
 
