@@ -1462,4 +1462,101 @@ max_age = "30d"
             assert!(!is_valid_key_name(bad), "{bad}");
         }
     }
+
+    fn problems(r: Result<Config, ConfigError>) -> Vec<Problem> {
+        match r {
+            Err(ConfigError::Invalid(p)) => p,
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("the config was accepted"),
+        }
+    }
+
+    #[test]
+    fn a_credential_over_plain_http_off_loopback_is_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), "")
+            .replace("https://aos.example.com", "http://aos.example.com")
+            .replace("http://127.0.0.1:8200", "http://vault.internal:8200");
+        let p = problems(load(&text, &[]));
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["providers.Aos-Prod.base_url", "stores.vault-main.address"],
+            "{p:?}"
+        );
+        assert!(p[0].message.contains("allow_insecure_http"), "{}", p[0]);
+        // Each section may opt in; hooks (no credential) never need to.
+        let allowed = text
+            .replace(
+                "kind = \"aos\"\n",
+                "kind = \"aos\"\nallow_insecure_http = true\n",
+            )
+            .replace(
+                "kind = \"vault\"\n",
+                "kind = \"vault\"\nallow_insecure_http = true\n",
+            );
+        load(&allowed, &[]).unwrap();
+        // Loopback is not a network: no opt-in needed.
+        let local =
+            config_text(dir.path(), "").replace("https://aos.example.com", "http://localhost:8080");
+        load(&local, &[]).unwrap();
+    }
+
+    #[test]
+    fn an_http_provider_checks_every_url_a_credential_travels_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("tok");
+        std::fs::write(&tok, "t").unwrap();
+        let text = format!(
+            r#"
+[providers.vx]
+kind = "http"
+auth = {{ value = {{ file = "{tok}" }} }}
+regenerate = {{ url = "http://vx.example/roll", secret_pointer = "/s", key_id_pointer = "/id" }}
+status = {{ url = "http://vx.example/status", key_id_pointer = "/id" }}
+auth_check = {{ url = "http://vx.example/whoami" }}
+"#,
+            tok = tok.display()
+        );
+        let p = problems(load(&text, &[]));
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "providers.vx.regenerate.url",
+                "providers.vx.status.url",
+                "providers.vx.auth_check.url"
+            ],
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn coordination_is_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}\n[coordination]\nstore = \"vault-main\"\n",
+            config_text(dir.path(), "")
+        );
+        let p = problems(load(&text, &[]));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "coordination");
+        assert!(p[0].message.contains("single process"), "{}", p[0]);
+    }
+
+    #[test]
+    fn max_retry_after_defaults_to_five_minutes_and_must_be_positive() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(&config_text(dir.path(), ""), &[]).unwrap();
+        let ProviderConfig::Aos(p) = &c.providers["Aos-Prod"] else {
+            panic!("not aos")
+        };
+        assert_eq!(p.max_retry_after, Duration::from_secs(300));
+        let text = config_text(dir.path(), "").replace(
+            "kind = \"aos\"\n",
+            "kind = \"aos\"\nmax_retry_after = \"0s\"\n",
+        );
+        let p = problems(load(&text, &[]));
+        assert!(p[0].path.ends_with("max_retry_after"), "{p:?}");
+    }
 }
