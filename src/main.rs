@@ -4,13 +4,20 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use clap::Parser;
 use keyrotd::cli::{self, Cli};
 use keyrotd::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
+/// What marking the process non-dumpable gave, for [`init_tracing`] to report.
+static PROTECTION: OnceLock<Result<(), String>> = OnceLock::new();
+
 fn main() -> ExitCode {
+    // Before anything reads a credential: no core dump or same-user ptrace may see a key. A failure
+    // is logged once logging is set up.
+    let _ = PROTECTION.set(keyrotd::secret::protect_process_memory());
     // Usage errors (bad flags) exit 2 through clap; `--help`/`--version` exit 0.
     let cli = Cli::parse();
     // Test builds only (`--features failpoints`): the `FAILPOINTS` environment variable configures the
@@ -39,4 +46,7 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    if let Some(Err(e)) = PROTECTION.get() {
+        tracing::warn!(error = %e, "Cannot mark the process non-dumpable: a core dump could hold keys.");
+    }
 }

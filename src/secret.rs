@@ -115,6 +115,26 @@ fn read_credential_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
     Ok(bytes)
 }
 
+/// Marks the process non-dumpable (`PR_SET_DUMPABLE` 0): no core dump, and no ptrace attach or
+/// `/proc/<pid>/mem` read by other processes of the same user, since memory holds keys. Called first
+/// thing at start; an error (e.g. a seccomp filter refusing `prctl`) is returned for the caller to log.
+pub fn protect_process_memory() -> Result<(), String> {
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl(PR_SET_DUMPABLE, 0): {e}"))
+}
+
+/// Wipes every string in a parsed JSON value before it is freed (a regenerate answer or an AWS
+/// secret's JSON object holds keys in them; serde_json's own drop does not wipe).
+pub fn wipe_json(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    use zeroize::Zeroize;
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(a) => a.iter_mut().for_each(wipe_json),
+        Value::Object(o) => o.values_mut().for_each(wipe_json),
+        _ => {}
+    }
+}
+
 /// The short public identity of a secret value: the first 12 hex digits of its SHA-256.
 pub fn fingerprint(secret: &Secret) -> String {
     fingerprint_bytes(secret.expose_secret().as_bytes())
@@ -189,5 +209,11 @@ mod tests {
             SecretRef::File(link).resolve().unwrap().expose_secret(),
             "tok-9"
         );
+    }
+
+    #[test]
+    fn the_process_can_be_made_non_dumpable() {
+        protect_process_memory().unwrap();
+        assert!(!nix::sys::prctl::get_dumpable().unwrap());
     }
 }

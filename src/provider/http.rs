@@ -205,7 +205,7 @@ pub fn parse_regenerate(regen: &HttpRegenerate, body: &[u8]) -> Result<Regenerat
     let mut body: Value =
         serde_json::from_slice(body).map_err(|_| "regenerate response is not JSON".to_string())?;
     let result = take_regenerated(regen, &mut body);
-    wire::wipe_value(&mut body);
+    crate::secret::wipe_json(&mut body);
     result
 }
 
@@ -408,16 +408,6 @@ pub mod wire {
             *buf = bigger; // the old buffer is zeroized as it drops
         }
         buf.extend_from_slice(bytes);
-    }
-
-    /// Wipes every string in a parsed JSON value (a regenerate answer holds the new secret in one).
-    pub fn wipe_value(v: &mut Value) {
-        match v {
-            Value::String(s) => s.zeroize(),
-            Value::Array(a) => a.iter_mut().for_each(wipe_value),
-            Value::Object(o) => o.values_mut().for_each(wipe_value),
-            _ => {}
-        }
     }
 
     /// A short, printable account of an error body: the text of `{"error": "..."}` (at most 200 chars),
@@ -1036,7 +1026,7 @@ mod tests {
             parse_regenerate(&c.regenerate, br#"{"data":{"id":"k2","secret":"vx_new"}}"#).unwrap();
         assert_eq!(r.secret.expose_secret(), "vx_new");
         let mut v = serde_json::json!({"a": ["s3cret", {"b": "x"}], "n": 1});
-        wire::wipe_value(&mut v);
+        crate::secret::wipe_json(&mut v);
         assert_eq!(v, serde_json::json!({"a": ["", {"b": ""}], "n": 1}));
     }
 
