@@ -89,10 +89,20 @@ fuzz_target!(|data: &[u8]| {
             else {
                 return;
             };
+            // Keys and tokens are made of these; a "secret" like "error pag" would be found in the
+            // fixed text "HTML error page" without anything leaking.
+            if !secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return;
+            }
             let s = Secret::from(secret.to_string());
             if let Some(x) = http::wire::excerpt(page, &[&s]) {
                 assert!(x.chars().count() <= 200, "excerpt too long");
-                assert!(!x.contains(secret), "excerpt shows the secret: {x:?}");
+                if x != "HTML error page" {
+                    assert!(!x.contains(secret), "excerpt shows the secret: {x:?}");
+                }
             }
         }
     }
