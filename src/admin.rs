@@ -3,14 +3,22 @@
 //!
 //! GET endpoints never change state and never show a secret. POSTs need `Authorization: Bearer
 //! <admin_token>`, compared in constant time; without a configured token every POST answers 403.
+//!
+//! The server is bounded so that a misbehaving or hostile client cannot starve it ([`Limits`]): at
+//! most 64 connections at once (more wait in the kernel's backlog), request headers within 10 s,
+//! request bodies of at most 64 KiB within 10 s.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
@@ -19,9 +27,38 @@ use uuid::Uuid;
 
 use crate::engine::{Engine, RotationRequest, RunResult, Trigger, TriggerError};
 
+/// How much the admin server gives one client.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; the next ones wait to be accepted.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (also the idle limit of a kept-alive
+    /// connection).
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body once its headers are in.
+    pub body_timeout: Duration,
+    /// The largest request body read. A rotate request is a few hundred bytes.
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            max_body: 64 * 1024,
+        }
+    }
+}
+
 /// Builds the router. The admin token is read from the engine's current config on every request, so
 /// a reload that changes it takes effect at once.
 pub fn router(engine: Arc<Engine>) -> axum::Router {
+    router_with(engine, Limits::default())
+}
+
+fn router_with(engine: Arc<Engine>, limits: Limits) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -32,15 +69,106 @@ pub fn router(engine: Arc<Engine>) -> axum::Router {
         .route("/v1/rotations/{id}", get(rotation))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            bounded_body(limits, req, next)
+        }))
         .with_state(engine)
 }
 
-/// Serves the router until `shutdown` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
-    let shutdown = engine.shutdown.clone();
-    axum::serve(listener, router(engine))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+/// Reads the whole request body before any handler runs: at most `max_body` bytes (413 past it)
+/// within `body_timeout` (408 past it), so a slow or endless body cannot hold a handler.
+async fn bounded_body(limits: Limits, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(
+        limits.body_timeout,
+        axum::body::to_bytes(body, limits.max_body),
+    )
+    .await;
+    let bytes = match read {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body larger than {} bytes, or cut off",
+                    limits.max_body
+                ),
+            );
+        }
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request body too slow"),
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
+}
+
+/// Serves the router until `shutdown` is cancelled, within the default [`Limits`].
+pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
+    serve_with(listener, engine, Limits::default()).await
+}
+
+/// [`serve`] within `limits`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    limits: Limits,
+) -> std::io::Result<()> {
+    let shutdown = engine.shutdown.clone();
+    let app = router_with(engine, limits);
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        // A permit first, then accept: past the limit, clients wait in the listen backlog.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(error = %e, "Admin API: accept failed.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            serve_connection(stream, service, limits.header_timeout, shutdown).await;
+        });
+    }
+    connections.close();
+    // In-flight requests get a moment to finish; the daemon's own shutdown bound covers the rest.
+    let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+    Ok(())
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    service: TowerToHyperService<axum::Router>,
+    header_timeout: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -229,4 +357,128 @@ async fn resume(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Respon
     }
     engine.set_paused(false);
     Json(json!({ "paused": false })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    async fn engine() -> (Arc<Engine>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("tok");
+        std::fs::write(&tok, "t").unwrap();
+        let config = crate::config::load_str(&format!(
+            r#"
+[daemon]
+state_dir = "{state}"
+[providers.p]
+kind = "aos"
+base_url = "http://127.0.0.1:1"
+management_token = {{ file = "{tok}" }}
+[stores.local]
+kind = "file"
+dir = "{state}"
+[[keys]]
+name = "k"
+provider = "p"
+  [[keys.destinations]]
+  store = "local"
+  file = "k"
+"#,
+            state = dir.path().display(),
+            tok = tok.display()
+        ))
+        .unwrap();
+        let engine = Engine::new(Arc::new(config), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        (engine, dir)
+    }
+
+    /// Serves with `limits` on a free port; returns its address.
+    async fn start(limits: Limits) -> (std::net::SocketAddr, Arc<Engine>, tempfile::TempDir) {
+        let (engine, dir) = engine().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_with(listener, engine.clone(), limits));
+        (addr, engine, dir)
+    }
+
+    /// Sends `raw`, returns what came back before the server closed or `wait` passed.
+    async fn exchange(addr: std::net::SocketAddr, raw: &[u8], wait: Duration) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_refused_before_any_handler() {
+        let (addr, _e, _d) = start(Limits::default()).await;
+        let body = "x".repeat(100 * 1024);
+        let req = format!(
+            "POST /v1/pause HTTP/1.1\r\nhost: a\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = exchange(addr, req.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_never_comes_times_out() {
+        let limits = Limits {
+            body_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let (addr, _e, _d) = start(limits).await;
+        let req = b"POST /v1/pause HTTP/1.1\r\nhost: a\r\ncontent-length: 50\r\n\r\n{\"par";
+        let answer = exchange(addr, req, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn headers_that_never_end_close_the_connection() {
+        let limits = Limits {
+            header_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let (addr, _e, _d) = start(limits).await;
+        let started = std::time::Instant::now();
+        // No blank line: the headers never end. The server hangs up instead of waiting forever.
+        let answer = exchange(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nhost: a\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "still open after {:?}: {answer}",
+            started.elapsed()
+        );
+        assert!(!answer.contains("ok"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_for_a_free_slot() {
+        let limits = Limits {
+            max_connections: 2,
+            ..Limits::default()
+        };
+        let (addr, _e, _d) = start(limits).await;
+        let idle1 = TcpStream::connect(addr).await.unwrap();
+        let _idle2 = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let get = b"GET /healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
+        let answer = exchange(addr, get, Duration::from_millis(500)).await;
+        assert_eq!(answer, "", "a third connection was served past the limit");
+        drop(idle1);
+        let answer = exchange(addr, get, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
 }

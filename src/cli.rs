@@ -412,10 +412,12 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
         Some(c) => {
             let _ = writeln!(
                 out,
-                "\nCoordination: leases on vault store {} at {}, ttl {}",
+                "\nCoordination: several replicas share the keys through leases on vault store {} \
+                 at {} (ttl {}, renewed every {}); each replica needs its own state_dir",
                 c.store,
                 c.path,
-                human(c.ttl)
+                human(c.ttl),
+                human(c.ttl / 3)
             );
         }
         None => {

@@ -1,9 +1,12 @@
 //! The async bodies of `keyrotd status` and `keyrotd rotate` (cli.rs parses and prints exit codes).
 //!
-//! `rotate` hands the rotation to a running daemon when one answers on `daemon.listen` (admin API,
-//! bearer token from `daemon.admin_token`) and follows it through `GET /v1/rotations/{id}`; otherwise
-//! it takes the state-dir lock and runs the rotation in this process with the same journal, budget and
-//! lifecycle as the daemon. Either way the phases are printed as they pass.
+//! `rotate` hands the rotation to a running daemon (admin API on `daemon.listen`, bearer token from
+//! `daemon.admin_token`) and follows it through `GET /v1/rotations/{id}`; otherwise it takes the
+//! state-dir lock and runs the rotation in this process with the same journal, budget and lifecycle as
+//! the daemon. Either way the phases are printed as they pass.
+//!
+//! A daemon is "running" only when the state-dir lock is held by another process: whatever answers on
+//! `listen` while the lock is free is not our daemon, and is never sent the admin token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -272,8 +275,21 @@ fn print_event(e: &RecordEvent) {
     );
 }
 
+/// True when another process holds the state-dir lock: a daemon (or another in-process rotation) runs.
+/// Taking the lock for an instant is the only way to ask; a free lock is released at once.
+fn state_dir_is_locked(config: &Config) -> bool {
+    matches!(
+        StateLock::acquire(&config.daemon.state_dir),
+        Err(crate::journal::JournalError::Locked { .. })
+    )
+}
+
 /// `keyrotd rotate`.
 pub async fn rotate(config: Config, args: RotateArgs) -> anyhow::Result<Exit> {
+    if !state_dir_is_locked(&config) {
+        // No daemon: nothing on `listen` is ours, so it is not asked (nor sent the admin token).
+        return rotate_local(config, args).await;
+    }
     let base = format!("http://{}", config.daemon.listen);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))

@@ -31,6 +31,10 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let sd = SystemdNotifier::from_env();
     let _lock = StateLock::acquire(&config.daemon.state_dir)?;
+    // Under the lock no write of ours is in flight: a temp file now is a crash's leftover (a secret).
+    for path in crate::store::file::clean_stale_temp_files(&config) {
+        tracing::warn!(path = %path.display(), "Removed a temp file left by an interrupted write.");
+    }
     let listen = config.daemon.listen;
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::new(Arc::new(config), metrics).await?;

@@ -4,6 +4,7 @@
 //! Layout, in pipeline order:
 //! - [`config`]: TOML -> validated [`config::Config`] (all problems at once, with field paths);
 //! - [`secret`]: the `Secret` type and `{env}`/`{file}` references, the only place credentials are read;
+//! - [`backoff`]: pauses between attempts (exponential, jittered) and the `Retry-After` cap;
 //! - [`schedule`]: cron + time zone + window + jitter -> next due time (pure, takes a clock);
 //! - [`clock`]: the wall clock the engine reads, injected (system, or virtual in tests);
 //! - [`provider`]: the issuing portals (`aos`, `http`), errors that know if they are retryable/ambiguous;
@@ -27,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod commands;

@@ -4,6 +4,7 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use clap::Parser;
 use keyrotd::cli::{self, Cli};
@@ -12,7 +13,13 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// What marking the process non-dumpable gave, for [`init_tracing`] to report.
+static PROTECTION: OnceLock<Result<(), String>> = OnceLock::new();
+
 fn main() -> ExitCode {
+    // Before anything reads a credential: no core dump or same-user ptrace may see a key. A failure
+    // is logged once logging is set up.
+    let _ = PROTECTION.set(keyrotd::secret::protect_process_memory());
     // Usage errors (bad flags) exit 2 through clap; `--help`/`--version` exit 0.
     let cli = Cli::parse();
     // Test builds only (`--features failpoints`): the `FAILPOINTS` environment variable configures the
@@ -43,4 +50,7 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.finish().with(quiet).try_init(),
         LogFormat::Json => builder.json().finish().with(quiet).try_init(),
     };
+    if let Some(Err(e)) = PROTECTION.get() {
+        tracing::warn!(error = %e, "Cannot mark the process non-dumpable: a core dump could hold keys.");
+    }
 }

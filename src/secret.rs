@@ -4,14 +4,19 @@
 //! zeroized on drop, and the only way to its bytes is `expose_secret()` — so `grep expose_secret` lists
 //! every place a secret is used. Values are identified everywhere else by their [`fingerprint`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 /// A secret value: an API key, a management token, a hook signing key.
 pub type Secret = SecretString;
+
+/// The largest credential file read. Tokens are far smaller; a bigger file is a mistake (or
+/// `/dev/zero`), and reading it would take the daemon's memory.
+pub const MAX_CREDENTIAL_FILE: u64 = 64 * 1024;
 
 /// Where a credential comes from. Written in TOML as `{ env = "NAME" }` or `{ file = "/path" }`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -59,22 +64,74 @@ impl SecretRef {
                     }
                     _ => path,
                 };
-                let mut text = std::fs::read_to_string(path).map_err(|e| SecretRefError::File {
+                let bytes = read_credential_file(path).map_err(|reason| SecretRefError::File {
                     path: path.display().to_string(),
-                    reason: e.kind().to_string(),
+                    reason,
                 })?;
-                if text.ends_with('\n') {
-                    text.pop();
-                    if text.ends_with('\r') {
-                        text.pop();
-                    }
-                }
+                let text = std::str::from_utf8(&bytes).map_err(|_| SecretRefError::File {
+                    path: path.display().to_string(),
+                    reason: "not UTF-8 text".into(),
+                })?;
+                // One trailing newline (LF or CRLF) is the file's, not the credential's.
+                let text = match text.strip_suffix('\n') {
+                    Some(t) => t.strip_suffix('\r').unwrap_or(t),
+                    None => text,
+                };
                 if text.is_empty() {
                     return Err(SecretRefError::FileEmpty(path.display().to_string()));
                 }
-                Ok(Secret::from(text))
+                Ok(Secret::from(text.to_string()))
             }
         }
+    }
+}
+
+/// Reads a credential file: a regular file (a link to one is followed, as Kubernetes and systemd
+/// mount credentials through links) of at most [`MAX_CREDENTIAL_FILE`] bytes, into a buffer wiped on
+/// drop. A FIFO or device is refused without blocking on it. The error is a reason, never content.
+fn read_credential_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.kind().to_string())?;
+    let md = file.metadata().map_err(|e| e.kind().to_string())?;
+    if !md.is_file() {
+        return Err("not a regular file".into());
+    }
+    let too_big = || format!("larger than {MAX_CREDENTIAL_FILE} bytes");
+    if md.len() > MAX_CREDENTIAL_FILE {
+        return Err(too_big());
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(md.len() as usize));
+    file.take(MAX_CREDENTIAL_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.kind().to_string())?;
+    if bytes.len() as u64 > MAX_CREDENTIAL_FILE {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
+/// Marks the process non-dumpable (`PR_SET_DUMPABLE` 0): no core dump, and no ptrace attach or
+/// `/proc/<pid>/mem` read by other processes of the same user, since memory holds keys. Called first
+/// thing at start; an error (e.g. a seccomp filter refusing `prctl`) is returned for the caller to log.
+pub fn protect_process_memory() -> Result<(), String> {
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl(PR_SET_DUMPABLE, 0): {e}"))
+}
+
+/// Wipes every string in a parsed JSON value before it is freed (a regenerate answer or an AWS
+/// secret's JSON object holds keys in them; serde_json's own drop does not wipe).
+pub fn wipe_json(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    use zeroize::Zeroize;
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(a) => a.iter_mut().for_each(wipe_json),
+        Value::Object(o) => o.values_mut().for_each(wipe_json),
+        _ => {}
     }
 }
 
@@ -127,5 +184,36 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/keyrotd/tok"));
+    }
+
+    #[test]
+    fn credential_files_must_be_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // A link to /dev/zero would be read until memory runs out.
+        let zero = dir.path().join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let e = SecretRef::File(zero).resolve().unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; MAX_CREDENTIAL_FILE as usize + 1]).unwrap();
+        let e = SecretRef::File(big).resolve().unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+
+        // A link to a regular file is followed (Kubernetes secret volumes are links).
+        let real = dir.path().join("real");
+        std::fs::write(&real, "tok-9\r\n").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert_eq!(
+            SecretRef::File(link).resolve().unwrap().expose_secret(),
+            "tok-9"
+        );
+    }
+
+    #[test]
+    fn the_process_can_be_made_non_dumpable() {
+        protect_process_memory().unwrap();
+        assert!(!nix::sys::prctl::get_dumpable().unwrap());
     }
 }

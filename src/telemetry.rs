@@ -1078,6 +1078,7 @@ mod tests {
                 requested_by: "keyrotd@test".into(),
                 paths: AosPaths::default(),
                 tls: Default::default(),
+                max_retry_after: crate::backoff::DEFAULT_MAX_RETRY_AFTER,
             }),
         );
         let mut stores = BTreeMap::new();

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
 use support::daemon::{HOOK_KEY, KEY, Options, Stack, metric_value};
 use support::{free_port, project_root};
@@ -125,13 +124,13 @@ impl Drop for Prometheus {
 /// What the dependent's operator does: make it reload (a correctly signed reload request).
 async fn signed_reload(url: &str) -> u16 {
     let body = serde_json::to_vec(&json!({ "key": KEY, "reason": "operator restart" })).unwrap();
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(HOOK_KEY.as_bytes()).unwrap();
-    mac.update(&body);
-    let sig = hex::encode(mac.finalize().into_bytes());
+    let now = chrono::Utc::now().timestamp();
+    let sig = keyrotd::notify::signature(HOOK_KEY.as_bytes(), now, &body);
     reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json")
-        .header("X-Keyrotd-Signature", format!("sha256={sig}"))
+        .header(keyrotd::notify::TIMESTAMP_HEADER, now.to_string())
+        .header(keyrotd::notify::SIGNATURE_HEADER, sig)
         .body(body)
         .send()
         .await

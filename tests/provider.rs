@@ -270,7 +270,6 @@ async fn a_dependent_fails_after_regenerate_until_it_reloads_the_new_key() {
 
 #[tokio::test]
 async fn a_dependent_with_a_signing_key_refuses_unsigned_reloads_and_honours_faults() {
-    use hmac::{KeyInit, Mac};
     let portal = Portal::start();
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("k");
@@ -282,16 +281,24 @@ async fn a_dependent_with_a_signing_key_refuses_unsigned_reloads_and_honours_fau
     assert_eq!(dependent.reload(&json!({"key": "k"})).await, 401);
 
     let body = br#"{"key":"k","rotation_id":"r1"}"#.to_vec();
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hook-key").unwrap();
-    mac.update(&body);
-    let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-    let signed = || {
+    let now = chrono::Utc::now().timestamp();
+    let signed_at = |ts: i64| {
         reqwest::Client::new()
             .post(dependent.reload_url())
-            .header("X-Keyrotd-Signature", sig.clone())
+            .header(keyrotd::notify::TIMESTAMP_HEADER, ts.to_string())
+            .header(
+                keyrotd::notify::SIGNATURE_HEADER,
+                keyrotd::notify::signature(b"hook-key", ts, &body),
+            )
             .body(body.clone())
     };
+    let signed = || signed_at(now);
     assert_eq!(signed().send().await.unwrap().status().as_u16(), 200);
+    // A request signed (or captured) ten minutes ago is refused as a replay.
+    assert_eq!(
+        signed_at(now - 600).send().await.unwrap().status().as_u16(),
+        401
+    );
 
     dependent.faults(json!({"fail_reload_next": 1})).await;
     assert_eq!(signed().send().await.unwrap().status().as_u16(), 503);
@@ -299,8 +306,11 @@ async fn a_dependent_with_a_signing_key_refuses_unsigned_reloads_and_honours_fau
 
     let requests = dependent.requests().await;
     let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
-    assert_eq!(statuses, vec![401, 200, 503, 200]);
-    assert_eq!(requests[1].headers.get("x-keyrotd-signature"), Some(&sig));
+    assert_eq!(statuses, vec![401, 200, 401, 503, 200]);
+    assert_eq!(
+        requests[1].headers.get("x-keyrotd-signature"),
+        Some(&keyrotd::notify::signature(b"hook-key", now, &body))
+    );
     assert_eq!(dependent.state().await.reloads, 2);
 }
 

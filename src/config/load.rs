@@ -215,6 +215,27 @@ impl Check {
         }
     }
 
+    /// Refuses a plain `http://` URL that would carry a credential to a host other than loopback,
+    /// unless the section opts in with `allow_insecure_http = true`. `section` is the table's path.
+    fn plaintext_credential(&mut self, path: &str, section: &str, url: &str, allowed: bool) {
+        if allowed {
+            return;
+        }
+        let Ok(u) = Url::parse(&url.replace("{key_id}", "KEY_ID")) else {
+            return; // `url` reports it
+        };
+        if u.scheme() != "http" || is_loopback_host(&u) {
+            return;
+        }
+        self.problem(
+            path,
+            format!(
+                "http:// would send a credential in plain text to {}: use https://, or set `allow_insecure_http = true` in [{section}] if the network between them is trusted",
+                u.host_str().unwrap_or("?")
+            ),
+        );
+    }
+
     /// A URL that may contain `{key_id}`; kept as text.
     fn url_template(&mut self, path: &str, text: &str) -> String {
         let _ = self.url(path, &text.replace("{key_id}", "KEY_ID"));
@@ -293,6 +314,26 @@ impl Check {
 }
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+/// `localhost`, 127.0.0.0/8 or ::1: traffic that never leaves the machine.
+fn is_loopback_host(u: &Url) -> bool {
+    match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// `max_retry_after`: positive, default [`crate::backoff::DEFAULT_MAX_RETRY_AFTER`].
+fn max_retry_after(c: &mut Check, base: &str, text: Option<&String>) -> Duration {
+    c.duration(
+        &format!("{base}.max_retry_after"),
+        text,
+        crate::backoff::DEFAULT_MAX_RETRY_AFTER,
+        false,
+    )
+}
 
 fn default_requested_by() -> String {
     format!("keyrotd@{}", gethostname::gethostname().to_string_lossy())
@@ -604,6 +645,9 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
             }
             let requested_by = requested_by(c, &base, a.requested_by);
             let tls = c.tls(&base, a.ca_file, a.client_cert, a.client_key);
+            let insecure_ok = a.allow_insecure_http.is_some_and(|f| f.0);
+            c.plaintext_credential(&format!("{base}.base_url"), &base, &a.base_url, insecure_ok);
+            let max_retry_after = max_retry_after(c, &base, a.max_retry_after.as_ref());
             Some(ProviderConfig::Aos(AosProviderConfig {
                 base_url: base_url?,
                 management_token: token?,
@@ -612,6 +656,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 requested_by,
                 paths,
                 tls,
+                max_retry_after,
             }))
         }
         raw::RawProvider::Http(h) => {
@@ -679,6 +724,29 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
             );
             let requested_by = requested_by(c, &base, h.requested_by);
             let tls = c.tls(&base, h.ca_file, h.client_cert, h.client_key);
+            let insecure_ok = h.allow_insecure_http.is_some_and(|f| f.0);
+            // The management credential travels with regenerate and status; auth_check carries the
+            // key itself.
+            if auth.is_some() {
+                c.plaintext_credential(&format!("{rb}.url"), &base, &regenerate.url, insecure_ok);
+                if let Some(st) = &status {
+                    c.plaintext_credential(
+                        &format!("{base}.status.url"),
+                        &base,
+                        &st.url,
+                        insecure_ok,
+                    );
+                }
+            }
+            if let Some(ac) = &auth_check {
+                c.plaintext_credential(
+                    &format!("{base}.auth_check.url"),
+                    &base,
+                    &ac.url,
+                    insecure_ok,
+                );
+            }
+            let max_retry_after = max_retry_after(c, &base, h.max_retry_after.as_ref());
             Some(ProviderConfig::Http(HttpProviderConfig {
                 auth,
                 regenerate,
@@ -688,6 +756,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 timeout,
                 requested_by,
                 tls,
+                max_retry_after,
             }))
         }
     }
@@ -730,6 +799,12 @@ fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
     match s {
         raw::RawStore::Vault(v) => {
             let address = c.url(&format!("{base}.address"), &v.address);
+            c.plaintext_credential(
+                &format!("{base}.address"),
+                &base,
+                &v.address,
+                v.allow_insecure_http.is_some_and(|f| f.0),
+            );
             let auth = match (&v.token, v.approle) {
                 (Some(t), None) => c.secret(&format!("{base}.token"), t).map(VaultAuth::Token),
                 (None, Some(a)) => {
@@ -816,6 +891,8 @@ fn store(c: &mut Check, name: &str, s: raw::RawStore) -> Option<StoreConfig> {
     }
 }
 
+/// `[coordination]`: several replicas sharing the keys through leases on a Vault store
+/// (docs/replicas.md).
 fn coordination(
     c: &mut Check,
     co: raw::RawCoordination,
@@ -1500,5 +1577,114 @@ max_age = "30d"
         for bad in ["", "-a", "_a", "Billing", "a b", "a.b", "é"] {
             assert!(!is_valid_key_name(bad), "{bad}");
         }
+    }
+
+    fn problems(r: Result<Config, ConfigError>) -> Vec<Problem> {
+        match r {
+            Err(ConfigError::Invalid(p)) => p,
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("the config was accepted"),
+        }
+    }
+
+    #[test]
+    fn a_credential_over_plain_http_off_loopback_is_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), "")
+            .replace("https://aos.example.com", "http://aos.example.com")
+            .replace("http://127.0.0.1:8200", "http://vault.internal:8200");
+        let p = problems(load(&text, &[]));
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["providers.Aos-Prod.base_url", "stores.vault-main.address"],
+            "{p:?}"
+        );
+        assert!(p[0].message.contains("allow_insecure_http"), "{}", p[0]);
+        // Each section may opt in; hooks (no credential) never need to.
+        let allowed = text
+            .replace(
+                "kind = \"aos\"\n",
+                "kind = \"aos\"\nallow_insecure_http = true\n",
+            )
+            .replace(
+                "kind = \"vault\"\n",
+                "kind = \"vault\"\nallow_insecure_http = true\n",
+            );
+        load(&allowed, &[]).unwrap();
+        // Loopback is not a network: no opt-in needed.
+        let local =
+            config_text(dir.path(), "").replace("https://aos.example.com", "http://localhost:8080");
+        load(&local, &[]).unwrap();
+    }
+
+    #[test]
+    fn an_http_provider_checks_every_url_a_credential_travels_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("tok");
+        std::fs::write(&tok, "t").unwrap();
+        let text = format!(
+            r#"
+[providers.vx]
+kind = "http"
+auth = {{ value = {{ file = "{tok}" }} }}
+regenerate = {{ url = "http://vx.example/roll", secret_pointer = "/s", key_id_pointer = "/id" }}
+status = {{ url = "http://vx.example/status", key_id_pointer = "/id" }}
+auth_check = {{ url = "http://vx.example/whoami" }}
+"#,
+            tok = tok.display()
+        );
+        let p = problems(load(&text, &[]));
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "providers.vx.regenerate.url",
+                "providers.vx.status.url",
+                "providers.vx.auth_check.url"
+            ],
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn coordination_names_a_vault_store_and_defaults_its_path_and_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}\n[coordination]\nstore = \"vault-main\"\n",
+            config_text(dir.path(), "")
+        );
+        let c = load(&text, &[]).unwrap();
+        let co = c.coordination.expect("coordination");
+        assert_eq!(
+            (co.store.as_str(), co.path.as_str()),
+            ("vault-main", "keyrotd/leases")
+        );
+        assert_eq!(co.ttl, Duration::from_secs(30));
+        let text = format!(
+            "{}\n[coordination]\nstore = \"nowhere\"\nttl = \"0s\"\n",
+            config_text(dir.path(), "")
+        );
+        let paths: Vec<String> = problems(load(&text, &[]))
+            .into_iter()
+            .map(|p| p.path)
+            .collect();
+        assert_eq!(paths, ["coordination.store", "coordination.ttl"]);
+    }
+
+    #[test]
+    fn max_retry_after_defaults_to_five_minutes_and_must_be_positive() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(&config_text(dir.path(), ""), &[]).unwrap();
+        let ProviderConfig::Aos(p) = &c.providers["Aos-Prod"] else {
+            panic!("not aos")
+        };
+        assert_eq!(p.max_retry_after, Duration::from_secs(300));
+        let text = config_text(dir.path(), "").replace(
+            "kind = \"aos\"\n",
+            "kind = \"aos\"\nmax_retry_after = \"0s\"\n",
+        );
+        let p = problems(load(&text, &[]));
+        assert!(p[0].path.ends_with("max_retry_after"), "{p:?}");
     }
 }

@@ -96,6 +96,8 @@ pub struct AosProviderConfig {
     pub requested_by: String,
     pub paths: AosPaths,
     pub tls: TlsConfig,
+    /// The longest `Retry-After` obeyed; a portal asking for more is waited on this long. Default 5m.
+    pub max_retry_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +143,8 @@ pub struct HttpProviderConfig {
     pub timeout: Duration,
     pub requested_by: String,
     pub tls: TlsConfig,
+    /// As for `aos`. Default 5m.
+    pub max_retry_after: Duration,
 }
 
 /// How an HTTPS client proves the server's identity and, optionally, its own: `ca_file`,

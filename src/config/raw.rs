@@ -77,6 +77,8 @@ pub struct RawAosProvider {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    pub max_retry_after: Option<String>,
+    pub allow_insecure_http: Option<Flag>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -100,6 +102,8 @@ pub struct RawHttpProvider {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    pub max_retry_after: Option<String>,
+    pub allow_insecure_http: Option<Flag>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +163,7 @@ pub struct RawVaultStore {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    pub allow_insecure_http: Option<Flag>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -4,7 +4,6 @@
 
 #[cfg(feature = "testing")]
 use std::sync::Arc;
-use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -14,18 +13,7 @@ use crate::provider::{AuthIdentity, KeyStatus, Provider, ProviderError, Regenera
 use crate::secret::Secret;
 use crate::telemetry::{Metrics, ProviderOperation, ProviderOutcome};
 
-/// The longest a provider's `Retry-After` is honoured by one wait. A longer one is waited in part;
-/// the caller's attempt limit then decides whether to go on or give up.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
-
-/// Delay before attempt `attempt` (0-based) of a retried call: exponential from 250 ms, capped at
-/// 10 s, with "equal jitter" (half fixed, half random) so that keys failing together do not retry in
-/// lockstep.
-pub fn backoff(attempt: u32) -> Duration {
-    let full = (250u64 << attempt.min(6)).min(10_000);
-    let half = full / 2;
-    Duration::from_millis(half + (rand::random::<f64>() * half as f64) as u64)
-}
+pub use crate::backoff::backoff;
 
 fn count(
     metrics: &Metrics,
@@ -64,7 +52,7 @@ pub async fn status_retrying(
         match status(metrics, provider).await {
             Ok(s) => return Ok(s),
             Err(ProviderError::RateLimited { retry_after, .. }) if attempt < 4 => {
-                tokio::time::sleep(retry_after.min(MAX_RETRY_AFTER)).await
+                tokio::time::sleep(retry_after).await
             }
             Err(ProviderError::Transient { .. }) if attempt < 4 => {
                 tokio::time::sleep(backoff(attempt)).await
@@ -122,6 +110,13 @@ impl Default for Dependents {
 }
 
 impl Dependents {
+    /// Keeps `secret` out of every command hook's output excerpt from now on.
+    pub fn mask(&self, secret: &crate::secret::Secret) {
+        if let Dependents::Real(n) = self {
+            n.mask_also(secret);
+        }
+    }
+
     pub async fn reload(
         &self,
         hook: &ReloadHook,
@@ -191,23 +186,4 @@ pub async fn call_hook(
         }
     }
     false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered_within_bounds() {
-        for attempt in 0..10 {
-            let full = (250u64 << attempt.min(6)).min(10_000);
-            for _ in 0..50 {
-                let d = backoff(attempt).as_millis() as u64;
-                assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d} ms");
-            }
-        }
-        let samples: std::collections::BTreeSet<u128> =
-            (0..50).map(|_| backoff(5).as_millis()).collect();
-        assert!(samples.len() > 1, "no jitter: {samples:?}");
-    }
 }

@@ -8,7 +8,7 @@
 
 use tokio::time::Instant;
 
-use super::calls::{self, MAX_RETRY_AFTER, backoff};
+use super::calls::{self, backoff};
 use super::distribute::Ident;
 use super::record::EventKind;
 use super::rotation::Rotation;
@@ -146,7 +146,8 @@ async fn classify(
         }
         Err(ProviderError::RateLimited { retry_after, .. }) => {
             not_sent(r, sent_at).await;
-            let wait = retry_after.min(MAX_RETRY_AFTER);
+            // The provider's client has already capped it (`max_retry_after`).
+            let wait = retry_after;
             r.event(EventKind::RateLimited, format!("waiting {wait:?}"));
             tokio::select! {
                 _ = r.engine.shutdown.cancelled() => {}
@@ -214,6 +215,7 @@ async fn issued_key(
 ) -> Issued {
     let now = r.engine.clock.now();
     let fp = fingerprint(&issued.secret);
+    r.engine.dependents.mask(&issued.secret);
     let ident = Ident {
         key_id: issued.key_id.clone(),
         fingerprint: fp.clone(),

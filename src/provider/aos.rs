@@ -2,6 +2,9 @@
 //! regenerate` for a new key (the old one dies with the response), `GET auth/check` to ask whether a
 //! secret is the active key. Error classification is shared with the `http` provider
 //! ([`super::http::wire`]); this module only knows the paths and the JSON shapes.
+//!
+//! The bodies are parsed by small pure functions ([`parse_status`], [`parse_regenerate`],
+//! [`parse_auth_check`]) so that tests and the fuzzer can feed them anything a portal might send.
 
 use chrono::{DateTime, Utc};
 use reqwest::Client;
@@ -23,13 +26,14 @@ pub struct AosProvider {
     regenerate_url: Url,
     auth_check_url: Url,
     client: Client,
+    max_retry_after: std::time::Duration,
 }
 
 /// `GET current`. Unknown fields are ignored (no `deny_unknown_fields`: the portal may add some).
+/// `active` has no default: a portal that leaves it out has not said the key is Active.
 #[derive(Deserialize)]
 struct StatusBody {
-    #[serde(default = "default_active")]
-    active: bool,
+    active: Option<bool>,
     key_id: String,
     account_id: Option<String>,
     first_generated: Option<DateTime<Utc>>,
@@ -37,15 +41,12 @@ struct StatusBody {
     generated_by: Option<String>,
 }
 
-fn default_active() -> bool {
-    true
-}
-
-/// `POST regenerate`'s answer. No `Debug`: it holds the new secret until it is wrapped.
+/// `POST regenerate`'s answer. The secret is deserialized straight into a [`Secret`]: it never sits
+/// in a plain `String` that would be freed without being wiped.
 #[derive(Deserialize)]
 struct RegenerateBody {
     key_id: String,
-    secret: String,
+    secret: Secret,
     last_rotated: Option<DateTime<Utc>>,
     generated_by: Option<String>,
 }
@@ -60,6 +61,57 @@ struct RegenerateRequest<'a> {
 struct AuthCheckBody {
     account_id: Option<String>,
     key_id: Option<String>,
+}
+
+/// Why a body could not be used. Fixed texts only: a parser's own message can quote the value it
+/// choked on, and in a regenerate answer that value may be the new secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyProblem {
+    #[error("response is not the expected JSON")]
+    NotExpectedJson,
+    #[error("status response has no `active` field: cannot tell whether the key is Active")]
+    NoActive,
+    #[error("regenerate response lacks key_id or secret, or has bad types")]
+    BadRegenerate,
+    #[error("regenerate response has an empty secret")]
+    EmptySecret,
+}
+
+/// Reads a `GET current` body.
+pub fn parse_status(body: &[u8]) -> Result<KeyStatus, BodyProblem> {
+    let b: StatusBody = serde_json::from_slice(body).map_err(|_| BodyProblem::NotExpectedJson)?;
+    Ok(KeyStatus {
+        active: b.active.ok_or(BodyProblem::NoActive)?,
+        key_id: b.key_id,
+        account_id: b.account_id,
+        first_generated: b.first_generated,
+        last_rotated: b.last_rotated,
+        generated_by: b.generated_by,
+    })
+}
+
+/// Reads a `POST regenerate` body (a 200/201: the new key exists at the portal from now on).
+pub fn parse_regenerate(body: &[u8]) -> Result<Regenerated, BodyProblem> {
+    let b: RegenerateBody = serde_json::from_slice(body).map_err(|_| BodyProblem::BadRegenerate)?;
+    if b.secret.expose_secret().is_empty() {
+        return Err(BodyProblem::EmptySecret);
+    }
+    Ok(Regenerated {
+        key_id: b.key_id,
+        secret: b.secret,
+        last_rotated: b.last_rotated,
+        generated_by: b.generated_by,
+    })
+}
+
+/// Reads an auth check's 200 body. The 200 is the answer; the identity is a bonus, so a body that
+/// cannot be read gives an empty identity rather than an error.
+pub fn parse_auth_check(body: &[u8]) -> AuthIdentity {
+    let b: AuthCheckBody = serde_json::from_slice(body).unwrap_or_default();
+    AuthIdentity {
+        account_id: b.account_id,
+        key_id: b.key_id,
+    }
 }
 
 impl AosProvider {
@@ -85,6 +137,7 @@ impl AosProvider {
                 operation: "configure",
                 message: e.to_string(),
             })?,
+            max_retry_after: c.max_retry_after,
         })
     }
 
@@ -100,6 +153,7 @@ impl AosProvider {
         wire::Ctx {
             provider: &self.name,
             operation,
+            max_retry_after: self.max_retry_after,
         }
     }
 
@@ -125,20 +179,10 @@ impl AosProvider {
         let resp = ctx
             .check_management(resp, &[&self.management_token])
             .await?;
-        let body: StatusBody = resp.json().await.map_err(|e| {
-            ctx.transient(if e.is_decode() {
-                "status response is not the expected JSON".into()
-            } else {
-                "status response body incomplete".into()
-            })
-        })?;
-        Ok(KeyStatus {
-            active: body.active,
-            key_id: body.key_id,
-            account_id: body.account_id,
-            first_generated: body.first_generated,
-            last_rotated: body.last_rotated,
-            generated_by: body.generated_by,
+        let body = ctx.read_body(resp).await?;
+        parse_status(&body).map_err(|p| match p {
+            BodyProblem::NoActive => ctx.permanent(p.to_string()),
+            _ => ctx.transient(format!("status {p}")),
         })
     }
 
@@ -155,19 +199,8 @@ impl AosProvider {
             .send()
             .await
             .map_err(|e| ctx.regenerate_send_error(&e))?;
-        let value = ctx.regenerate_body(resp).await?;
-        let body: RegenerateBody = serde_json::from_value(value).map_err(|_| {
-            ctx.ambiguous("regenerate response lacks key_id or secret, or has bad types".into())
-        })?;
-        if body.secret.is_empty() {
-            return Err(ctx.ambiguous("regenerate response has an empty secret".into()));
-        }
-        Ok(Regenerated {
-            key_id: body.key_id,
-            secret: Secret::from(body.secret),
-            last_rotated: body.last_rotated,
-            generated_by: body.generated_by,
-        })
+        let body = ctx.regenerate_body(resp).await?;
+        parse_regenerate(&body).map_err(|p| ctx.ambiguous(p.to_string()))
     }
 
     /// `Some` when `secret` is the active key (200), `None` when refused (401/403).
@@ -185,12 +218,9 @@ impl AosProvider {
         let Some(resp) = ctx.check_auth_check(resp)? else {
             return Ok(None);
         };
-        // 200 is the answer; the identity is a bonus, so a body we cannot read is not an error.
-        let body: AuthCheckBody = resp.json().await.unwrap_or_default();
-        Ok(Some(AuthIdentity {
-            account_id: body.account_id,
-            key_id: body.key_id,
-        }))
+        // The identity is a bonus: an oversized or cut-off body leaves it empty.
+        let body = ctx.read_body(resp).await.unwrap_or_default();
+        Ok(Some(parse_auth_check(&body)))
     }
 }
 
@@ -215,6 +245,7 @@ mod tests {
                 requested_by: "keyrotd@host-a".into(),
                 paths: AosPaths::default(),
                 tls: Default::default(),
+                max_retry_after: crate::backoff::DEFAULT_MAX_RETRY_AFTER,
             },
         )
         .unwrap()
@@ -325,6 +356,63 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, ProviderError::Transient { .. }), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_status_without_the_active_field_fails_closed() {
+        // The contract makes `active` required: a portal that leaves it out has not said the key is
+        // Active, so the status is an error and preflight aborts instead of rotating.
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!({"key_id": "ak_1", "account_id": "acct_42"})),
+            )
+            .mount(&server)
+            .await;
+        let e = provider(&server.uri()).status().await.unwrap_err();
+        assert!(matches!(e, ProviderError::Permanent { .. }), "{e:?}");
+        assert!(e.to_string().contains("`active`"), "{e}");
+        assert_eq!(
+            parse_status(br#"{"key_id":"ak_1","active":false}"#).map(|s| s.active),
+            Ok(false)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_huge_body_is_refused_not_read_into_memory() {
+        let server = MockServer::start().await;
+        let huge = format!(
+            r#"{{"key_id":"ak_2","secret":"aos_sk_live_BIG","pad":"{}"}}"#,
+            "x".repeat(wire::MAX_BODY)
+        );
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(huge.clone()))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(huge))
+            .mount(&server)
+            .await;
+        let p = provider(&server.uri());
+        // A regenerate answered with more than the cap may still have rotated: ambiguous.
+        let e = p.regenerate("scheduled").await.unwrap_err();
+        assert!(matches!(e, ProviderError::Ambiguous { .. }), "{e:?}");
+        assert!(e.to_string().contains("larger than"), "{e}");
+        assert!(!e.to_string().contains("aos_sk_live_BIG"), "{e}");
+        let e = p.status().await.unwrap_err();
+        assert!(matches!(e, ProviderError::Transient { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn body_problems_never_quote_the_body() {
+        // A number where the secret should be: serde's own message would quote it.
+        let e = parse_regenerate(br#"{"key_id":"ak_2","secret":98765432123}"#).unwrap_err();
+        assert!(!e.to_string().contains("98765432123"), "{e}");
+        let e = parse_regenerate(br#"{"key_id":"ak_2","secret":""}"#).unwrap_err();
+        assert_eq!(e, BodyProblem::EmptySecret);
+        let id = parse_auth_check(b"not json");
+        assert_eq!(id.key_id, None);
     }
 
     #[test]

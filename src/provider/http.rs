@@ -13,7 +13,7 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use super::{AuthIdentity, KeyStatus, ProviderError, Regenerated};
-use crate::config::{HttpAuth, HttpProviderConfig};
+use crate::config::{HttpAuth, HttpProviderConfig, HttpRegenerate, HttpStatus};
 use crate::secret::Secret;
 
 pub struct HttpProvider {
@@ -75,6 +75,7 @@ impl HttpProvider {
         wire::Ctx {
             provider: &self.name,
             operation,
+            max_retry_after: self.config.max_retry_after,
         }
     }
 
@@ -97,39 +98,8 @@ impl HttpProvider {
             .await
             .map_err(|e| ctx.read_send_error(&e))?;
         let resp = ctx.check_management(resp, &self.secrets()).await?;
-        let body: Value = resp
-            .json()
-            .await
-            .map_err(|_| ctx.transient("status response is not JSON".into()))?;
-        let key_id = pointer_id(&body, &status.key_id_pointer).ok_or_else(|| {
-            ctx.transient(format!(
-                "status response has no key id at {}",
-                status.key_id_pointer
-            ))
-        })?;
-        let last_rotated = match &status.last_rotated_pointer {
-            Some(p) => pointer_time(&body, p).map_err(|m| ctx.transient(m))?,
-            None => None,
-        };
-        let active = match &status.active_pointer {
-            Some(p) => match body.pointer(p) {
-                Some(Value::Bool(b)) => *b,
-                _ => return Err(ctx.transient(format!("status response has no boolean at {p}"))),
-            },
-            None => true,
-        };
-        let account_id = status
-            .account_id_pointer
-            .as_ref()
-            .and_then(|p| pointer_id(&body, p));
-        Ok(KeyStatus {
-            active,
-            key_id,
-            account_id,
-            first_generated: None,
-            last_rotated,
-            generated_by: None,
-        })
+        let body = ctx.read_body(resp).await?;
+        parse_status(status, &body).map_err(|m| ctx.transient(m))
     }
 
     /// `current_key_id` fills `{key_id}` in the URL (percent-encoded as one path segment).
@@ -164,28 +134,7 @@ impl HttpProvider {
             .await
             .map_err(|e| ctx.regenerate_send_error(&e))?;
         let body = ctx.regenerate_body(resp).await?;
-        let secret = match body.pointer(&regen.secret_pointer) {
-            Some(Value::String(s)) if !s.is_empty() => Secret::from(s.clone()),
-            _ => {
-                return Err(ctx.ambiguous(format!(
-                    "regenerate response has no secret at {}",
-                    regen.secret_pointer
-                )));
-            }
-        };
-        let key_id = pointer_id(&body, &regen.key_id_pointer).ok_or_else(|| {
-            ctx.ambiguous(format!(
-                "regenerate response has no key id at {}",
-                regen.key_id_pointer
-            ))
-        })?;
-        drop(body);
-        Ok(Regenerated {
-            key_id,
-            secret,
-            last_rotated: None,
-            generated_by: None,
-        })
+        parse_regenerate(regen, &body).map_err(|m| ctx.ambiguous(m))
     }
 
     /// 2xx: the secret authenticates; 401/403: it does not.
@@ -216,6 +165,73 @@ impl HttpProvider {
     fn secrets(&self) -> Vec<&Secret> {
         self.config.auth.iter().map(|a| &a.value).collect()
     }
+}
+
+/// Reads a status body as `status` describes it. Messages name pointers, never values.
+pub fn parse_status(status: &HttpStatus, body: &[u8]) -> Result<KeyStatus, String> {
+    let body: Value =
+        serde_json::from_slice(body).map_err(|_| "status response is not JSON".to_string())?;
+    let key_id = pointer_id(&body, &status.key_id_pointer)
+        .ok_or_else(|| format!("status response has no key id at {}", status.key_id_pointer))?;
+    let last_rotated = match &status.last_rotated_pointer {
+        Some(p) => pointer_time(&body, p)?,
+        None => None,
+    };
+    let active = match &status.active_pointer {
+        Some(p) => match body.pointer(p) {
+            Some(Value::Bool(b)) => *b,
+            _ => return Err(format!("status response has no boolean at {p}")),
+        },
+        // The vendor has no notion of an inactive key: the config says so by leaving it out.
+        None => true,
+    };
+    let account_id = status
+        .account_id_pointer
+        .as_ref()
+        .and_then(|p| pointer_id(&body, p));
+    Ok(KeyStatus {
+        active,
+        key_id,
+        account_id,
+        first_generated: None,
+        last_rotated,
+        generated_by: None,
+    })
+}
+
+/// Reads a regenerate body as `regen` describes it. The secret is moved out of the parsed value into a
+/// [`Secret`], and every other string of the value is wiped before it is freed. Messages name
+/// pointers, never values.
+pub fn parse_regenerate(regen: &HttpRegenerate, body: &[u8]) -> Result<Regenerated, String> {
+    let mut body: Value =
+        serde_json::from_slice(body).map_err(|_| "regenerate response is not JSON".to_string())?;
+    let result = take_regenerated(regen, &mut body);
+    crate::secret::wipe_json(&mut body);
+    result
+}
+
+fn take_regenerated(regen: &HttpRegenerate, body: &mut Value) -> Result<Regenerated, String> {
+    let key_id = pointer_id(body, &regen.key_id_pointer).ok_or_else(|| {
+        format!(
+            "regenerate response has no key id at {}",
+            regen.key_id_pointer
+        )
+    })?;
+    let secret = match body.pointer_mut(&regen.secret_pointer) {
+        Some(Value::String(s)) if !s.is_empty() => Secret::from(std::mem::take(s)),
+        _ => {
+            return Err(format!(
+                "regenerate response has no secret at {}",
+                regen.secret_pointer
+            ));
+        }
+    };
+    Ok(Regenerated {
+        key_id,
+        secret,
+        last_rotated: None,
+        generated_by: None,
+    })
 }
 
 fn auth_header_name(auth: &HttpAuth) -> HeaderName {
@@ -268,20 +284,25 @@ fn percent_encode_segment(s: &str) -> String {
 }
 
 /// What both providers share: the client, URL handling and the error classification.
-pub(super) mod wire {
+pub mod wire {
     use std::time::Duration;
+
+    use std::time::SystemTime;
 
     use reqwest::{Client, Response, StatusCode};
     use secrecy::ExposeSecret;
     use serde_json::Value;
     use url::Url;
-    use zeroize::Zeroize;
+    use zeroize::{Zeroize, Zeroizing};
 
     use crate::provider::ProviderError;
     use crate::secret::Secret;
 
     /// Retry-After used when a 429 has none (or one we cannot read).
     pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+    /// The largest response body read from a provider. Real answers are a few hundred bytes; a portal
+    /// (or something impersonating one) that sends more gets an error, not all of keyrotd's memory.
+    pub const MAX_BODY: usize = 1 << 20;
     /// Longest excerpt of an error text kept in a message.
     const EXCERPT: usize = 200;
 
@@ -312,14 +333,84 @@ pub(super) mod wire {
         }
     }
 
-    /// Seconds in `Retry-After`; [`DEFAULT_RETRY_AFTER`] when missing or not a number of seconds.
-    pub fn retry_after(resp: &Response) -> Duration {
-        resp.headers()
+    /// The wait a 429 asks for, at most `max`; [`DEFAULT_RETRY_AFTER`] when the header is missing or
+    /// unreadable.
+    pub fn retry_after(resp: &Response, max: Duration) -> Duration {
+        let asked = resp
+            .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_RETRY_AFTER)
+            .and_then(|v| parse_retry_after(v, SystemTime::now()))
+            .unwrap_or(DEFAULT_RETRY_AFTER);
+        crate::backoff::cap_retry_after(asked, max)
+    }
+
+    /// A `Retry-After` value (RFC 9110): a number of seconds or an HTTP-date (a date already past means
+    /// no wait). `None` when it is neither.
+    pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+        let value = value.trim();
+        if let Ok(secs) = value.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        let at = httpdate::parse_http_date(value).ok()?;
+        Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    }
+
+    /// Why a body could not be read in full.
+    #[derive(Debug)]
+    pub enum BodyError {
+        /// Longer than the limit (by its Content-Length or as it arrived).
+        TooLarge,
+        /// The connection failed before the end of the body.
+        Incomplete(String),
+    }
+
+    impl std::fmt::Display for BodyError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                BodyError::TooLarge => write!(f, "response body larger than {MAX_BODY} bytes"),
+                BodyError::Incomplete(why) => write!(f, "response body incomplete: {why}"),
+            }
+        }
+    }
+
+    /// Reads a body of at most `limit` bytes into a buffer that is wiped when dropped. Each chunk is
+    /// wiped once copied (when the transport hands over the only reference to it), and the buffer
+    /// never reallocates over a secret: it grows by copying into a new wiped-on-drop buffer.
+    pub async fn read_capped(
+        mut resp: Response,
+        limit: usize,
+    ) -> Result<Zeroizing<Vec<u8>>, BodyError> {
+        let declared = resp.content_length().unwrap_or(0);
+        if declared > limit as u64 {
+            return Err(BodyError::TooLarge);
+        }
+        let mut buf = Zeroizing::new(Vec::with_capacity((declared as usize).max(1024)));
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => return Ok(buf),
+                Err(e) => return Err(BodyError::Incomplete(transport_message(&e))),
+            };
+            if buf.len() + chunk.len() > limit {
+                return Err(BodyError::TooLarge);
+            }
+            let mut chunk: Vec<u8> = chunk.into();
+            append_wiping(&mut buf, &chunk);
+            chunk.zeroize();
+        }
+    }
+
+    /// `buf.extend(bytes)`, but a full buffer is moved into a larger one by hand so the old allocation
+    /// is wiped (a plain `extend` would free it with its contents).
+    fn append_wiping(buf: &mut Zeroizing<Vec<u8>>, bytes: &[u8]) {
+        let needed = buf.len() + bytes.len();
+        if needed > buf.capacity() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(needed.max(buf.capacity() * 2)));
+            bigger.extend_from_slice(buf);
+            *buf = bigger; // the old buffer is zeroized as it drops
+        }
+        buf.extend_from_slice(bytes);
     }
 
     /// A short, printable account of an error body: the text of `{"error": "..."}` (at most 200 chars),
@@ -371,10 +462,11 @@ pub(super) mod wire {
         }
     }
 
-    /// The provider and operation an error is about.
+    /// The provider and operation an error is about, and the provider's `max_retry_after`.
     pub struct Ctx<'a> {
         pub provider: &'a str,
         pub operation: &'static str,
+        pub max_retry_after: Duration,
     }
 
     impl Ctx<'_> {
@@ -409,7 +501,7 @@ pub(super) mod wire {
             ProviderError::RateLimited {
                 provider: self.provider.into(),
                 operation: self.operation,
-                retry_after: retry_after(resp),
+                retry_after: retry_after(resp, self.max_retry_after),
             }
         }
 
@@ -445,13 +537,22 @@ pub(super) mod wire {
             if status == StatusCode::TOO_MANY_REQUESTS {
                 return Err(self.rate_limited(&resp));
             }
-            let body = resp.text().await.unwrap_or_default();
-            let message = describe(status, excerpt(&body, secrets));
+            // An error page is read only up to the cap; one larger than that is not quoted.
+            let body = read_capped(resp, MAX_BODY).await.unwrap_or_default();
+            let message = describe(status, excerpt(&String::from_utf8_lossy(&body), secrets));
             if status.is_server_error() {
                 Err(self.transient(message))
             } else {
                 Err(self.permanent(message))
             }
+        }
+
+        /// A 2xx body, at most [`MAX_BODY`] bytes (a read-only call: any failure is transient).
+        pub async fn read_body(&self, resp: Response) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
+            let status = resp.status().as_u16();
+            read_capped(resp, MAX_BODY)
+                .await
+                .map_err(|e| self.transient(format!("HTTP {status}: {e}")))
         }
 
         /// Classifies an auth check response: `Ok(Some(resp))` for 2xx, `Ok(None)` for 401/403. The
@@ -475,11 +576,16 @@ pub(super) mod wire {
             }
         }
 
-        /// Classifies a regenerate response and parses its JSON body. 401/403 Auth and 429
-        /// RateLimited (the portal refused before acting), other 4xx Permanent, 5xx and any body that
-        /// cannot be read or parsed Ambiguous. Error bodies are never quoted (they could hold the
-        /// new secret); the raw body buffer is zeroized once parsed.
-        pub async fn regenerate_body(&self, resp: Response) -> Result<Value, ProviderError> {
+        /// Classifies a regenerate response and reads its body. 401/403 Auth and 429 RateLimited (the
+        /// portal refused before acting), other 4xx Permanent; 5xx, a 3xx (a redirect is never
+        /// followed, and nothing says the portal did not act before sending it) and any body that
+        /// cannot be read in full (cut off, or larger than [`MAX_BODY`]) Ambiguous, so the engine
+        /// re-reads the status. Error bodies are never quoted (they could hold the new secret); the
+        /// returned buffer is wiped when dropped.
+        pub async fn regenerate_body(
+            &self,
+            resp: Response,
+        ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
                 return Err(self.auth(status));
@@ -487,27 +593,15 @@ pub(super) mod wire {
             if status == StatusCode::TOO_MANY_REQUESTS {
                 return Err(self.rate_limited(&resp));
             }
-            if status.is_server_error() {
+            if status.is_server_error() || status.is_redirection() {
                 return Err(self.ambiguous(describe(status, None)));
             }
             if !status.is_success() {
                 return Err(self.permanent(describe(status, None)));
             }
-            let mut bytes: Vec<u8> = match resp.bytes().await {
-                Ok(b) => b.into(),
-                Err(e) => {
-                    return Err(self.ambiguous(format!(
-                        "HTTP {}: response body incomplete: {}",
-                        status.as_u16(),
-                        transport_message(&e)
-                    )));
-                }
-            };
-            let parsed = serde_json::from_slice::<Value>(&bytes);
-            bytes.zeroize();
-            parsed.map_err(|_| {
-                self.ambiguous(format!("HTTP {}: response is not JSON", status.as_u16()))
-            })
+            read_capped(resp, MAX_BODY)
+                .await
+                .map_err(|e| self.ambiguous(format!("HTTP {}: {e}", status.as_u16())))
         }
     }
 
@@ -579,6 +673,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             requested_by: "keyrotd@test".into(),
             tls: Default::default(),
+            max_retry_after: crate::backoff::DEFAULT_MAX_RETRY_AFTER,
         }
     }
 
@@ -640,6 +735,15 @@ mod tests {
             (
                 ResponseTemplate::new(400).set_body_string(r#"{"error":"vx_secret_in_err"}"#),
                 "permanent",
+            ),
+            // A redirect is never followed, and the portal may have acted before sending it.
+            (
+                ResponseTemplate::new(302).insert_header("Location", "http://127.0.0.1:1/x"),
+                "ambiguous",
+            ),
+            (
+                ResponseTemplate::new(307).set_body_string(r#"{"error":"vx_secret_in_err"}"#),
+                "ambiguous",
             ),
         ];
         for (template, want) in cases {
@@ -826,6 +930,108 @@ mod tests {
             wire::excerpt("<!DOCTYPE html>", &[]).as_deref(),
             Some("HTML error page")
         );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        assert_eq!(
+            wire::parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            wire::parse_retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now),
+            Some(Duration::from_secs(120))
+        );
+        // The two obsolete forms RFC 9110 still asks recipients to accept.
+        assert_eq!(
+            wire::parse_retry_after("Sunday, 06-Nov-94 08:50:37 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            wire::parse_retry_after("Sun Nov  6 08:49:47 1994", now),
+            Some(Duration::from_secs(10))
+        );
+        // A date already past: no wait.
+        assert_eq!(
+            wire::parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(wire::parse_retry_after("soon", now), None);
+        assert_eq!(wire::parse_retry_after("-5", SystemTime::now()), None);
+    }
+
+    #[tokio::test]
+    async fn a_huge_retry_after_is_capped_by_max_retry_after() {
+        let server = MockServer::start().await;
+        let mut c = config(&server.uri());
+        c.max_retry_after = Duration::from_secs(30);
+        let p = HttpProvider::new("vendor-x", &c).unwrap();
+        let far =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(7 * 86_400));
+        for value in ["86400".to_string(), far] {
+            server.reset().await;
+            Mock::given(method("POST"))
+                .respond_with(
+                    ResponseTemplate::new(429).insert_header("Retry-After", value.as_str()),
+                )
+                .mount(&server)
+                .await;
+            match p.regenerate("scheduled", Some("k1")).await.unwrap_err() {
+                ProviderError::RateLimited { retry_after, .. } => {
+                    assert_eq!(retry_after, Duration::from_secs(30), "Retry-After: {value}")
+                }
+                e => panic!("wanted RateLimited, got {e:?}"),
+            }
+        }
+        // An HTTP-date a minute ahead is honoured (not replaced by the 1 s default), under the
+        // default cap of 5 minutes.
+        let p = HttpProvider::new("vendor-x", &config(&server.uri())).unwrap();
+        server.reset().await;
+        let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(61));
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", soon.as_str()))
+            .mount(&server)
+            .await;
+        match p.status().await.unwrap_err() {
+            ProviderError::RateLimited { retry_after, .. } => assert!(
+                retry_after > Duration::from_secs(50) && retry_after <= Duration::from_secs(61),
+                "{retry_after:?}"
+            ),
+            e => panic!("wanted RateLimited, got {e:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_are_errors() {
+        let server = MockServer::start().await;
+        let p = HttpProvider::new("vendor-x", &config(&server.uri())).unwrap();
+        let big = format!(r#"{{"id":"k-9","pad":"{}"}}"#, "y".repeat(wire::MAX_BODY));
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(big.clone()))
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(big))
+            .mount(&server)
+            .await;
+        let e = p.status().await.unwrap_err();
+        assert!(matches!(e, ProviderError::Transient { .. }), "{e:?}");
+        assert!(e.to_string().contains("larger than"), "{e}");
+        let e = p.regenerate("scheduled", Some("k1")).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Ambiguous { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn parsed_regenerate_bodies_are_wiped_but_the_secret_survives() {
+        let c = config("http://127.0.0.1:9");
+        let r =
+            parse_regenerate(&c.regenerate, br#"{"data":{"id":"k2","secret":"vx_new"}}"#).unwrap();
+        assert_eq!(r.secret.expose_secret(), "vx_new");
+        let mut v = serde_json::json!({"a": ["s3cret", {"b": "x"}], "n": 1});
+        crate::secret::wipe_json(&mut v);
+        assert_eq!(v, serde_json::json!({"a": ["", {"b": ""}], "n": 1}));
     }
 
     #[test]

@@ -13,7 +13,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hmac::{KeyInit, Mac};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -136,7 +135,8 @@ pub struct DependentOptions {
     pub portal: Url,
     pub source: Source,
     pub probe_interval: Duration,
-    /// When set, reloads must carry a valid `X-Keyrotd-Signature: sha256=<hex HMAC-SHA256 of body>`.
+    /// When set, reloads must carry `X-Keyrotd-Timestamp` (within 5 minutes of now) and a valid
+    /// `X-Keyrotd-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`.
     pub signing_key: Option<Secret>,
 }
 
@@ -243,23 +243,21 @@ impl Dependent {
     }
 }
 
-fn signature_ok(key: &Secret, headers: &HeaderMap, body: &[u8]) -> bool {
-    let Some(hex_sig) = headers
-        .get("x-keyrotd-signature")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("sha256="))
-    else {
-        return false;
-    };
-    let Ok(sig) = hex::decode(hex_sig) else {
-        return false;
-    };
-    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.expose_secret().as_bytes())
-    else {
-        return false;
-    };
-    mac.update(body);
-    mac.verify_slice(&sig).is_ok()
+/// A signed reload is checked as a dependent should check it: [`crate::notify::verify_signature`].
+fn signature_check(
+    key: &Secret,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: i64,
+) -> Result<(), crate::notify::SignatureError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    crate::notify::verify_signature(
+        key.expose_secret().as_bytes(),
+        header(crate::notify::TIMESTAMP_HEADER),
+        header(crate::notify::SIGNATURE_HEADER),
+        body,
+        now,
+    )
 }
 
 async fn reload(
@@ -292,14 +290,10 @@ async fn reload(
     };
 
     if let Some(key) = &d.options.signing_key
-        && !signature_ok(key, &headers, &body)
+        && let Err(why) = signature_check(key, &headers, &body, chrono::Utc::now().timestamp())
     {
         record(&d, StatusCode::UNAUTHORIZED);
-        return (
-            StatusCode::UNAUTHORIZED,
-            "bad or missing X-Keyrotd-Signature\n",
-        )
-            .into_response();
+        return (StatusCode::UNAUTHORIZED, format!("{why}\n")).into_response();
     }
     {
         let mut inner = d.lock();
@@ -388,16 +382,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signature_is_hmac_sha256_of_the_body() {
+    fn reloads_must_be_signed_recently() {
         let key = Secret::from("hook-key".to_string());
         let body = br#"{"key":"billing"}"#;
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hook-key").unwrap();
-        mac.update(body);
-        let good = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-        let mut h = HeaderMap::new();
-        h.insert("x-keyrotd-signature", good.parse().unwrap());
-        assert!(signature_ok(&key, &h, body));
-        assert!(!signature_ok(&key, &h, b"{}"));
-        assert!(!signature_ok(&key, &HeaderMap::new(), body));
+        let now = 1_700_000_000;
+        let signed = |ts: i64| {
+            let mut h = HeaderMap::new();
+            h.insert("x-keyrotd-timestamp", ts.to_string().parse().unwrap());
+            h.insert(
+                "x-keyrotd-signature",
+                crate::notify::signature(b"hook-key", ts, body)
+                    .parse()
+                    .unwrap(),
+            );
+            h
+        };
+        assert_eq!(signature_check(&key, &signed(now), body, now), Ok(()));
+        assert!(signature_check(&key, &signed(now), b"{}", now).is_err());
+        assert!(signature_check(&key, &HeaderMap::new(), body, now).is_err());
+        // A request captured and replayed six minutes later is refused.
+        assert_eq!(
+            signature_check(&key, &signed(now), body, now + 360),
+            Err(crate::notify::SignatureError::Stale)
+        );
     }
 }

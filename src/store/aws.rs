@@ -13,14 +13,18 @@
 //! `PutSecretValue` (last writer wins). Keys sharing one AWS secret should not be rotated by two
 //! writers at once; the read-back of the store phase catches the case where our own field was lost.
 //!
+//! Responses larger than [`MAX_RESPONSE`] (by their Content-Length) are refused before the SDK reads
+//! them; JSON objects read from a secret are wiped once used.
+//!
 //! Credentials come from the standard AWS chain ([`AwsStore::new`]); tests and embedders that hold
 //! an `SdkConfig` of their own use [`AwsStore::with_sdk_config`].
 
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_secretsmanager::Client;
-use aws_sdk_secretsmanager::config::Region;
 use aws_sdk_secretsmanager::config::http::HttpResponse;
+use aws_sdk_secretsmanager::config::interceptors::BeforeDeserializationInterceptorContextRef;
 use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
+use aws_sdk_secretsmanager::config::{ConfigBag, Intercept, Region, RuntimeComponents};
 use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::types::Tag;
 use secrecy::ExposeSecret;
@@ -41,6 +45,41 @@ pub struct AwsStore {
     client: Client,
 }
 
+/// The largest response accepted from Secrets Manager. A secret value is at most 64 KiB; with its
+/// JSON envelope an answer stays far below this.
+pub const MAX_RESPONSE: u64 = 1 << 20;
+
+/// Refuses a response whose declared length is over [`MAX_RESPONSE`] before its body is read. (The
+/// SDK reads bodies whole and offers no streaming cap; a body without a length is read as it comes.)
+#[derive(Debug)]
+struct ResponseCap;
+
+impl Intercept for ResponseCap {
+    fn name(&self) -> &'static str {
+        "keyrotd-response-cap"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let response = context.response();
+        let declared = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .or_else(|| response.body().content_length());
+        match declared {
+            Some(n) if n > MAX_RESPONSE => {
+                Err(format!("response body larger than {MAX_RESPONSE} bytes ({n})").into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl AwsStore {
     /// A client from the standard AWS chain (env, profile, IMDS...), with the config's region and
     /// endpoint override. Loads the chain's settings; credentials are resolved lazily on first call.
@@ -56,12 +95,14 @@ impl AwsStore {
         c: &AwsStoreConfig,
         sdk: &SdkConfig,
     ) -> Result<Self, StoreError> {
-        let mut b = aws_sdk_secretsmanager::config::Builder::from(sdk).timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(c.timeout)
-                .operation_attempt_timeout(c.timeout)
-                .build(),
-        );
+        let mut b = aws_sdk_secretsmanager::config::Builder::from(sdk)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(c.timeout)
+                    .operation_attempt_timeout(c.timeout)
+                    .build(),
+            )
+            .interceptor(ResponseCap);
         if let Some(region) = &c.region {
             b = b.region(Region::new(region.clone()));
         }
@@ -224,12 +265,11 @@ impl AwsStore {
             .send()
             .await;
         match out {
-            Ok(o) => Ok(o.secret_string().map(|s| {
-                (
-                    Secret::from(s.to_string()),
-                    o.version_id().map(str::to_string),
-                )
-            })),
+            // The string is moved into a Secret, not copied: no plain copy is left to be freed.
+            Ok(mut o) => Ok(o
+                .secret_string
+                .take()
+                .map(|s| (Secret::from(s), o.version_id().map(str::to_string)))),
             // A secret created without a value has no AWSCURRENT version yet.
             Err(e)
                 if e.code() == Some("ResourceNotFoundException")
@@ -284,10 +324,13 @@ impl AwsStore {
                     })?,
                 };
                 if obj.get(field).and_then(Value::as_str) == Some(value) {
+                    wipe_object(obj);
                     return Ok(current.and_then(|(_, v)| v));
                 }
                 obj.insert(field.to_string(), Value::String(value.to_string()));
-                let text = serde_json::to_string(&obj).map_err(|e| {
+                let text = serde_json::to_string(&obj);
+                wipe_object(obj);
+                let text = text.map_err(|e| {
                     self.err(
                         StoreErrorKind::Permanent,
                         &label,
@@ -354,17 +397,21 @@ impl AwsStore {
         let secret = match field {
             None => whole,
             Some(field) => {
-                let obj = parse_object(&whole).map_err(|why| {
+                let mut obj = parse_object(&whole).map_err(|why| {
                     self.err(
                         StoreErrorKind::Permanent,
                         &label,
                         format!("secret {secret_id} holds {why}, so field {field} cannot be read"),
                     )
                 })?;
-                match obj.get(field) {
+                let value = obj.remove(field);
+                wipe_object(obj);
+                match value {
                     None => return Ok(None),
-                    Some(Value::String(s)) => Secret::from(s.clone()),
-                    Some(_) => {
+                    // Moved into the Secret; the other fields were wiped above.
+                    Some(Value::String(s)) => Secret::from(s),
+                    Some(mut other) => {
+                        crate::secret::wipe_json(&mut other);
                         return Err(self.err(
                             StoreErrorKind::Permanent,
                             &label,
@@ -448,11 +495,90 @@ fn https_client_trusting(
         .build_https())
 }
 
+/// Wipes the values of a secret's JSON object (other keys' secrets may be among them) as it is freed.
+fn wipe_object(obj: Map<String, Value>) {
+    crate::secret::wipe_json(&mut Value::Object(obj));
+}
+
 /// The secret's JSON object, or a description of what it holds instead (never the content).
 fn parse_object(s: &Secret) -> Result<Map<String, Value>, &'static str> {
     match serde_json::from_str::<Value>(s.expose_secret()) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err("JSON that is not an object"),
         Err(_) => Err("a value that is not JSON"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A Secrets Manager stand-in that answers every request with a `GetSecretValue` body whose
+    /// value is `size` bytes long.
+    async fn server(size: usize) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = format!(
+            r#"{{"ARN":"arn:aws:secretsmanager:us-east-1:1:secret:s","Name":"s","SecretString":"{}","VersionId":"v1","VersionStages":["AWSCURRENT"]}}"#,
+            "k".repeat(size)
+        );
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let _ = sock.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let _ = sock.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn store(endpoint: &str) -> AwsStore {
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
+                "AKIDTEST", "secret", None, None, "test",
+            ))
+            .region(Region::new("us-east-1"))
+            .load()
+            .await;
+        let c = AwsStoreConfig {
+            region: None,
+            endpoint_url: Some(endpoint.parse().unwrap()),
+            timeout: std::time::Duration::from_secs(5),
+            ca_file: None,
+        };
+        AwsStore::with_sdk_config("aws", &c, &sdk).unwrap()
+    }
+
+    fn target() -> DestinationTarget {
+        DestinationTarget::Aws {
+            secret_id: "s".into(),
+            field: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_larger_than_the_cap_is_refused() {
+        let s = store(&server(2 * MAX_RESPONSE as usize).await).await;
+        let e = s.read_value(&target()).await.unwrap_err();
+        assert!(e.message.contains("larger than"), "{e}");
+        assert!(!e.message.contains("kkkkkkkk"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_normal_response_is_read() {
+        let s = store(&server(40).await).await;
+        let (secret, version) = s.read_value(&target()).await.unwrap().unwrap();
+        assert_eq!(secret.expose_secret(), "k".repeat(40));
+        assert_eq!(version.as_deref(), Some("v1"));
     }
 }

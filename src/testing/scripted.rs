@@ -223,10 +223,14 @@ impl ScriptedProvider {
                 operation,
                 status: 401,
             },
+            // As the real clients do, with the default `max_retry_after`.
             Fault::RateLimited(retry_after) => ProviderError::RateLimited {
                 provider,
                 operation,
-                retry_after,
+                retry_after: crate::backoff::cap_retry_after(
+                    retry_after,
+                    crate::backoff::DEFAULT_MAX_RETRY_AFTER,
+                ),
             },
             Fault::Permanent => ProviderError::Permanent {
                 provider,

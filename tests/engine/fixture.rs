@@ -231,7 +231,7 @@ reconcile_interval = "0s"
 
 [providers.portal]
 kind = "aos"
-base_url = "http://portal.invalid"
+base_url = "https://portal.invalid"
 management_token = {{ file = "{dir}/token" }}
 account_id = "acct"
 

@@ -76,6 +76,7 @@ pub fn config() -> Config {
                 requested_by: "keyrotd@test".into(),
                 paths: AosPaths::default(),
                 tls: Default::default(),
+                max_retry_after: keyrotd::backoff::DEFAULT_MAX_RETRY_AFTER,
             }),
         )]),
         stores: BTreeMap::from([(

@@ -185,6 +185,7 @@ impl Portal {
             requested_by: "keyrotd@test".into(),
             paths: AosPaths::default(),
             tls: Default::default(),
+            max_retry_after: keyrotd::backoff::DEFAULT_MAX_RETRY_AFTER,
         }
     }
 
