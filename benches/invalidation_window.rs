@@ -5,7 +5,7 @@
 //!     cargo bench --bench invalidation_window            # 30 rotations
 //!     ROTATIONS=100 cargo bench --bench invalidation_window
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/e2e/support/mod.rs"]
 #[allow(unused_imports)]
 mod support;
 

@@ -2,13 +2,11 @@
 //! exit codes (0 success, 1 aborted/refused, 2 unknown key), `--force` and windows, `--dry-run`, the
 //! state-dir lock, `status` (human and JSON, never a secret), `plan`, and a scheduled rotation.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::daemon::{ADMIN_TOKEN, KEY, Options, Stack};
 use chrono::{Datelike, Utc};
 use serde_json::{Value, json};
-use support::daemon::{ADMIN_TOKEN, KEY, Options, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 

@@ -5,8 +5,6 @@
 //! config is refused), STOPPING and exit 0 on SIGTERM, and that SIGTERM during a regenerate waits for
 //! the rotation to reach every destination.
 
-mod support;
-
 use std::ffi::OsString;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -14,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack};
 use keyrotd::systemd::SystemdNotifier;
 use serde_json::json;
-use support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack};
 
 /// A datagram socket in a temp dir playing systemd's `NOTIFY_SOCKET`. Each received datagram is kept
 /// as its lines (`["RELOADING=1", "MONOTONIC_USEC=123"]`).

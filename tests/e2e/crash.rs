@@ -17,12 +17,10 @@
 //! tests/crash_guard.rs fails a run without the feature instead of letting these vanish silently.
 #![cfg(feature = "failpoints")]
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack};
 use serde_json::json;
-use support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 

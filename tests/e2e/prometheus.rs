@@ -4,16 +4,14 @@
 //!
 //! Needs the `prometheus` binary on PATH (Debian package `prometheus`); fails loudly without it.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::daemon::{HOOK_KEY, KEY, Options, Stack, metric_value};
+use crate::support::{free_port, project_root};
 use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
-use support::daemon::{HOOK_KEY, KEY, Options, Stack, metric_value};
-use support::{free_port, project_root};
 
 /// A Prometheus server scraping keyrotd every second with `prometheus/alerts.yml` loaded.
 struct Prometheus {

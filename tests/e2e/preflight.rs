@@ -1,10 +1,8 @@
 //! Preflight aborts through the real daemon: each one leaves the portal's key untouched (same key id,
 //! the old secret still authenticates), ends `aborted` and is audited.
 
-mod support;
-
+use crate::support::daemon::{Options, Stack};
 use serde_json::json;
-use support::daemon::{Options, Stack};
 
 /// What a rotation must not have changed.
 struct Before {

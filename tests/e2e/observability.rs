@@ -4,14 +4,14 @@
 //! (JSON and text); the audit log has every field; the post-rotation watch exports a dependent that
 //! keeps its old key and clears it once the resent reload hook makes it reload.
 
-mod support;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::daemon::{
+    ADMIN_TOKEN, Daemon, KEY, Options, Stack, metric_samples, metric_value,
+};
 use serde_json::Value;
-use support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack, metric_samples, metric_value};
 
 const T: Duration = Duration::from_secs(60);
 

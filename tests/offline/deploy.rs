@@ -647,7 +647,7 @@ fn the_image_builds_like_ci_and_runs_as_a_non_root_user() {
         "USER {user}"
     );
 
-    let ignored: BTreeSet<&str> = include_str!("../.dockerignore")
+    let ignored: BTreeSet<&str> = include_str!("../../.dockerignore")
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))

@@ -6,12 +6,10 @@
 //! while the portal's regenerate is slowed down (`delay_ms`): the portal has already rotated, keyrotd is
 //! waiting for the answer, and the stores vanish before it can write.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::daemon::{AWS_SECRET, Options, Stack, fp};
 use serde_json::json;
-use support::daemon::{AWS_SECRET, Options, Stack, fp};
 
 const LONG: Duration = Duration::from_secs(90);
 

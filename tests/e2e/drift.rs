@@ -2,12 +2,10 @@
 //! destination (copied from a good one, no regenerate), a pre-populated destination on first start
 //! (adopted, not drift), and drift with auto_recover off (reported only).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::daemon::{AWS_SECRET, Options, Stack, fp};
 use serde_json::json;
-use support::daemon::{AWS_SECRET, Options, Stack, fp};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -19,7 +17,7 @@ fn reconciling() -> Options {
 }
 
 /// The daemon, started over destinations that already hold the portal's current key.
-async fn seeded(stack: &Stack, o: &Options) -> support::daemon::Daemon {
+async fn seeded(stack: &Stack, o: &Options) -> crate::support::daemon::Daemon {
     stack
         .seed_destinations(&stack.portal.current_secret().await)
         .await;

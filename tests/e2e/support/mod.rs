@@ -5,7 +5,6 @@
 pub mod bao;
 pub mod daemon;
 pub mod moto;
-pub mod sample;
 pub mod sim;
 
 use std::path::PathBuf;

@@ -1,10 +1,8 @@
 //! End-to-end rotations through the real daemon against real OpenBao, moto and the simulators.
 
-mod support;
-
 use std::time::Duration;
 
-use support::daemon::{Options, Stack, fp};
+use crate::support::daemon::{Options, Stack, fp};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_manual_rotation_reaches_every_destination_and_dependent() {

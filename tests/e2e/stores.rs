@@ -6,12 +6,12 @@
 //! nothing; preflight refuses with an error that says what is wrong; and no error ever carries the
 //! value.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::bao::Bao;
+use crate::support::moto::Moto;
 use chrono::{TimeZone, Utc};
 use keyrotd::config::{DestinationTarget, FileStoreConfig, VaultAuth, VaultStoreConfig};
 use keyrotd::secret::{Secret, fingerprint};
@@ -21,8 +21,6 @@ use keyrotd::store::vault::VaultStore;
 use keyrotd::store::{Store, StoreError, StoreErrorKind, WriteRequest};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
-use support::bao::Bao;
-use support::moto::Moto;
 use uuid::Uuid;
 
 /// A new key as a rotation would hold it: a distinctive value (so a leak is easy to grep for) and

@@ -5,13 +5,11 @@
 //! daemon logs, the audit log, the journals, `/metrics`, `/v1/keys`, `/v1/rotations/{id}`, the CLI's
 //! output, every reload request the dependents received and the command hook's environment.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack, metric_value};
 use serde_json::{Value, json};
-use support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack, metric_value};
 
 /// Every `(place, secret name)` where a secret occurs in a haystack.
 fn leaks(haystacks: &[(String, String)], secrets: &[(String, String)]) -> Vec<(String, String)> {

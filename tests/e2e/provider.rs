@@ -2,15 +2,13 @@
 //! simulator against the portal: what the engine will see when a portal rotates, loses a key in
 //! transit, fails, rate-limits or refuses the management token.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::sim::{Dependent, DependentOptions, DependentSource, Portal};
 use keyrotd::provider::ProviderError;
 use keyrotd::secret::{Secret, fingerprint};
 use secrecy::ExposeSecret;
 use serde_json::json;
-use support::sim::{Dependent, DependentOptions, DependentSource, Portal};
 
 fn secret(s: &str) -> Secret {
     Secret::from(s.to_string())
@@ -206,7 +204,7 @@ async fn an_out_of_band_rotation_kills_the_key_we_knew() {
 
 #[tokio::test]
 async fn a_seeded_portal_starts_with_the_given_secret() {
-    let portal = Portal::start_with(support::sim::PortalOptions {
+    let portal = Portal::start_with(crate::support::sim::PortalOptions {
         seed_secret: Some("aos_sk_live_seeded_for_the_demo".into()),
         ..Default::default()
     });
@@ -225,7 +223,7 @@ async fn a_seeded_portal_starts_with_the_given_secret() {
 
 #[tokio::test]
 async fn a_regenerate_that_cannot_connect_is_transient() {
-    let port = support::free_port();
+    let port = crate::support::free_port();
     let portal = Portal::start();
     let mut config = portal.aos_config();
     config.base_url = format!("http://127.0.0.1:{port}").parse().unwrap();

@@ -1,12 +1,10 @@
 //! The admin API's table (spec/observability.md), every status code, against the real daemon.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::daemon::{ADMIN_TOKEN, KEY, Options, Stack};
 use chrono::Datelike;
 use serde_json::{Value, json};
-use support::daemon::{ADMIN_TOKEN, KEY, Options, Stack};
 
 const ROTATE: &str = "/v1/keys/billing/rotate";
 

@@ -1,0 +1,19 @@
+//! keyrotd end to end: the real `keyrotd` and `keyrotd-sim` binaries against real OpenBao, moto and
+//! Prometheus, each started on a loopback port it chose itself. One test binary, so the AWS SDK and the
+//! support code are linked once; each module is one story (see tests/README.md for what goes where).
+
+mod support;
+
+mod admin_api;
+mod cli;
+mod crash;
+mod drift;
+mod leak;
+mod observability;
+mod outage;
+mod preflight;
+mod prometheus;
+mod provider;
+mod rotation;
+mod stores;
+mod systemd;
