@@ -1,79 +1,150 @@
-//! No secret reaches any output. A full run through most paths (rotations, a lost regenerate and its
-//! re-rotation, a watch with a dependent ignoring reloads and the hook resent, a dry run, the CLI's
-//! status and in-process rotate with a command hook, JSON and text logs), then every secret the portal
-//! ever issued and every test credential is searched for in everything keyrotd wrote or answered:
-//! daemon logs, the audit log, the journals, `/metrics`, `/v1/keys`, `/v1/rotations/{id}`, the CLI's
-//! output, every reload request the dependents received and the command hook's environment.
+//! No secret reaches any output. A run through most paths, the failing ones included, then every
+//! secret the portal ever issued and every test credential is searched for in everything keyrotd wrote
+//! or answered.
+//!
+//! The paths: rotations; a lost regenerate and its re-rotation; a watch with a dependent ignoring
+//! reloads and the hook resent; an abort because OpenBao is down; a degraded rotation because OpenBao
+//! went down mid-rotation, then the background fill; a degraded rotation because a reload hook keeps
+//! failing; portal errors answered as HTML pages that quote the management token back (a 5xx on
+//! status and on regenerate, a 429); a dry run; the CLI handing a rotation to the daemon, `status` and
+//! an in-process `rotate` with a command hook; JSON and text logs.
+//!
+//! The outputs: daemon logs, the audit log, the journals, the key files' sidecars, the Vault custom
+//! metadata, the AWS tags, `/metrics`, `/v1/keys`, every `/v1/rotations/{id}`, the CLI's output,
+//! every reload request the dependents received and the command hook's environment.
 
-use std::path::Path;
 use std::time::Duration;
 
-use crate::support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack, metric_value};
 use serde_json::{Value, json};
 
-/// Every `(place, secret name)` where a secret occurs in a haystack.
-fn leaks(haystacks: &[(String, String)], secrets: &[(String, String)]) -> Vec<(String, String)> {
-    let mut found = Vec::new();
-    for (place, text) in haystacks {
-        for (name, secret) in secrets {
-            if text.contains(secret.as_str()) {
-                found.push((place.clone(), name.clone()));
-            }
-        }
-    }
-    found
-}
+use crate::support::daemon::Daemon;
+use crate::support::secrets::{Haystacks, secrets_of};
+use crate::support::stack::{ADMIN_TOKEN, KEY, Options, Stack};
 
-/// Every file under `dir`, recursively: (path, contents).
-fn files_under(dir: &Path, out: &mut Vec<(String, String)>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.is_dir() {
-            files_under(&path, out);
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            out.push((
-                path.display().to_string(),
-                String::from_utf8_lossy(&bytes).into_owned(),
-            ));
-        }
-    }
-}
+const LONG: Duration = Duration::from_secs(60);
 
-async fn api_snapshot(
-    daemon: &Daemon,
-    ids: &[String],
-    label: &str,
-    out: &mut Vec<(String, String)>,
-) {
-    out.push((format!("{label} /metrics"), daemon.metrics().await));
-    out.push((
+async fn api_snapshot(daemon: &Daemon, ids: &[String], label: &str, out: &mut Haystacks) {
+    out.add(format!("{label} /metrics"), daemon.metrics().await.text());
+    out.add(
         format!("{label} /v1/keys"),
         daemon.get("/v1/keys").await.1.to_string(),
-    ));
-    out.push((
+    );
+    out.add(
         format!("{label} /v1/keys/{KEY}"),
         daemon.key().await.to_string(),
-    ));
+    );
     for id in ids {
         let (status, r) = daemon.get(&format!("/v1/rotations/{id}")).await;
         assert_eq!(status, 200, "rotation {id} remembered");
-        out.push((format!("{label} /v1/rotations/{id}"), r.to_string()));
+        out.add(format!("{label} /v1/rotations/{id}"), r.to_string());
     }
 }
 
-async fn rotate_ok(daemon: &Daemon, reason: &str, ids: &mut Vec<String>) -> Value {
+/// Runs a rotation through the API; its outcome must be `want`. Returns the record.
+async fn rotate_expecting(
+    daemon: &Daemon,
+    reason: &str,
+    want: &str,
+    ids: &mut Vec<String>,
+) -> Value {
     let record = daemon.rotate(reason).await;
     assert_eq!(
         record["outcome"],
-        "success",
-        "{record:#}\n{}",
+        want,
+        "{reason}: {record:#}\n{}",
         daemon.log_text()
     );
     ids.push(record["rotation_id"].as_str().unwrap().to_string());
     record
+}
+
+/// The watch sees the worker fail, resends the hook; the worker ignores the rotation's hook and the
+/// first resend, and reloads on the second.
+async fn ignored_reloads(stack: &Stack, daemon: &Daemon, ids: &mut Vec<String>) {
+    stack
+        .dep_vault
+        .faults(json!({ "ignore_reload_next": 2 }))
+        .await;
+    rotate_expecting(daemon, "leak test: ignored reload", "success", ids).await;
+    let worker = [("key", KEY), ("dependent", "worker")];
+    stack
+        .eventually(LONG, "the worker reloads on the second resend", || async {
+            let m = daemon.metrics().await;
+            m.get("keyrotd_post_rotation_auth_failures_total", &worker) >= 6.0
+                && m.get("keyrotd_post_rotation_auth_failing", &worker) == 0.0
+        })
+        .await;
+}
+
+/// OpenBao down: first at preflight (aborted), then mid-rotation (degraded, filled when it is back).
+async fn openbao_outages(stack: &Stack, daemon: &Daemon, ids: &mut Vec<String>) {
+    stack.bao.down();
+    rotate_expecting(daemon, "leak test: openbao down", "aborted", ids).await;
+    stack.bao.up();
+
+    stack
+        .portal
+        .faults(json!({ "regenerate": { "delay_ms": 1500 } }))
+        .await;
+    let id = daemon
+        .start_rotate("leak test: openbao gone mid-rotation")
+        .await;
+    daemon.wait_phase("regenerating", LONG).await;
+    stack.bao.down();
+    let record = daemon.wait_rotation(&id, LONG).await;
+    assert_eq!(record["outcome"], "degraded", "{record:#}");
+    ids.push(id);
+    stack
+        .portal
+        .faults(json!({ "regenerate": { "delay_ms": 0 } }))
+        .await;
+    stack.bao.up();
+    let active = stack.portal.state().await.fingerprint;
+    stack
+        .eventually(LONG, "the background fill writes OpenBao", || async {
+            stack.vault_fingerprint().await.as_deref() == Some(active.as_str())
+        })
+        .await;
+}
+
+/// Portal errors as HTML pages quoting the management token, and a reload hook that keeps failing.
+async fn provider_and_hook_errors(stack: &Stack, daemon: &Daemon, ids: &mut Vec<String>) {
+    stack
+        .portal
+        .faults(json!({
+            "html_errors": true,
+            "status": { "fail_next": 1, "status": 500 },
+            "regenerate": { "fail_next": 1, "status": 502 },
+        }))
+        .await;
+    rotate_expecting(daemon, "leak test: portal 5xx pages", "success", ids).await;
+    stack.portal.faults(json!({ "rate_limit_next": 1 })).await;
+    rotate_expecting(daemon, "leak test: portal 429 page", "success", ids).await;
+    let m = daemon.metrics().await;
+    for (op, outcome) in [("status", "transient"), ("regenerate", "ambiguous")] {
+        assert!(
+            m.get(
+                "keyrotd_provider_requests_total",
+                &[
+                    ("provider", "portal"),
+                    ("operation", op),
+                    ("outcome", outcome)
+                ]
+            ) >= 1.0,
+            "a {outcome} {op} was counted\n{m}"
+        );
+    }
+    assert!(
+        m.sum(
+            "keyrotd_provider_requests_total",
+            &[("provider", "portal"), ("outcome", "rate_limited")]
+        ) >= 1.0,
+        "the 429 was counted\n{m}"
+    );
+    stack.portal.faults(json!({ "html_errors": false })).await;
+
+    stack.dep_aws.faults(json!({ "fail_reload_next": 3 })).await;
+    rotate_expecting(daemon, "leak test: hook failing", "degraded", ids).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -83,6 +154,7 @@ async fn no_secret_reaches_any_output() {
     let o = Options {
         watch: "30s".into(),
         watch_interval: "1s".into(),
+        store_deadline: "3s".into(),
         log_format: "json".into(),
         command_hook: Some(vec![
             "/bin/sh".into(),
@@ -96,12 +168,12 @@ async fn no_secret_reaches_any_output() {
         ..Options::default()
     };
     let config = stack.write_config(&o);
-    let mut haystacks: Vec<(String, String)> = Vec::new();
+    let mut outputs = Haystacks::default();
     let mut ids: Vec<String> = Vec::new();
 
     // --- A daemon with JSON logs.
     let mut daemon = stack.daemon(&config).await;
-    rotate_ok(&daemon, "leak test: first", &mut ids).await;
+    rotate_expecting(&daemon, "leak test: first", "success", &mut ids).await;
     stack.assert_consistent(&o).await;
 
     // A regenerate whose answer is lost: the key is re-rotated.
@@ -109,54 +181,19 @@ async fn no_secret_reaches_any_output() {
         .portal
         .faults(json!({ "regenerate": { "lose_next": 1 } }))
         .await;
-    rotate_ok(&daemon, "leak test: lost answer", &mut ids).await;
-    let m = daemon.metrics().await;
-    assert!(
-        metric_value(
-            &m,
+    rotate_expecting(&daemon, "leak test: lost answer", "success", &mut ids).await;
+    assert_eq!(
+        daemon.metrics().await.get(
             "keyrotd_rerotations_total",
             &[("key", KEY), ("reason", "lost_before_storage")]
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
+        ),
+        1.0,
         "the lost key was re-rotated"
     );
-    assert!(stack.portal.state().await.regenerations >= 3);
 
-    // A dependent ignoring reloads: the watch sees it fail and resends the hook.
-    stack
-        .dep_vault
-        .faults(json!({ "ignore_reload": true }))
-        .await;
-    rotate_ok(&daemon, "leak test: ignored reload", &mut ids).await;
-    let worker = [("key", KEY), ("dependent", "worker")];
-    stack
-        .eventually(Duration::from_secs(60), "the hook resent", || async {
-            let m = daemon.metrics().await;
-            metric_value(&m, "keyrotd_post_rotation_auth_failures_total", &worker).unwrap_or(0.0)
-                >= 3.0
-                && metric_value(
-                    &m,
-                    "keyrotd_reload_hooks_total",
-                    &[("key", KEY), ("dependent", "worker"), ("outcome", "ok")],
-                )
-                .unwrap_or(0.0)
-                    >= 4.0
-        })
-        .await;
-    stack
-        .dep_vault
-        .faults(json!({ "ignore_reload": false }))
-        .await;
-    stack
-        .eventually(Duration::from_secs(60), "the worker reloaded", || async {
-            metric_value(
-                &daemon.metrics().await,
-                "keyrotd_post_rotation_auth_failing",
-                &worker,
-            ) == Some(0.0)
-        })
-        .await;
+    ignored_reloads(&stack, &daemon, &mut ids).await;
+    openbao_outages(&stack, &daemon, &mut ids).await;
+    provider_and_hook_errors(&stack, &daemon, &mut ids).await;
 
     // A dry run.
     let (status, body) = daemon
@@ -167,19 +204,22 @@ async fn no_secret_reaches_any_output() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    haystacks.push(("dry run answer".into(), body.to_string()));
+    outputs.add("dry run answer", body.to_string());
     ids.push(body["rotation_id"].as_str().unwrap().to_string());
 
     // The CLI hands a rotation to the running daemon.
-    let (code, out, err) = stack.command(
-        &config,
-        &["rotate", KEY, "--reason", "leak test: cli via daemon"],
-    );
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        stack.command_via(
+            &daemon,
+            &config,
+            &["rotate", KEY, "--reason", "leak test: cli via daemon"],
+        )
+    });
     assert_eq!(code, 0, "{out}\n{err}");
-    haystacks.push(("cli rotate (daemon) stdout".into(), out));
-    haystacks.push(("cli rotate (daemon) stderr".into(), err));
+    outputs.add("cli rotate (daemon) stdout", out);
+    outputs.add("cli rotate (daemon) stderr", err);
 
-    api_snapshot(&daemon, &ids, "json daemon", &mut haystacks).await;
+    api_snapshot(&daemon, &ids, "json daemon", &mut outputs).await;
     daemon.terminate(Duration::from_secs(30));
     let json_log = daemon.log_text();
     assert!(
@@ -189,7 +229,6 @@ async fn no_secret_reaches_any_output() {
             .all(|l| serde_json::from_str::<Value>(l).is_ok()),
         "JSON log lines"
     );
-    haystacks.push(("daemon log (json)".into(), json_log));
 
     // --- The CLI without a daemon: status, status --json, rotate in this process.
     for args in [
@@ -198,10 +237,10 @@ async fn no_secret_reaches_any_output() {
         vec!["status", KEY],
         vec!["rotate", KEY, "--reason", "leak test: cli in-process"],
     ] {
-        let (code, out, err) = stack.command(&config, &args);
+        let (code, out, err) = tokio::task::block_in_place(|| stack.command(&config, &args));
         assert_eq!(code, 0, "keyrotd {args:?}:\n{out}\n{err}");
-        haystacks.push((format!("cli {args:?} stdout"), out));
-        haystacks.push((format!("cli {args:?} stderr"), err));
+        outputs.add(format!("cli {args:?} stdout"), out);
+        outputs.add(format!("cli {args:?} stderr"), err);
     }
     stack.assert_consistent(&o).await;
 
@@ -212,36 +251,37 @@ async fn no_secret_reaches_any_output() {
     };
     let config = stack.write_config(&o_text);
     let mut daemon = stack.daemon(&config).await;
-    rotate_ok(&daemon, "leak test: text logs", &mut ids).await;
-    let text_ids: Vec<String> = ids.last().cloned().into_iter().collect();
-    api_snapshot(&daemon, &text_ids, "text daemon", &mut haystacks).await;
+    let mut text_ids = Vec::new();
+    rotate_expecting(&daemon, "leak test: text logs", "success", &mut text_ids).await;
+    api_snapshot(&daemon, &text_ids, "text daemon", &mut outputs).await;
     daemon.terminate(Duration::from_secs(30));
-    haystacks.push(("daemon log (text)".into(), daemon.log_text()));
 
-    // Everything keyrotd keeps on disk (journals, audit log, lock).
-    let mut state_files = Vec::new();
-    files_under(&stack.state_dir(), &mut state_files);
-    assert!(
-        state_files.iter().any(|(p, _)| p.ends_with("audit.jsonl")),
-        "audit log present"
-    );
-    assert!(
-        state_files.iter().any(|(p, _)| p.contains("journal")),
-        "journal present"
-    );
-    haystacks.extend(state_files);
+    // Logs, state, sidecars, Vault metadata, AWS tags.
+    outputs.gather_standard(&stack).await;
+    let places = outputs.places().join("\n");
+    for must in [
+        "audit.jsonl",
+        "journal",
+        "billing.key.meta.json",
+        "daemon-0.log",
+        "daemon-1.log",
+        "OpenBao metadata",
+        "AWS tags",
+    ] {
+        assert!(places.contains(must), "{must} among the outputs:\n{places}");
+    }
 
     // Every reload request the dependents received (the signature is an HMAC of the body).
     for (name, dep) in [("worker", &stack.dep_vault), ("edge", &stack.dep_aws)] {
         let requests = dep.requests().await;
-        assert!(requests.len() >= 5, "{name} got the hooks");
+        assert!(requests.len() >= 8, "{name} got the hooks");
         for (i, r) in requests.into_iter().enumerate() {
-            haystacks.push((format!("{name} reload #{i} body"), r.body.to_string()));
+            outputs.add(format!("{name} reload #{i} body"), r.body.to_string());
             for (h, v) in r.headers {
                 if h.eq_ignore_ascii_case("x-keyrotd-signature") {
                     continue;
                 }
-                haystacks.push((format!("{name} reload #{i} header {h}"), v));
+                outputs.add(format!("{name} reload #{i} header {h}"), v);
             }
         }
     }
@@ -250,24 +290,13 @@ async fn no_secret_reaches_any_output() {
         env.contains("KEYROTD_ROTATION_ID="),
         "hook env captured: {env}"
     );
-    haystacks.push(("command hook environment".into(), env));
+    outputs.add("command hook environment", env);
 
-    // The secrets: every key the portal issued, and every credential the test gave keyrotd.
-    let issued = stack.portal.issued_secrets().await;
-    assert!(issued.len() >= 7, "the run issued keys: {}", issued.len());
-    let mut secrets: Vec<(String, String)> = issued
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| (format!("issued secret #{i}"), s))
-        .collect();
-    for (k, v) in stack.env() {
-        if k.starts_with("KEYROTD_TEST_") {
-            secrets.push((k, v));
-        }
-    }
+    let secrets = secrets_of(&stack).await;
     assert!(
-        secrets.iter().all(|(_, s)| s.len() >= 16),
-        "secrets long enough to be unique"
+        secrets.len() >= 12,
+        "the run issued keys: {}",
+        secrets.len()
     );
     assert_eq!(
         secrets
@@ -276,17 +305,10 @@ async fn no_secret_reaches_any_output() {
             .count(),
         4
     );
-
-    // The search finds a secret where there is one.
-    let (name, secret) = &secrets[1];
-    let control = vec![("control".to_string(), format!("xx{secret}yy"))];
-    assert_eq!(
-        leaks(&control, &secrets),
-        vec![("control".to_string(), name.clone())]
+    assert!(
+        outputs.total_len() > 50_000,
+        "the outputs were gathered ({} bytes)",
+        outputs.total_len()
     );
-
-    let total: usize = haystacks.iter().map(|(_, t)| t.len()).sum();
-    assert!(total > 50_000, "the outputs were gathered ({total} bytes)");
-    let found = leaks(&haystacks, &secrets);
-    assert!(found.is_empty(), "secrets leaked: {found:#?}");
+    outputs.assert_none_of(&secrets);
 }

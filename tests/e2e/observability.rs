@@ -8,9 +8,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::daemon::{
-    ADMIN_TOKEN, Daemon, KEY, Options, Stack, metric_samples, metric_value,
-};
+use crate::support::daemon::Daemon;
+use crate::support::metrics::Scrape;
+use crate::support::stack::{ADMIN_TOKEN, KEY, Options, Stack};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -39,17 +39,12 @@ fn promtool_check(text: &str) {
     );
 }
 
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(text, name, labels)
-        .unwrap_or_else(|| panic!("no series {name}{labels:?} in /metrics:\n{text}"))
-}
-
 async fn metric_eventually(
     stack: &Stack,
     daemon: &Daemon,
     what: &str,
-    check: impl Fn(&str) -> bool,
-) -> String {
+    check: impl Fn(&Scrape) -> bool,
+) -> Scrape {
     stack
         .eventually(T, what, || async { check(&daemon.metrics().await) })
         .await;
@@ -74,11 +69,10 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
 
     // Before any rotation: every label combination known from the config is there at 0.
     let before = daemon.metrics().await;
-    promtool_check(&before);
+    promtool_check(before.text());
     for outcome in ["success", "degraded", "aborted", "failed"] {
         assert_eq!(
-            value(
-                &before,
+            before.get(
                 "keyrotd_rotations_total",
                 &[("key", KEY), ("outcome", outcome)]
             ),
@@ -87,15 +81,14 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     }
     for dep in ["worker", "edge"] {
         assert_eq!(
-            value(
-                &before,
+            before.get(
                 "keyrotd_post_rotation_auth_failing",
                 &[("key", KEY), ("dependent", dep)]
             ),
             0.0
         );
     }
-    assert_eq!(value(&before, "keyrotd_drift", &[("key", KEY)]), 0.0);
+    assert_eq!(before.get("keyrotd_drift", &[("key", KEY)]), 0.0);
 
     let record = daemon.rotate("test: observability").await;
     assert_eq!(record["outcome"], "success", "{record:#}");
@@ -104,8 +97,7 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     // Wait for the watch to probe both dependents.
     let m = metric_eventually(&stack, &daemon, "watch probes of both dependents", |m| {
         ["worker", "edge"].iter().all(|d| {
-            metric_value(
-                m,
+            m.value(
                 "keyrotd_post_rotation_checks_total",
                 &[("key", KEY), ("dependent", d), ("result", "ok")],
             )
@@ -114,12 +106,11 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
         })
     })
     .await;
-    promtool_check(&m);
+    promtool_check(m.text());
 
     let k = [("key", KEY)];
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_rotations_total",
             &[("key", KEY), ("outcome", "success")]
         ),
@@ -127,51 +118,40 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     );
     for outcome in ["degraded", "aborted", "failed"] {
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_rotations_total",
                 &[("key", KEY), ("outcome", outcome)]
             ),
             0.0
         );
     }
+    assert_eq!(m.get("keyrotd_rotation_duration_seconds_count", &k), 1.0);
+    assert!(m.get("keyrotd_rotation_duration_seconds_sum", &k) > 0.0);
     assert_eq!(
-        value(&m, "keyrotd_rotation_duration_seconds_count", &k),
-        1.0
-    );
-    assert!(value(&m, "keyrotd_rotation_duration_seconds_sum", &k) > 0.0);
-    assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_rotation_duration_seconds_bucket",
             &[("key", KEY), ("le", "+Inf")]
         ),
         1.0
     );
-    assert_eq!(
-        value(&m, "keyrotd_invalidation_window_seconds_count", &k),
-        1.0
-    );
-    assert!(value(&m, "keyrotd_invalidation_window_seconds_sum", &k) > 0.0);
+    assert_eq!(m.get("keyrotd_invalidation_window_seconds_count", &k), 1.0);
+    assert!(m.get("keyrotd_invalidation_window_seconds_sum", &k) > 0.0);
     for store in ["vault", "aws", "local"] {
         assert!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_store_writes_total",
                 &[("key", KEY), ("store", store), ("outcome", "ok")]
             ) >= 1.0,
             "store {store} written"
         );
-        value(
-            &m,
+        m.get(
             "keyrotd_store_writes_total",
             &[("key", KEY), ("store", store), ("outcome", "error")],
         );
     }
     for dep in ["worker", "edge"] {
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_reload_hooks_total",
                 &[("key", KEY), ("dependent", dep), ("outcome", "ok")]
             ),
@@ -179,39 +159,34 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
             "reload hook of {dep}"
         );
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_reload_hooks_total",
                 &[("key", KEY), ("dependent", dep), ("outcome", "error")]
             ),
             0.0
         );
         for result in ["auth_failure", "error"] {
-            value(
-                &m,
+            m.get(
                 "keyrotd_post_rotation_checks_total",
                 &[("key", KEY), ("dependent", dep), ("result", result)],
             );
         }
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_post_rotation_checks_total",
                 &[("key", KEY), ("dependent", dep), ("result", "auth_failure")]
             ),
             0.0
         );
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_post_rotation_auth_failures_total",
                 &[("key", KEY), ("dependent", dep)]
             ),
             0.0
         );
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_post_rotation_auth_failing",
                 &[("key", KEY), ("dependent", dep)]
             ),
@@ -220,8 +195,7 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     }
     for reason in ["lost_before_storage", "crash_recovery", "drift"] {
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_rerotations_total",
                 &[("key", KEY), ("reason", reason)]
             ),
@@ -234,24 +208,24 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     let finished = chrono::DateTime::parse_from_rfc3339(record["finished_at"].as_str().unwrap())
         .unwrap()
         .timestamp() as f64;
-    let attempt = value(&m, "keyrotd_rotation_last_attempt_timestamp_seconds", &k);
+    let attempt = m.get("keyrotd_rotation_last_attempt_timestamp_seconds", &k);
     assert!(
         (attempt - started).abs() < 5.0,
         "last attempt {attempt} ≈ start {started}"
     );
-    let success = value(&m, "keyrotd_rotation_last_success_timestamp_seconds", &k);
+    let success = m.get("keyrotd_rotation_last_success_timestamp_seconds", &k);
     assert!(
         (success - finished).abs() < 5.0 && success >= attempt,
         "last success {success} ≈ end {finished}"
     );
-    assert_eq!(value(&m, "keyrotd_key_active", &k), 1.0);
+    assert_eq!(m.get("keyrotd_key_active", &k), 1.0);
     let portal = stack.portal.state().await;
     let _ = portal;
     let view = daemon.key().await;
     let last_rotated = chrono::DateTime::parse_from_rfc3339(view["last_rotated"].as_str().unwrap())
         .unwrap()
         .timestamp() as f64;
-    let exported = value(&m, "keyrotd_key_last_rotation_timestamp_seconds", &k);
+    let exported = m.get("keyrotd_key_last_rotation_timestamp_seconds", &k);
     assert!(
         (exported - last_rotated).abs() < 1.0,
         "key_last_rotation {exported} = provider's Last Rotated {last_rotated}"
@@ -260,19 +234,17 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
         (exported - started).abs() < 10.0,
         "Last Rotated is this rotation's"
     );
-    assert_eq!(value(&m, "keyrotd_drift", &k), 0.0);
+    assert_eq!(m.get("keyrotd_drift", &k), 0.0);
     for op in ["status", "regenerate", "auth_check"] {
         assert!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_provider_requests_total",
                 &[("provider", "portal"), ("operation", op), ("outcome", "ok")]
             ) >= 1.0,
             "provider {op} counted"
         );
         for outcome in ["auth_error", "rate_limited", "transient", "ambiguous"] {
-            value(
-                &m,
+            m.get(
                 "keyrotd_provider_requests_total",
                 &[
                     ("provider", "portal"),
@@ -283,8 +255,7 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
         }
     }
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_provider_requests_total",
             &[
                 ("provider", "portal"),
@@ -294,17 +265,16 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
         ),
         1.0
     );
-    assert_eq!(value(&m, "keyrotd_paused", &[]), 0.0);
+    assert_eq!(m.get("keyrotd_paused", &[]), 0.0);
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),
         1.0
     );
     assert_eq!(
-        value(&m, "keyrotd_config_reloads_total", &[("outcome", "ok")]),
+        m.get("keyrotd_config_reloads_total", &[("outcome", "ok")]),
         0.0
     );
 
@@ -315,30 +285,30 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     assert_eq!(status, 200);
     daemon.signal("HUP");
     let m = metric_eventually(&stack, &daemon, "a counted reload", |m| {
-        metric_value(m, "keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
+        m.value("keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
     })
     .await;
-    assert_eq!(value(&m, "keyrotd_paused", &[]), 1.0);
+    assert_eq!(m.get("keyrotd_paused", &[]), 1.0);
     assert_eq!(
-        value(&m, "keyrotd_config_reloads_total", &[("outcome", "error")]),
+        m.get("keyrotd_config_reloads_total", &[("outcome", "error")]),
         0.0
     );
     // A bad config is refused and counted.
     std::fs::write(&config, "this is not toml [").unwrap();
     daemon.signal("HUP");
     let m = metric_eventually(&stack, &daemon, "a refused reload", |m| {
-        metric_value(m, "keyrotd_config_reloads_total", &[("outcome", "error")]) == Some(1.0)
+        m.value("keyrotd_config_reloads_total", &[("outcome", "error")]) == Some(1.0)
     })
     .await;
-    promtool_check(&m);
+    promtool_check(m.text());
     let (status, _) = daemon
         .post("/v1/resume", Some(ADMIN_TOKEN), Value::Null)
         .await;
     assert_eq!(status, 200);
-    assert_eq!(value(&daemon.metrics().await, "keyrotd_paused", &[]), 0.0);
+    assert_eq!(daemon.metrics().await.get("keyrotd_paused", &[]), 0.0);
 
     // No label value outside the config's names and the fixed sets.
-    for line in m.lines().filter(|l| l.starts_with("keyrotd_")) {
+    for line in m.text().lines().filter(|l| l.starts_with("keyrotd_")) {
         assert!(
             !line.contains(&rotation_id),
             "a rotation id in a label: {line}"
@@ -542,8 +512,9 @@ watch = "0s"
     text
 }
 
-fn other_series(text: &str) -> Vec<String> {
-    text.lines()
+fn other_series(m: &Scrape) -> Vec<String> {
+    m.text()
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.contains("\"other\"") || l.contains("other-worker") || l.contains("portal2"))
         .map(String::from)
@@ -559,63 +530,55 @@ async fn a_key_removed_by_a_reload_loses_its_series() {
     let daemon = stack.daemon(&config).await;
 
     let m = daemon.metrics().await;
-    promtool_check(&m);
+    promtool_check(m.text());
     let other = [("key", "other")];
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_rotations_total",
             &[("key", "other"), ("outcome", "success")]
         ),
         0.0
     );
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_store_writes_total",
             &[("key", "other"), ("store", "local"), ("outcome", "ok")]
         ),
         0.0
     );
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_post_rotation_auth_failing",
             &[("key", "other"), ("dependent", "other-worker")]
         ),
         0.0
     );
     // Its destinations are empty: no destination holds the active key, which the start-up look reports.
-    assert_eq!(value(&m, "keyrotd_drift", &other), 1.0);
+    assert_eq!(m.get("keyrotd_drift", &other), 1.0);
     // A scheduled key has its next rotation and period from the start; max_age is exported.
-    let next = value(&m, "keyrotd_key_next_rotation_timestamp_seconds", &other);
+    let next = m.get("keyrotd_key_next_rotation_timestamp_seconds", &other);
     assert!(
         next > chrono::Utc::now().timestamp() as f64,
         "next rotation in the future"
     );
     assert_eq!(
-        value(&m, "keyrotd_key_schedule_period_seconds", &other),
+        m.get("keyrotd_key_schedule_period_seconds", &other),
         86400.0
     );
-    assert_eq!(
-        value(&m, "keyrotd_key_max_age_seconds", &other),
-        30.0 * 86400.0
-    );
+    assert_eq!(m.get("keyrotd_key_max_age_seconds", &other), 30.0 * 86400.0);
     // The manual-only key has no next rotation.
     assert_eq!(
-        metric_value(
-            &m,
+        m.value(
             "keyrotd_key_next_rotation_timestamp_seconds",
             &[("key", KEY)]
         ),
         None
     );
     // Recovery read both keys' status: both are active.
-    assert_eq!(value(&m, "keyrotd_key_active", &other), 1.0);
-    assert_eq!(value(&m, "keyrotd_key_active", &[("key", KEY)]), 1.0);
+    assert_eq!(m.get("keyrotd_key_active", &other), 1.0);
+    assert_eq!(m.get("keyrotd_key_active", &[("key", KEY)]), 1.0);
     assert!(
-        value(
-            &m,
+        m.get(
             "keyrotd_provider_requests_total",
             &[
                 ("provider", "portal2"),
@@ -630,10 +593,10 @@ async fn a_key_removed_by_a_reload_loses_its_series() {
     stack.write_config(&o);
     daemon.signal("HUP");
     let m = metric_eventually(&stack, &daemon, "the reload", |m| {
-        metric_value(m, "keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
+        m.value("keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
     })
     .await;
-    promtool_check(&m);
+    promtool_check(m.text());
     assert_eq!(other_series(&m), Vec::<String>::new(), "stale series");
     for name in [
         "keyrotd_rotations_total",
@@ -643,9 +606,8 @@ async fn a_key_removed_by_a_reload_loses_its_series() {
         "keyrotd_reload_hooks_total",
     ] {
         assert!(
-            metric_samples(&m, name)
-                .iter()
-                .any(|(l, _)| l.get("key").map(String::as_str) == Some(KEY)),
+            m.samples(name)
+                .any(|s| s.labels.get("key").map(String::as_str) == Some(KEY)),
             "{name} of {KEY} kept"
         );
     }
@@ -677,13 +639,12 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
     assert_eq!(record["outcome"], "success", "{record:#}");
     let worker = [("key", KEY), ("dependent", "worker")];
     let m = metric_eventually(&stack, &daemon, "worker failing auth", |m| {
-        metric_value(m, "keyrotd_post_rotation_auth_failing", &worker) == Some(1.0)
+        m.value("keyrotd_post_rotation_auth_failing", &worker) == Some(1.0)
     })
     .await;
-    assert!(value(&m, "keyrotd_post_rotation_auth_failures_total", &worker) >= 1.0);
+    assert!(m.get("keyrotd_post_rotation_auth_failures_total", &worker) >= 1.0);
     assert!(
-        value(
-            &m,
+        m.get(
             "keyrotd_post_rotation_checks_total",
             &[
                 ("key", KEY),
@@ -694,8 +655,7 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
     );
     // The other dependent reloaded: not failing.
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_post_rotation_auth_failing",
             &[("key", KEY), ("dependent", "edge")]
         ),
@@ -703,8 +663,7 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
     );
     // After 3 failures the hook is resent (the dependent still ignores it).
     let m = metric_eventually(&stack, &daemon, "the reload hook resent", |m| {
-        metric_value(
-            m,
+        m.value(
             "keyrotd_reload_hooks_total",
             &[("key", KEY), ("dependent", "worker"), ("outcome", "ok")],
         )
@@ -712,11 +671,8 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
             >= 3.0
     })
     .await;
-    assert!(value(&m, "keyrotd_post_rotation_auth_failures_total", &worker) >= 3.0);
-    assert_eq!(
-        value(&m, "keyrotd_post_rotation_auth_failing", &worker),
-        1.0
-    );
+    assert!(m.get("keyrotd_post_rotation_auth_failures_total", &worker) >= 3.0);
+    assert_eq!(m.get("keyrotd_post_rotation_auth_failing", &worker), 1.0);
     assert_eq!(stack.dep_vault.verify().await, 401, "still on the old key");
 
     // Clear the fault: the second resend makes it reload; the gauge goes back to 0.
@@ -725,12 +681,11 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
         .faults(serde_json::json!({ "ignore_reload": false }))
         .await;
     let m = metric_eventually(&stack, &daemon, "worker authenticating again", |m| {
-        metric_value(m, "keyrotd_post_rotation_auth_failing", &worker) == Some(0.0)
+        m.value("keyrotd_post_rotation_auth_failing", &worker) == Some(0.0)
     })
     .await;
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_reload_hooks_total",
             &[("key", KEY), ("dependent", "worker"), ("outcome", "ok")]
         ),
@@ -749,21 +704,20 @@ async fn a_restart_remembers_the_last_successful_rotation() {
     let record = daemon.rotate("test: before restart").await;
     assert_eq!(record["outcome"], "success", "{record:#}");
     let k = [("key", KEY)];
-    let before = value(
-        &daemon.metrics().await,
-        "keyrotd_rotation_last_success_timestamp_seconds",
-        &k,
-    );
+    let before = daemon
+        .metrics()
+        .await
+        .get("keyrotd_rotation_last_success_timestamp_seconds", &k);
     daemon.terminate(Duration::from_secs(30));
 
     let daemon = stack.daemon(&config).await;
     let m = daemon.metrics().await;
-    let after = value(&m, "keyrotd_rotation_last_success_timestamp_seconds", &k);
+    let after = m.get("keyrotd_rotation_last_success_timestamp_seconds", &k);
     assert!(
         (after - before).abs() < 2.0,
         "last success {before} forgotten by the restart: {after}"
     );
     // What the provider says is read again at start.
-    assert_eq!(value(&m, "keyrotd_key_active", &k), 1.0);
-    assert!(value(&m, "keyrotd_key_last_rotation_timestamp_seconds", &k) > 0.0);
+    assert_eq!(m.get("keyrotd_key_active", &k), 1.0);
+    assert!(m.get("keyrotd_key_last_rotation_timestamp_seconds", &k) > 0.0);
 }

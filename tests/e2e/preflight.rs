@@ -1,79 +1,176 @@
 //! Preflight aborts through the real daemon: each one leaves the portal's key untouched (same key id,
-//! the old secret still authenticates), ends `aborted` and is audited.
+//! the old secret still authenticates), ends `aborted`, is audited and counted, and says why.
+//!
+//! One stack serves every case: each case sets its fault up, checks the abort, and puts things back,
+//! so the next case starts from a key that would rotate.
 
-use crate::support::daemon::{Options, Stack};
 use serde_json::json;
+
+use crate::support::ReadOnlyDir;
+use crate::support::daemon::Daemon;
+use crate::support::stack::{AWS_SECRET, KEY, Options, Stack};
 
 /// What a rotation must not have changed.
 struct Before {
     key_id: String,
     secret: String,
     regenerations: u64,
+    aborted: f64,
 }
 
-async fn before(stack: &Stack) -> Before {
+async fn before(stack: &Stack, daemon: &Daemon) -> Before {
     let s = stack.portal.state().await;
     Before {
         key_id: s.key_id,
         secret: stack.portal.current_secret().await,
         regenerations: s.regenerations,
+        aborted: aborted(daemon).await,
     }
 }
 
-/// The rotation ended `aborted`, is audited as such, and the portal's key is the one from before and
-/// still authenticates.
-async fn assert_aborted_and_unchanged(
-    stack: &Stack,
-    record: &serde_json::Value,
-    b: &Before,
-    why: &str,
-) {
-    assert_eq!(record["outcome"], "aborted", "{record:#}");
-    let text = record.to_string();
+async fn aborted(daemon: &Daemon) -> f64 {
+    daemon.metrics().await.get(
+        "keyrotd_rotations_total",
+        &[("key", KEY), ("outcome", "aborted")],
+    )
+}
+
+/// Rotates, and checks that the rotation ended `aborted` for `why`: audited and counted as such, no
+/// regenerate, the portal's key the one from before and still working.
+async fn assert_aborts(stack: &Stack, daemon: &Daemon, case: &str, why: &str) {
+    let b = before(stack, daemon).await;
+    let record = daemon.rotate(&format!("test: {case}")).await;
+    assert_eq!(record["outcome"], "aborted", "{case}: {record:#}");
+    let id = record["rotation_id"].as_str().unwrap();
     assert!(
-        text.contains(why),
-        "the record says why ({why}): {record:#}"
+        record.to_string().contains(why),
+        "{case}: the record says why ({why}): {record:#}"
     );
     let s = stack.portal.state().await;
-    assert_eq!(s.key_id, b.key_id, "the portal's key is unchanged");
-    assert_eq!(s.regenerations, b.regenerations, "nothing was regenerated");
-    let provider = stack.portal.provider();
-    let old = keyrotd::secret::Secret::from(b.secret.clone());
-    assert!(
-        provider.auth_check(&old).await.unwrap().is_some(),
-        "the old key still authenticates"
+    assert_eq!(s.key_id, b.key_id, "{case}: the portal's key is unchanged");
+    assert_eq!(
+        s.regenerations, b.regenerations,
+        "{case}: nothing was regenerated"
     );
-    let audit = stack.audit();
+    let old = keyrotd::secret::Secret::from(b.secret);
     assert!(
-        audit
-            .iter()
+        stack
+            .portal
+            .provider()
+            .auth_check(&old)
+            .await
+            .unwrap()
+            .is_some(),
+        "{case}: the old key still authenticates"
+    );
+    let ours: Vec<_> = stack
+        .audit()
+        .into_iter()
+        .filter(|r| r["rotation_id"] == id)
+        .collect();
+    assert!(
+        ours.iter()
             .any(|r| r["event"] == "aborted" && r["outcome"] == "aborted"),
-        "audit has the abort: {audit:#?}"
+        "{case}: audit has the abort: {ours:#?}"
     );
     assert!(
-        !audit.iter().any(|r| r["event"] == "regenerated"),
-        "audit has no regenerate: {audit:#?}"
+        !ours.iter().any(|r| r["event"] == "regenerated"),
+        "{case}: audit has no regenerate: {ours:#?}"
+    );
+    assert_eq!(
+        aborted(daemon).await,
+        b.aborted + 1.0,
+        "{case}: keyrotd_rotations_total{{outcome=\"aborted\"}} counts it"
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_inactive_key_aborts() {
-    let stack = Stack::start().await;
-    let daemon = stack.daemon(&stack.write_config(&Options::default())).await;
-    stack.portal.faults(json!({ "active": false })).await;
-    let b = before(&stack).await;
-    let record = daemon.rotate("test: inactive").await;
-    assert_aborted_and_unchanged(&stack, &record, &b, "not Active").await;
-}
+async fn each_preflight_failure_aborts_without_touching_the_key() {
+    let mut stack = Stack::start().await;
+    let o = Options::default();
+    let daemon = stack.daemon(&stack.write_config(&o)).await;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_key_of_another_account_aborts() {
-    let stack = Stack::start().await;
-    let daemon = stack.daemon(&stack.write_config(&Options::default())).await;
+    // The portal says the key is not Active: aborted, and keyrotd_key_active follows the portal.
+    assert_eq!(
+        daemon
+            .metrics()
+            .await
+            .get("keyrotd_key_active", &[("key", KEY)]),
+        1.0
+    );
+    stack.portal.faults(json!({ "active": false })).await;
+    assert_aborts(&stack, &daemon, "inactive", "not Active").await;
+    assert_eq!(
+        daemon
+            .metrics()
+            .await
+            .get("keyrotd_key_active", &[("key", KEY)]),
+        0.0,
+        "keyrotd_key_active drops to 0 once the portal says so"
+    );
+    stack.portal.faults(json!({ "active": true })).await;
+
+    // A key of another business account.
     stack.portal.faults(json!({ "account_id": "other" })).await;
-    let b = before(&stack).await;
-    let record = daemon.rotate("test: wrong account").await;
-    assert_aborted_and_unchanged(&stack, &record, &b, "account other").await;
+    assert_aborts(&stack, &daemon, "wrong account", "account other").await;
+    stack.portal.reset().await;
+
+    // The AWS secret is gone: keyrotd never creates secrets, so the rotation must not start.
+    stack
+        .moto
+        .client()
+        .await
+        .delete_secret()
+        .secret_id(AWS_SECRET)
+        .force_delete_without_recovery(true)
+        .send()
+        .await
+        .expect("moto DeleteSecret");
+    assert_aborts(&stack, &daemon, "missing AWS secret", "does not exist").await;
+    stack.moto.create_secret(AWS_SECRET, "{}").await;
+
+    // The file store's directory cannot be written (read-only, even for root).
+    {
+        let _ro = ReadOnlyDir::new(&stack.keys_dir());
+        assert_aborts(
+            &stack,
+            &daemon,
+            "read-only key directory",
+            "is not writable",
+        )
+        .await;
+    }
+
+    // A dependent that does not answer its verify at all.
+    stack.dep_aws.kill();
+    assert_aborts(
+        &stack,
+        &daemon,
+        "dependent down",
+        "dependent edge unreachable",
+    )
+    .await;
+
+    // Nothing was left behind: no destination was written at any point.
+    assert_eq!(
+        stack.destination_fingerprints().await,
+        vec![None, None, None],
+        "no destination holds a key"
+    );
+    let j = stack.journal();
+    assert_eq!(j["phase"], "idle", "{j:#}");
+    assert_eq!(stack.journal_regenerations(), 0, "no budget spent: {j:#}");
+    let m = daemon.metrics().await;
+    for outcome in ["success", "degraded", "failed"] {
+        assert_eq!(
+            m.get(
+                "keyrotd_rotations_total",
+                &[("key", KEY), ("outcome", outcome)]
+            ),
+            0.0,
+            "only aborts were counted"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -92,17 +189,11 @@ path "secret/metadata/apps/billing" { capabilities = ["read"] }"#,
     let daemon = stack
         .daemon_with_env(&config, &[("KEYROTD_TEST_VAULT_TOKEN", token.as_str())])
         .await;
-    let b = before(&stack).await;
-    let record = daemon.rotate("test: read-only token").await;
-    assert_aborted_and_unchanged(&stack, &record, &b, "lacks create/update capability").await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn an_unreachable_dependent_aborts() {
-    let mut stack = Stack::start().await;
-    let daemon = stack.daemon(&stack.write_config(&Options::default())).await;
-    stack.dep_aws.kill();
-    let b = before(&stack).await;
-    let record = daemon.rotate("test: dependent down").await;
-    assert_aborted_and_unchanged(&stack, &record, &b, "dependent edge unreachable").await;
+    assert_aborts(
+        &stack,
+        &daemon,
+        "read-only token",
+        "lacks create/update capability",
+    )
+    .await;
 }

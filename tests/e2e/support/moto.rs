@@ -1,13 +1,12 @@
-//! A real moto server (AWS emulator) for tests: `moto_server -H 127.0.0.1 -p PORT` on a free port,
-//! output in a temp file, killed when the [`Moto`] is dropped. moto keeps everything in memory:
-//! after [`Moto::stop`] + [`Moto::start_again`] (same port) it holds no secrets.
+//! A real moto server (AWS emulator) for tests: `moto_server -H 127.0.0.1 -p 0`, on a port it picks
+//! itself, killed when the [`Moto`] is dropped. Like OpenBao it sits behind a [`Gate`]: [`Moto::down`]
+//! and [`Moto::up`] take it away from keyrotd and the dependents and give it back, secrets kept.
 //!
-//! Credentials: moto accepts any. In-process tests build the store with
-//! [`Moto::store`] / [`Moto::sdk_config`] (static dummy credentials, no environment needed); a test that
-//! runs the keyrotd binary passes [`aws_env`] in the child's environment.
+//! Credentials: moto accepts any. In-process tests build the store with [`Moto::store`] /
+//! [`Moto::sdk_config`] (static dummy credentials, no environment needed); a test that runs the
+//! keyrotd binary passes [`aws_env`] in the child's environment.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, SdkConfig};
@@ -15,8 +14,9 @@ use aws_sdk_secretsmanager::config::{Credentials, Region};
 use keyrotd::config::AwsStoreConfig;
 use keyrotd::store::aws::AwsStore;
 
-use super::bao::http_status;
-use super::{free_port, tools_bin};
+use super::gate::Gate;
+use super::process::{Proc, http_status};
+use super::tools_bin;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const REGION: &str = "us-east-1";
@@ -33,126 +33,48 @@ pub fn aws_env() -> Vec<(&'static str, &'static str)> {
 }
 
 pub struct Moto {
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` of the gate: what keyrotd and the dependents are given.
     pub endpoint: String,
-    port: u16,
-    child: Option<Child>,
-    log: tempfile::NamedTempFile,
+    /// `http://127.0.0.1:PORT` of the server itself, for the test's own calls.
+    direct: String,
+    gate: Gate,
+    _proc: Proc,
 }
 
 impl Moto {
     /// Starts moto. Panics with a clear message when it is missing or does not come up.
     pub fn start() -> Moto {
-        let mut last_port = 0;
-        for _ in 0..3 {
-            let port = free_port();
-            last_port = port;
-            let mut moto = Moto {
-                endpoint: format!("http://127.0.0.1:{port}"),
-                port,
-                child: None,
-                log: tempfile::Builder::new()
-                    .prefix("keyrotd-test-moto-")
-                    .suffix(".log")
-                    .tempfile()
-                    .expect("cannot create a temp file for moto's log"),
-            };
-            if moto.spawn_and_wait().is_ok() {
-                return moto;
-            }
-        }
-        panic!("moto did not come up on 127.0.0.1:{last_port} after 3 attempts (its log is above)");
-    }
-
-    fn binary() -> PathBuf {
         let bin = tools_bin().join("moto_server");
         assert!(
             bin.exists(),
             "moto_server not found at {}: run scripts/install-tools.sh",
             bin.display()
         );
-        bin
-    }
-
-    fn spawn_and_wait(&mut self) -> Result<(), ()> {
-        let out = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.log.path())
-            .and_then(|f| f.try_clone().map(|g| (f, g)))
-            .expect("cannot open moto's log file");
-        let mut child = Command::new(Self::binary())
-            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.0))
-            .stderr(Stdio::from(out.1))
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start moto_server ({e}): run scripts/install-tools.sh")
-            });
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                eprintln!(
-                    "moto exited early ({status}) on port {}; its log:\n{}",
-                    self.port,
-                    self.log_text()
-                );
-                return Err(());
-            }
-            if http_status(self.port, "/moto-api/").is_some() {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "moto did not answer on 127.0.0.1:{} within {:?}; its log:\n{}\n\
-                     (is it installed? run scripts/install-tools.sh)",
-                    self.port,
-                    READY_TIMEOUT,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let mut cmd = Command::new(bin);
+        cmd.args(["-H", "127.0.0.1", "-p", "0"]);
+        let mut proc = Proc::spawn("moto", cmd);
+        let port = proc.wait_port(READY_TIMEOUT, |p| http_status(p, "/moto-api/").is_some());
+        let gate = Gate::new(([127, 0, 0, 1], port).into());
+        Moto {
+            endpoint: gate.url(),
+            direct: format!("http://127.0.0.1:{port}"),
+            gate,
+            _proc: proc,
         }
     }
 
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    /// keyrotd and the dependents can no longer reach moto (it keeps its secrets).
+    pub fn down(&self) {
+        self.gate.close();
     }
 
-    /// Kills moto. All its secrets are lost.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    /// moto is reachable again.
+    pub fn up(&self) {
+        self.gate.open();
     }
 
-    /// Starts a fresh (empty) moto on the same port.
-    pub fn start_again(&mut self) {
-        assert!(
-            self.child.is_none(),
-            "moto is still running: stop() it first"
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.spawn_and_wait().is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto could not start again on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// An SDK config pointing at this moto, with static dummy credentials.
-    pub async fn sdk_config(&self) -> SdkConfig {
+    /// An SDK config pointing at `endpoint`, with static dummy credentials.
+    async fn sdk_config_for(endpoint: &str) -> SdkConfig {
         aws_config::defaults(BehaviorVersion::latest())
             .credentials_provider(Credentials::new(
                 "test",
@@ -162,9 +84,14 @@ impl Moto {
                 "keyrotd-tests",
             ))
             .region(Region::new(REGION))
-            .endpoint_url(&self.endpoint)
+            .endpoint_url(endpoint)
             .load()
             .await
+    }
+
+    /// An SDK config for keyrotd's side of the gate.
+    pub async fn sdk_config(&self) -> SdkConfig {
+        Self::sdk_config_for(&self.endpoint).await
     }
 
     /// The store config a keyrotd config for this moto would hold.
@@ -183,8 +110,9 @@ impl Moto {
     }
 
     /// A raw Secrets Manager client, for setting up and inspecting secrets as an operator would.
+    /// It talks to moto directly, so it works while moto is [`Moto::down`].
     pub async fn client(&self) -> aws_sdk_secretsmanager::Client {
-        aws_sdk_secretsmanager::Client::new(&self.sdk_config().await)
+        aws_sdk_secretsmanager::Client::new(&Self::sdk_config_for(&self.direct).await)
     }
 
     /// Creates a secret holding `initial_value` (keyrotd never creates secrets itself). A freshly
@@ -217,11 +145,5 @@ impl Moto {
                 ),
             }
         }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
