@@ -1,7 +1,7 @@
 //! The `keyrotd` command line against the real stack: `rotate` in-process and handed to a daemon, its
 //! exit codes (0 success, 1 aborted/refused, 2 unknown key, 3 degraded), `--force` and windows,
 //! `--dry-run`, `--watch`, the state-dir lock, the regeneration budget it shares with the daemon,
-//! `status` (human and JSON, never a secret), `plan`, and a scheduled rotation.
+//! `status` (human and JSON, never a secret) and `plan`.
 
 use std::time::Duration;
 
@@ -299,34 +299,6 @@ async fn a_second_trigger_while_rotating_answers_409() {
     let record = daemon.wait_rotation(&id, LONG).await;
     assert_eq!(record["outcome"], "success", "{record:#}");
     assert_eq!(stack.portal.state().await.regenerations, 1);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_scheduled_rotation_runs_by_itself() {
-    let stack = Stack::start().await;
-    let o = Options {
-        schedule: Some("*/5 * * * * *".into()),
-        key_extra: "jitter = \"0s\"\n".into(),
-        ..Options::default()
-    };
-    let config = stack.write_config(&o);
-    let daemon = stack.daemon(&config).await;
-    stack
-        .eventually(LONG, "a scheduled rotation succeeds", || async {
-            stack.audit().iter().any(|r| {
-                r["event"] == "finished" && r["trigger"] == "schedule" && r["outcome"] == "success"
-            })
-        })
-        .await;
-    // Stop the schedule, let any running rotation finish, then check the end state.
-    let (status, _) = daemon.post("/v1/pause", Some(ADMIN_TOKEN), json!({})).await;
-    assert_eq!(status, 200);
-    stack
-        .eventually(LONG, "no rotation running", || async {
-            daemon.key().await["phase"] == "idle"
-        })
-        .await;
-    stack.assert_consistent(&o).await;
 }
 
 /// The lines of `rotate` output for watch probes of `dependent`.

@@ -51,10 +51,6 @@ impl Daemon {
         self.base.trim_start_matches("http://").to_string()
     }
 
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
     pub async fn wait_ready(&self, timeout: Duration) {
         let start = Instant::now();
         while start.elapsed() < timeout {

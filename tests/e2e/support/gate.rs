@@ -59,10 +59,6 @@ impl Gate {
     pub fn open(&self) {
         self.shared.open.store(true, Ordering::SeqCst);
     }
-
-    pub fn is_open(&self) -> bool {
-        self.shared.open.load(Ordering::SeqCst)
-    }
 }
 
 impl Drop for Gate {

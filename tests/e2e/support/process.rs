@@ -66,10 +66,6 @@ impl Proc {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// Everything the child has printed so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -159,10 +155,6 @@ impl Proc {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
     }
 }
 

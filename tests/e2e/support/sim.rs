@@ -315,10 +315,6 @@ impl Dependent {
         Dependent { proc, url }
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// `POST` here to make it reload (`[keys.dependents.reload] url`).
     pub fn reload_url(&self) -> String {
         format!("{}/-/reload", self.url)

@@ -281,9 +281,9 @@ dir = "{keys}"
     }
 
     /// Runs a `keyrotd` command (no daemon to hand over to) whose clock reads `at` when it starts,
-    /// e.g. `"2026-03-02 10:00:00"` (UTC; see [`clock_at`]).
+    /// e.g. `"2026-03-02 10:00:00"` (UTC; see [`fake_clock`]).
     pub fn command_at(&self, at: &str, config: &Path, args: &[&str]) -> (i32, String, String) {
-        let clock = clock_at(at);
+        let clock = fake_clock(&format!("@{at}"));
         let env: Vec<(&str, &str)> = clock.iter().map(|(k, v)| (*k, v.as_str())).collect();
         self.run_command(config, args, &env)
     }
@@ -321,10 +321,14 @@ dir = "{keys}"
         d
     }
 
-    /// Starts `keyrotd run` with a clock that reads `at` when it starts (see [`clock_at`]) and waits
+    /// Starts `keyrotd run` with a clock that reads `at` when it starts (see [`fake_clock`]) and waits
     /// until it is ready.
     pub async fn daemon_at(&self, at: &str, config: &Path) -> Daemon {
-        let clock = clock_at(at);
+        self.daemon_with_clock(&format!("@{at}"), config).await
+    }
+
+    async fn daemon_with_clock(&self, faketime: &str, config: &Path) -> Daemon {
+        let clock = fake_clock(faketime);
         let env: Vec<(&str, &str)> = clock.iter().map(|(k, v)| (*k, v.as_str())).collect();
         self.daemon_with_env(config, &env).await
     }
@@ -583,12 +587,13 @@ fn signed(source: DependentSource) -> DependentOptions {
     o
 }
 
-/// The environment that makes a keyrotd process's wall clock read `at` (UTC, `"YYYY-MM-DD HH:MM:SS"`)
-/// when it starts, then run on at the normal pace: libfaketime (Debian package `faketime`, installed
-/// by scripts/install-tools.sh) preloaded. Only the wall clock moves; the monotonic clock its timers
-/// run on is left alone. Tests of calendar rules (windows, schedules, catch-up, plans) use it, so
-/// that what they expect never depends on the day or hour they run.
-pub fn clock_at(at: &str) -> [(&'static str, String); 4] {
+/// The environment that sets a keyrotd process's wall clock: `@YYYY-MM-DD HH:MM:SS` (UTC) to read that
+/// instant when it starts, `+40d` to run 40 days ahead; either way it then runs on at the normal pace.
+/// libfaketime (Debian package `faketime`, installed by scripts/install-tools.sh) is preloaded; only
+/// the wall clock moves, the monotonic clock its timers run on is left alone. Tests of calendar rules
+/// (windows, schedules, catch-up, max age, plans) use it, so that what they expect never depends on
+/// the day or hour they run.
+pub fn fake_clock(faketime: &str) -> [(&'static str, String); 4] {
     const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
     assert!(
         Path::new(LIB).exists(),
@@ -596,7 +601,7 @@ pub fn clock_at(at: &str) -> [(&'static str, String); 4] {
     );
     [
         ("LD_PRELOAD", LIB.to_string()),
-        ("FAKETIME", format!("@{at}")),
+        ("FAKETIME", faketime.to_string()),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
         ("TZ", "UTC".to_string()),
     ]
