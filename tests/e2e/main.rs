@@ -6,6 +6,7 @@ mod support;
 
 mod admin_api;
 mod cli;
+mod compose;
 mod crash;
 mod drift;
 mod hooks;

@@ -594,17 +594,27 @@ fn signed(source: DependentSource) -> DependentOptions {
 /// (windows, schedules, catch-up, max age, plans) use it, so that what they expect never depends on
 /// the day or hour they run.
 pub fn fake_clock(faketime: &str) -> [(&'static str, String); 4] {
-    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-    assert!(
-        Path::new(LIB).exists(),
-        "{LIB} is missing: install the Debian package faketime (scripts/install-tools.sh does)"
-    );
+    let lib = libfaketime();
     [
-        ("LD_PRELOAD", LIB.to_string()),
+        ("LD_PRELOAD", lib),
         ("FAKETIME", faketime.to_string()),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
         ("TZ", "UTC".to_string()),
     ]
+}
+
+/// Where Debian puts the thread-safe libfaketime (the directory is named after the architecture).
+fn libfaketime() -> String {
+    let dirs = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime"))
+        .chain([PathBuf::from("/usr/lib/faketime")]);
+    dirs.map(|d| d.join("libfaketimeMT.so.1"))
+        .find(|lib| lib.exists())
+        .map(|lib| lib.display().to_string())
+        .expect("libfaketime is missing: install the Debian package faketime (scripts/install-tools.sh does)")
 }
 
 /// The fingerprint keyrotd shows for a secret.
