@@ -6,7 +6,8 @@
 //! reloads and the hook resent; an abort because OpenBao is down; a degraded rotation because OpenBao
 //! went down mid-rotation, then the background fill; a degraded rotation because a reload hook keeps
 //! failing; portal errors answered as HTML pages that quote the management token back (a 5xx on
-//! status and on regenerate, a 429); a dry run; the CLI handing a rotation to the daemon, `status` and
+//! status and on regenerate, a 429, and a status that keeps failing until the rotation aborts); a dry
+//! run; the CLI handing a rotation to the daemon, `status` and
 //! an in-process `rotate` with a command hook; JSON and text logs.
 //!
 //! The outputs: daemon logs, the audit log, the journals, the key files' sidecars, the Vault custom
@@ -141,6 +142,14 @@ async fn provider_and_hook_errors(stack: &Stack, daemon: &Daemon, ids: &mut Vec<
         ) >= 1.0,
         "the 429 was counted\n{m}"
     );
+    // The portal's status keeps failing: the rotation aborts, and the reason (in the record, the
+    // audit log and the logs) speaks of the error page without quoting it.
+    stack
+        .portal
+        .faults(json!({ "status": { "fail_next": 5, "status": 500 } }))
+        .await;
+    let record = rotate_expecting(daemon, "leak test: portal status down", "aborted", ids).await;
+    assert!(record.to_string().contains("HTTP 500"), "{record:#}");
     stack.portal.faults(json!({ "html_errors": false })).await;
 
     stack.dep_aws.faults(json!({ "fail_reload_next": 3 })).await;
