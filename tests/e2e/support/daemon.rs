@@ -14,7 +14,7 @@ use super::stack::{ADMIN_TOKEN, KEY};
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Daemon {
-    proc: Proc,
+    pub(super) proc: Proc,
     /// `http://127.0.0.1:PORT` of its admin API (the port it bound itself).
     pub base: String,
     http: reqwest::Client,
@@ -73,11 +73,6 @@ impl Daemon {
 
     pub fn signal(&self, sig: &str) {
         self.proc.signal(sig);
-    }
-
-    /// SIGKILL: a crash, nothing runs after it.
-    pub fn kill9(&mut self) {
-        self.proc.kill();
     }
 
     /// Sends `sig` and waits for the exit; panics with the log after `timeout`.

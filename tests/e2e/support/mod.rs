@@ -3,6 +3,8 @@
 //! that cannot start fails the test loudly; nothing is skipped.
 
 pub mod bao;
+#[cfg(feature = "failpoints")]
+pub mod crash;
 pub mod daemon;
 pub mod gate;
 pub mod metrics;

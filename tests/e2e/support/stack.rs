@@ -21,9 +21,6 @@ pub const AWS_SECRET: &str = "prod/billing";
 pub const ADMIN_TOKEN: &str = "test-admin-token-7f3a";
 pub const HOOK_KEY: &str = "test-hook-signing-key-91c2";
 
-/// How long a daemon started by recovery may take to settle (re-rotations included).
-pub const CONVERGE: Duration = Duration::from_secs(120);
-
 /// Knobs of the generated config; `Default` is a key without schedule (manual), fast watch, short
 /// deadlines, two dependents with verify and signed HTTP reload hooks.
 #[derive(Clone)]
@@ -392,21 +389,6 @@ dir = "{keys}"
         v["api_key"].as_str().map(fp)
     }
 
-    /// Does every configured destination hold the portal's active key, and does each dependent
-    /// authenticate with it?
-    pub async fn consistent(&self, o: &Options) -> bool {
-        let want = Some(self.portal.state().await.fingerprint);
-        let fps = self.destination_fingerprints().await;
-        let stored = fps
-            .iter()
-            .zip([true, o.with_aws, o.with_file])
-            .filter(|(_, on)| *on)
-            .all(|(f, _)| *f == want);
-        stored
-            && self.dep_vault.verify().await == 200
-            && (!o.with_aws || self.dep_aws.verify().await == 200)
-    }
-
     /// The consistent end state, asserted with a message for each part.
     pub async fn assert_consistent(&self, o: &Options) {
         let state = self.portal.state().await;
@@ -438,26 +420,6 @@ dir = "{keys}"
         }
     }
 
-    /// Waits until the daemon has settled (after recovery): consistent, journal idle, nothing owed.
-    pub async fn wait_converged(&self, d: &Daemon, o: &Options) {
-        let start = std::time::Instant::now();
-        while start.elapsed() < CONVERGE {
-            let j = self.journal();
-            if j["phase"] == "idle" && j["lost"] == false && self.consistent(o).await {
-                self.assert_consistent(o).await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        panic!(
-            "did not converge in {CONVERGE:?}: journal {:#}\ndestinations {:?}\nportal {:?}\nlog:\n{}",
-            self.journal(),
-            self.destination_fingerprints().await,
-            self.portal.state().await,
-            d.log_text()
-        );
-    }
-
     /// The key's journal as JSON (phase, ids, budget); `Null` before the first one is written.
     pub fn journal(&self) -> Value {
         let path = self.state_dir().join("journal").join(format!("{KEY}.json"));
@@ -477,22 +439,6 @@ dir = "{keys}"
         self.journal()["regenerations"]
             .as_array()
             .map_or(0, Vec::len)
-    }
-
-    /// Waits until the journal's phase is `want`.
-    pub async fn wait_journal_phase(&self, d: &Daemon, want: &str) {
-        let start = std::time::Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            if self.journal_phase() == want {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "the journal never said {want:?} (it says {:?}); log:\n{}",
-            self.journal_phase(),
-            d.log_text()
-        );
     }
 
     /// Every audit record.
