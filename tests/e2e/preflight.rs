@@ -174,7 +174,7 @@ async fn each_preflight_failure_aborts_without_touching_the_key() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_read_only_store_token_aborts() {
+async fn refused_credentials_abort() {
     let stack = Stack::start().await;
     stack
         .bao
@@ -186,7 +186,7 @@ path "secret/metadata/apps/billing" { capabilities = ["read"] }"#,
         .await;
     let token = stack.bao.create_token(&["billing-read-only"]).await;
     let config = stack.write_config(&Options::default());
-    let daemon = stack
+    let mut daemon = stack
         .daemon_with_env(&config, &[("KEYROTD_TEST_VAULT_TOKEN", token.as_str())])
         .await;
     assert_aborts(
@@ -196,4 +196,24 @@ path "secret/metadata/apps/billing" { capabilities = ["read"] }"#,
         "lacks create/update capability",
     )
     .await;
+    daemon.terminate(std::time::Duration::from_secs(30));
+
+    // The portal refuses keyrotd's management token: aborted, and counted as an auth error.
+    let daemon = stack
+        .daemon_with_env(
+            &config,
+            &[("KEYROTD_TEST_AOS_TOKEN", "not-the-portals-management-token")],
+        )
+        .await;
+    assert_aborts(&stack, &daemon, "refused management token", "401").await;
+    assert!(
+        daemon.metrics().await.get(
+            "keyrotd_provider_requests_total",
+            &[
+                ("provider", "portal"),
+                ("operation", "status"),
+                ("outcome", "auth_error")
+            ]
+        ) >= 1.0
+    );
 }
