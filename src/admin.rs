@@ -1,4 +1,4 @@
-//! The admin HTTP API on `daemon.listen` (spec/observability.md): metrics, health, readiness, the
+//! The admin HTTP API on `daemon.listen` (docs/admin-api.md): metrics, health, readiness, the
 //! keys' live view, rotation records, and the few POSTs (rotate, pause, resume).
 //!
 //! GET endpoints never change state and never show a secret. POSTs need `Authorization: Bearer
@@ -17,7 +17,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use crate::engine::{Engine, RotationRequest, Trigger, TriggerError};
+use crate::engine::{Engine, RotationRequest, RunResult, Trigger, TriggerError};
 
 /// Builds the router. The admin token is read from the engine's current config on every request, so
 /// a reload that changes it takes effect at once.
@@ -59,16 +59,13 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
 }
 
 async fn readyz(State(engine): State<Arc<Engine>>) -> Response {
-    if engine.is_ready() {
-        Json(json!({ "ready": true })).into_response()
-    } else {
-        (
+    match engine.readiness() {
+        Ok(()) => Json(json!({ "ready": true })).into_response(),
+        Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({ "ready": false, "reason": "recovery scan of the journals still running" }),
-            ),
+            Json(json!({ "ready": false, "reason": reason })),
         )
-            .into_response()
+            .into_response(),
     }
 }
 
@@ -130,6 +127,7 @@ struct RotateBody {
     reason: Option<String>,
     requested_by: Option<String>,
     force: bool,
+    allow_partial: bool,
     dry_run: bool,
 }
 
@@ -155,21 +153,41 @@ async fn rotate(
         body.reason.unwrap_or_else(|| "api".into()),
         body.requested_by.unwrap_or_else(|| "admin-api".into()),
     );
+    if body.allow_partial && !body.force {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "allow_partial is an emergency override and needs force",
+        );
+    }
     req.force = body.force;
+    req.allow_partial = body.allow_partial;
     req.dry_run = body.dry_run;
     if req.dry_run {
         return match engine.rotate(&name, req).await {
-            Ok((id, _)) => match engine.rotation(id) {
-                Some(r) => Json(json!({
+            Ok((
+                id,
+                RunResult::DryRun {
+                    would_rotate,
+                    findings,
+                    problems,
+                },
+            )) => {
+                let events = engine.rotation(id).map(|r| r.events).unwrap_or_default();
+                let preflight: Vec<String> = findings.into_iter().chain(problems.clone()).collect();
+                Json(json!({
                     "rotation_id": id,
                     "dry_run": true,
-                    "would_rotate": !r.events.iter().any(|e| e.detail.starts_with("would abort")),
-                    "preflight": r.preflight,
-                    "events": r.events,
+                    "would_rotate": would_rotate,
+                    "preflight": preflight,
+                    "problems": problems,
+                    "events": events,
                 }))
-                .into_response(),
-                None => error(StatusCode::INTERNAL_SERVER_ERROR, "dry run record lost"),
-            },
+                .into_response()
+            }
+            Ok(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the dry run did not report",
+            ),
             Err(e) => trigger_error(e),
         };
     }
@@ -182,9 +200,11 @@ async fn rotate(
 fn trigger_error(e: TriggerError) -> Response {
     let status = match e {
         TriggerError::UnknownKey(_) => StatusCode::NOT_FOUND,
-        TriggerError::Busy(_) => StatusCode::CONFLICT,
-        TriggerError::Paused | TriggerError::OutsideWindow(_) => StatusCode::LOCKED,
-        TriggerError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        TriggerError::Busy(_) | TriggerError::HeldElsewhere { .. } => StatusCode::CONFLICT,
+        TriggerError::Paused | TriggerError::OutsideWindow(_) | TriggerError::Blocked { .. } => {
+            StatusCode::LOCKED
+        }
+        TriggerError::ShuttingDown | TriggerError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())
 }

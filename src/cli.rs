@@ -88,6 +88,11 @@ pub enum Command {
         /// Rotate even when paused or outside the key's window.
         #[arg(long)]
         force: bool,
+        /// With --force: rotate when the provider passes preflight and at least one destination is
+        /// writable (an exposed key must die even while a store is down). The outcome is degraded and
+        /// the other destinations are filled when they come back.
+        #[arg(long, requires = "force")]
+        allow_partial: bool,
         /// Run preflight only and print what would happen.
         #[arg(long)]
         dry_run: bool,
@@ -149,9 +154,20 @@ pub fn execute(cli: Cli, init_tracing: fn(LogFormat)) -> Exit {
                     key,
                     reason,
                     force,
+                    allow_partial,
                     dry_run,
                     watch,
-                } => rotate(&cli.config, &key, &reason, force, dry_run, watch),
+                } => rotate(
+                    &cli.config,
+                    crate::commands::RotateArgs {
+                        key,
+                        reason,
+                        force,
+                        dry_run,
+                        watch,
+                        allow_partial,
+                    },
+                ),
             }
         }
     };
@@ -236,23 +252,9 @@ pub fn status(config_path: &Path, json: bool, key: Option<&str>) -> anyhow::Resu
 }
 
 /// `keyrotd rotate`: through the daemon when one answers on `listen`, else in this process.
-pub fn rotate(
-    config_path: &Path,
-    key: &str,
-    reason: &str,
-    force: bool,
-    dry_run: bool,
-    watch: bool,
-) -> anyhow::Result<Exit> {
+pub fn rotate(config_path: &Path, args: crate::commands::RotateArgs) -> anyhow::Result<Exit> {
     let config = load_config(config_path)?;
-    known_key(&config, key)?;
-    let args = crate::commands::RotateArgs {
-        key: key.to_string(),
-        reason: reason.to_string(),
-        force,
-        dry_run,
-        watch,
-    };
+    known_key(&config, &args.key)?;
     runtime()?.block_on(crate::commands::rotate(config, args))
 }
 

@@ -16,11 +16,16 @@ use serde_json::json;
 
 use crate::cli::{Exit, UsageError};
 use crate::config::Config;
-use crate::engine::recovery::observe;
-use crate::engine::{DestinationView, Engine, RecordEvent, RotationRequest, Runtime, Trigger};
+use crate::engine::reconcile::observe;
+use crate::engine::recovery::Seen;
+use crate::engine::{
+    DestinationView, Engine, LivePhase, RecordEvent, RotationRequest, RunResult, Runtime, Trigger,
+    Verdict,
+};
 use crate::journal::{Journal, Phase, StateLock};
 use crate::provider::KeyStatus;
 use crate::telemetry::Metrics;
+use crate::telemetry::Outcome;
 
 /// One key in `keyrotd status`. Never a secret.
 #[derive(Debug, Serialize)]
@@ -31,10 +36,14 @@ pub struct KeyReport {
     pub portal_error: Option<String>,
     pub destinations: Vec<DestinationView>,
     pub drift: bool,
-    pub last_outcome: Option<String>,
+    pub last_outcome: Option<Outcome>,
     pub last_finished_at: Option<DateTime<Utc>>,
     pub next_rotation: Option<DateTime<Utc>>,
     pub phase: Phase,
+    /// The journal could not be read: the daemon sets it aside and blocks the key until an operator
+    /// rotates it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_error: Option<String>,
 }
 
 /// Reads every key's provider status and destinations live (read-only: nothing is adopted, repaired
@@ -54,29 +63,35 @@ pub async fn status(config: Config, only: Option<&str>) -> anyhow::Result<Vec<Ke
         let metrics = &metrics;
         let journal = &journal;
         async move {
-            let j = journal
-                .load(&k.name)
-                .unwrap_or_else(|_| crate::journal::KeyJournal::new(&k.name));
+            let (j, journal_error) = match journal.load(&k.name) {
+                Ok(j) => (j, None),
+                Err(e) => (
+                    crate::journal::KeyJournal::new(&k.name),
+                    Some(e.to_string()),
+                ),
+            };
             let obs = observe(metrics, rt, k, &j).await;
             let drift = obs.views.iter().any(|v| !v.in_sync && v.error.is_none());
-            let next = crate::schedule::next_due(
-                k,
-                Utc::now(),
-                j.last_scheduled_run,
-                obs.status.as_ref().and_then(|s| s.last_rotated),
-                0.0,
-            )
-            .map(|d| d.at);
+            let (portal, portal_error) = match obs.status {
+                Seen::Read(s) => (Some(s), None),
+                Seen::Unreadable(e) => (None, Some(e)),
+                Seen::NoEndpoint => (None, None),
+            };
+            let provider_last_rotated = portal.as_ref().and_then(|s| s.last_rotated);
+            let next =
+                crate::engine::scheduler::next_due(k, &j, provider_last_rotated, Utc::now(), 0.0)
+                    .map(|d| d.at);
             KeyReport {
                 name: k.name.clone(),
                 provider: k.provider.clone(),
-                portal: obs.status,
-                portal_error: obs.status_error,
+                portal,
+                portal_error,
                 destinations: obs.views,
                 drift,
                 last_outcome: j.last_outcome,
                 last_finished_at: j.last_finished_at,
                 next_rotation: next,
+                journal_error,
                 phase: j.phase,
             }
         }
@@ -151,12 +166,20 @@ pub fn status_table(reports: &[KeyReport]) -> String {
                 .collect();
             let _ = writeln!(out, "  {}", line.join("  ").trim_end());
         }
+        if let Some(e) = &r.journal_error {
+            let _ = writeln!(
+                out,
+                "  JOURNAL UNREADABLE: {e}\n  keyrotd sets it aside and will not rotate this key by itself; \
+                 compare the portal with the destinations above, then `keyrotd rotate {} --reason ...`",
+                r.name
+            );
+        }
         let _ = writeln!(
             out,
-            "  drift: {}  last outcome: {}  phase: {:?}  next rotation: {}\n",
+            "  drift: {}  last outcome: {}  phase: {}  next rotation: {}\n",
             if r.drift { "YES" } else { "no" },
             opt(&r.last_outcome),
-            r.phase,
+            crate::journal::phase_name(r.phase),
             opt(&r.next_rotation.map(|t| t.to_rfc3339())),
         );
     }
@@ -169,6 +192,8 @@ pub struct RotateArgs {
     pub force: bool,
     pub dry_run: bool,
     pub watch: bool,
+    /// With `force`: rotate when at least one destination is writable.
+    pub allow_partial: bool,
 }
 
 fn requested_by() -> String {
@@ -178,10 +203,10 @@ fn requested_by() -> String {
     format!("{user}@{}", gethostname::gethostname().to_string_lossy())
 }
 
-fn outcome_exit(outcome: Option<&str>) -> Exit {
+fn outcome_exit(outcome: Option<Outcome>) -> Exit {
     match outcome {
-        Some("success") => Exit::Success,
-        Some("degraded") => Exit::Degraded,
+        Some(Outcome::Success) => Exit::Success,
+        Some(Outcome::Degraded) => Exit::Degraded,
         _ => Exit::Failed,
     }
 }
@@ -225,7 +250,7 @@ async fn rotate_remote(
         )
         .into());
     };
-    let body = json!({ "reason": args.reason, "requested_by": requested_by(), "force": args.force, "dry_run": args.dry_run });
+    let body = json!({ "reason": args.reason, "requested_by": requested_by(), "force": args.force, "allow_partial": args.allow_partial, "dry_run": args.dry_run });
     let resp = http
         .post(format!("{base}/v1/keys/{}/rotate", args.key))
         .bearer_auth(token.expose_secret())
@@ -243,10 +268,7 @@ async fn rotate_remote(
                 println!("  {}", f.as_str().unwrap_or_default());
             }
             let would = answer["would_rotate"].as_bool().unwrap_or(false);
-            println!(
-                "dry run: {}",
-                if would { "would rotate" } else { "would abort" }
-            );
+            println!("dry run: {}", Verdict::of(would));
             return Ok(if would { Exit::Success } else { Exit::Failed });
         }
         202 => {}
@@ -267,7 +289,7 @@ async fn rotate_remote(
         .to_string();
     println!("rotation {id}");
     let mut seen = 0;
-    let mut outcome: Option<String> = None;
+    let mut outcome: Option<Outcome> = None;
     loop {
         let r: serde_json::Value = http
             .get(format!("{base}/v1/rotations/{id}"))
@@ -282,7 +304,7 @@ async fn rotate_remote(
         }
         seen = events.len();
         if outcome.is_none() {
-            outcome = r["outcome"].as_str().map(String::from);
+            outcome = serde_json::from_value(r["outcome"].clone()).unwrap_or_default();
         }
         if outcome.is_some() {
             if !args.watch {
@@ -294,40 +316,54 @@ async fn rotate_remote(
                 .await?
                 .json()
                 .await?;
-            if k["phase"] != "watching" {
+            let phase: Option<LivePhase> = serde_json::from_value(k["phase"].clone()).ok();
+            if phase != Some(LivePhase::Watching) {
                 break;
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("outcome: {}", outcome.as_deref().unwrap_or("unknown"));
-    Ok(outcome_exit(outcome.as_deref()))
+    match outcome {
+        Some(o) => println!("outcome: {o}"),
+        None => println!("outcome: unknown"),
+    }
+    Ok(outcome_exit(outcome))
 }
 
 async fn rotate_local(config: Config, args: RotateArgs) -> anyhow::Result<Exit> {
     let _lock = StateLock::acquire(&config.daemon.state_dir)?;
     let engine = Engine::new(Arc::new(config), Arc::new(Metrics::new())).await?;
+    // No daemon runs (the lock says so): this process is the only actor on the state_dir.
+    engine.mark_ready();
     let mut req = RotationRequest::new(Trigger::Manual, args.reason.clone(), requested_by());
     req.force = args.force;
+    req.allow_partial = args.allow_partial;
     req.dry_run = args.dry_run;
+    // Without --watch the watch is the daemon's business: the journal ends idle, so a later start
+    // does not redo this rotation's notify.
+    req.watch = args.watch;
     if args.dry_run {
-        let (id, _) = engine
+        let (_, result) = engine
             .rotate(&args.key, req)
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
-        let record = engine.rotation(id).context("dry run record")?;
-        for f in &record.preflight {
+        let RunResult::DryRun {
+            would_rotate,
+            findings,
+            problems,
+        } = result
+        else {
+            anyhow::bail!("the dry run did not report what it would do");
+        };
+        for f in findings.iter().chain(&problems) {
             println!("  {f}");
         }
-        let would = !record
-            .events
-            .iter()
-            .any(|e| e.detail.starts_with("would abort"));
-        println!(
-            "dry run: {}",
-            if would { "would rotate" } else { "would abort" }
-        );
-        return Ok(if would { Exit::Success } else { Exit::Failed });
+        println!("dry run: {}", Verdict::of(would_rotate));
+        return Ok(if would_rotate {
+            Exit::Success
+        } else {
+            Exit::Failed
+        });
     }
     let id = engine
         .start_rotation(&args.key, req)
@@ -340,29 +376,21 @@ async fn rotate_local(config: Config, args: RotateArgs) -> anyhow::Result<Exit> 
                 print_event(e);
             }
             seen = r.events.len();
+            let watching = engine
+                .key_views()
+                .iter()
+                .any(|k| k.name == args.key && k.phase == LivePhase::Watching);
             if let Some(o) = r.outcome
-                && (!args.watch
-                    || !engine.key_views().iter().any(|k| {
-                        k.name == args.key && k.phase == crate::engine::LivePhase::Watching
-                    }))
+                && (!args.watch || !watching)
             {
                 break o;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    // Without --watch the watch is the daemon's business; leave the journal idle so a later start does
-    // not redo this rotation's notify.
     engine.shutdown.cancel();
     engine.tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(30), engine.tasks.wait()).await;
-    if let Some(key) = engine.config().key(&args.key) {
-        let mut j = crate::engine::rotation::load_journal(&engine, key);
-        if j.phase == Phase::Watch && j.rotation_id == Some(id) {
-            j.phase = Phase::Idle;
-            crate::engine::rotation::save_journal(&engine, &j);
-        }
-    }
     println!("outcome: {outcome}");
     Ok(outcome_exit(Some(outcome)))
 }

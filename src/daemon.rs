@@ -7,7 +7,6 @@
 //! Under systemd (`Type=notify`) it reports READY after recovery, WATCHDOG from the main loop,
 //! RELOADING/READY around reloads and STOPPING on shutdown.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +15,17 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{self, Config};
-use crate::engine::{Engine, Runtime, recovery, scheduler};
+use crate::engine::{Engine, Runtime, reconcile, recovery, replicas, scheduler};
 use crate::journal::StateLock;
 use crate::systemd::SystemdNotifier;
 use crate::telemetry::Metrics;
 
 /// How often owed re-rotations (lost keys) and unresolved ambiguous regenerates are looked at.
 const RECOVERY_TICK: Duration = Duration::from_secs(3);
+
+/// How long shutdown waits for work that holds no issued key (watches and fills end at once,
+/// rotations in preflight stop before regenerate).
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the daemon until shutdown. `config_path` is re-read on SIGHUP.
 pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
@@ -42,13 +45,15 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
+    // Several replicas: take this replica's share of the keys first, so the scan recovers them.
+    replicas::round(&engine).await;
     // Recovery first: nothing is scheduled before every journal is decided.
     let decisions = recovery::recover_all(&engine).await;
     tracing::info!(keys = decisions.len(), "Recovery scan done.");
     sd.ready();
 
-    let mut scheduled: HashSet<String> = HashSet::new();
-    spawn_schedulers(&engine, &mut scheduled);
+    tokio::spawn(scheduler::run(engine.clone()));
+    tokio::spawn(replicas::run(engine.clone()));
     spawn_loops(&engine);
 
     let watchdog = sd.watchdog_interval();
@@ -59,7 +64,6 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 sd.reloading();
                 reload(&engine, &config_path).await;
-                spawn_schedulers(&engine, &mut scheduled);
                 sd.ready();
             }
             _ = term.recv() => break,
@@ -73,49 +77,49 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     );
     engine.shutdown.cancel();
     engine.tasks.close();
-    let bound = engine
-        .config()
-        .keys
-        .iter()
-        .map(|k| k.store_deadline)
-        .max()
-        .unwrap_or_default()
-        + Duration::from_secs(15);
-    tokio::select! {
-        _ = engine.tasks.wait() => tracing::info!("All rotations ended."),
-        _ = tokio::time::sleep(bound) => tracing::warn!("Shutdown bound reached with rotations still running."),
-        _ = term.recv() => tracing::warn!("Second signal: exiting now."),
-        _ = int.recv() => tracing::warn!("Second signal: exiting now."),
+    // Rotations that have not regenerated stop at once; one holding an issued key is waited for until
+    // its store_deadline, counted from the regenerate response (a regenerate still in flight when the
+    // signal came registers its own bound when it answers).
+    loop {
+        let bound = engine.drain_deadline(DRAIN_GRACE);
+        tokio::select! {
+            _ = engine.tasks.wait() => {
+                tracing::info!("All rotations ended.");
+                break;
+            }
+            _ = tokio::time::sleep_until(bound) => {
+                if engine.drain_deadline(DRAIN_GRACE) <= tokio::time::Instant::now() {
+                    tracing::warn!("Shutdown bound reached with rotations still running.");
+                    break;
+                }
+            }
+            _ = term.recv() => {
+                tracing::warn!("Second signal: exiting now.");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::warn!("Second signal: exiting now.");
+                break;
+            }
+        }
     }
     admin.abort();
     Ok(())
-}
-
-fn spawn_schedulers(engine: &Arc<Engine>, scheduled: &mut HashSet<String>) {
-    let names: HashSet<String> = engine.key_names().into_iter().collect();
-    scheduled.retain(|k| names.contains(k));
-    for name in names {
-        if scheduled.insert(name.clone()) {
-            tokio::spawn(scheduler::run_key(engine.clone(), name));
-        }
-    }
 }
 
 fn spawn_loops(engine: &Arc<Engine>) {
     let e = engine.clone();
     tokio::spawn(async move {
         loop {
-            let Some(interval) = e.config().daemon.reconcile_interval else {
-                tokio::select! {
-                    _ = e.shutdown.cancelled() => return,
-                    _ = e.changed.notified() => continue,
-                }
-            };
+            // Disabled ("0s"): look again now and then, in case a reload enables it.
+            let interval = e.config().daemon.reconcile_interval;
             tokio::select! {
                 _ = e.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(interval.unwrap_or(Duration::from_secs(60))) => {}
             }
-            recovery::reconcile_all(&e).await;
+            if interval.is_some() {
+                reconcile::reconcile_all(&e).await;
+            }
         }
     });
     let e = engine.clone();

@@ -5,6 +5,10 @@
 //! exactly which destructive step may have happened. It never holds a secret: key ids, fingerprints and
 //! times only. The regeneration budget lives here too, so it holds across restarts and between the CLI
 //! and the daemon (which cannot run at once on one `state_dir`: [`StateLock`]).
+//!
+//! This module is the only place a journal's phase changes: [`KeyJournal`]'s transition methods
+//! (`attempt`, `issued`, `first_confirmed`, `concluded`, `failed`...) are pure, typed steps, and the
+//! engine's per-key slot (`engine::slot`) is the only caller, one read-modify-write at a time.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -13,6 +17,8 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::telemetry::{Outcome, RerotationReason};
 
 /// Format version of the journal files. A newer keyrotd reads every older version.
 pub const JOURNAL_VERSION: u32 = 1;
@@ -37,17 +43,91 @@ fn io_err(path: &Path, e: std::io::Error) -> JournalError {
     }
 }
 
-/// The phase a key's rotation is in, as recorded before each step (lifecycle.md).
+/// The phase a key's rotation is in, as recorded before each step (docs/lifecycle.md). Preflight is
+/// not journaled: nothing has changed yet, so a crash there needs no recovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// No destructive step in flight.
     #[default]
     Idle,
+    /// A regenerate may have been sent; `old_key_id` tells whether the portal acted.
     Regenerating,
+    /// A new key was issued (`new_key_id`, `new_fingerprint`); no destination has confirmed it yet.
     Storing,
+    /// At least one destination holds the new key; dependents are being told.
     Notify,
-    Verify,
+    /// The outcome is decided; dependents are being watched.
     Watch,
+}
+
+/// What started a rotation (the audit log's `trigger`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Schedule,
+    MaxAge,
+    CatchUp,
+    Manual,
+    Api,
+    Recovery,
+    Reconcile,
+}
+
+impl Trigger {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::MaxAge => "max_age",
+            Trigger::CatchUp => "catch_up",
+            Trigger::Manual => "manual",
+            Trigger::Api => "api",
+            Trigger::Recovery => "recovery",
+            Trigger::Reconcile => "reconcile",
+        }
+    }
+
+    /// Scheduled triggers wait for the window and stop while paused; the others do not.
+    pub fn is_scheduled(&self) -> bool {
+        matches!(self, Trigger::Schedule | Trigger::MaxAge | Trigger::CatchUp)
+    }
+
+    /// An operator asked for it (CLI or admin API).
+    pub fn is_operator(&self) -> bool {
+        matches!(self, Trigger::Manual | Trigger::Api)
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who asked for a rotation and why: the part of a rotation every record of it repeats.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotationMeta {
+    pub rotation_id: Uuid,
+    pub trigger: Trigger,
+    /// The operator's text for manual/API rotations, else the trigger or re-rotation reason.
+    pub reason: String,
+    pub requested_by: String,
+    pub started_at: DateTime<Utc>,
+}
+
+/// How a rotation that distributed nothing usable left the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The portal refused and did not rotate: the old key still works.
+    Refused,
+    /// The old key is gone and no destination holds a working key: a re-rotation is owed.
+    Lost,
+    /// A regenerate's outcome is unknown and the portal could not be asked: the journal stays at
+    /// `regenerating` so recovery resolves it once the portal answers.
+    Unresolved,
+    /// The new key was stored but the portal no longer accepts it (someone rotated meanwhile), and
+    /// keyrotd may not re-rotate by itself: reported as drift.
+    Drift,
 }
 
 /// What a key's journal holds. Every field is public information: ids, fingerprints, times.
@@ -56,10 +136,11 @@ pub enum Phase {
 pub struct KeyJournal {
     pub version: u32,
     pub key: String,
+    /// Written only by this module's transitions.
     pub phase: Phase,
     /// The rotation the phase belongs to.
     pub rotation_id: Option<Uuid>,
-    pub trigger: Option<String>,
+    pub trigger: Option<Trigger>,
     pub reason: Option<String>,
     pub requested_by: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
@@ -75,7 +156,7 @@ pub struct KeyJournal {
     pub active_fingerprint: Option<String>,
     /// The scheduled occurrence (cron time, not wall time) of the last scheduled run: catch-up's anchor.
     pub last_scheduled_run: Option<DateTime<Utc>>,
-    pub last_outcome: Option<String>,
+    pub last_outcome: Option<Outcome>,
     pub last_finished_at: Option<DateTime<Utc>>,
     /// Regenerate calls that may have destroyed a key, in the last 24h (pruned on write).
     pub regenerations: Vec<DateTime<Utc>>,
@@ -112,6 +193,7 @@ impl Default for KeyJournal {
     }
 }
 
+/// The journal's transitions. Each is one typed step of the lifecycle; none does I/O.
 impl KeyJournal {
     pub fn new(key: &str) -> Self {
         KeyJournal {
@@ -126,10 +208,142 @@ impl KeyJournal {
         self.regenerations.iter().filter(|t| **t > day_ago).count()
     }
 
+    /// True when another regenerate would exceed `max_per_day`.
+    pub fn budget_spent(&self, now: DateTime<Utc>, max_per_day: u32) -> bool {
+        self.regenerations_since(now) >= max_per_day as usize
+    }
+
     fn prune(&mut self, now: DateTime<Utc>) {
         let day_ago = now - chrono::Duration::hours(24);
         self.regenerations.retain(|t| *t > day_ago);
     }
+
+    fn belong_to(&mut self, meta: &RotationMeta) {
+        self.rotation_id = Some(meta.rotation_id);
+        self.trigger = Some(meta.trigger);
+        self.reason = Some(meta.reason.clone());
+        self.requested_by = Some(meta.requested_by.clone());
+        self.started_at = Some(meta.started_at);
+    }
+
+    /// A regenerate is about to be sent (`at`): phase `regenerating` with the old key id, and the call
+    /// counted in the budget, both on disk before the request leaves.
+    pub fn attempt(&mut self, meta: &RotationMeta, old_key_id: Option<String>, at: DateTime<Utc>) {
+        self.belong_to(meta);
+        self.phase = Phase::Regenerating;
+        self.old_key_id = old_key_id;
+        self.new_key_id = None;
+        self.new_fingerprint = None;
+        self.regenerations.push(at);
+    }
+
+    /// The regenerate sent at `sent_at` is known not to have destroyed a key (refused, rate limited,
+    /// not sent): it comes off the budget.
+    pub fn not_sent(&mut self, sent_at: DateTime<Utc>) {
+        self.regenerations.retain(|t| *t != sent_at);
+    }
+
+    /// One more re-rotation in a row.
+    pub fn rerotating(&mut self) {
+        self.rerotations_in_row += 1;
+    }
+
+    /// The portal issued `key_id` (fingerprint `fingerprint`) at `at`: phase `storing`.
+    pub fn issued(&mut self, key_id: &str, fingerprint: &str, at: DateTime<Utc>) {
+        self.phase = Phase::Storing;
+        self.new_key_id = Some(key_id.to_string());
+        self.new_fingerprint = Some(fingerprint.to_string());
+        self.issued_at = Some(at);
+    }
+
+    /// The first destination confirmed the new key: phase `notify` (a crash now copies, not re-rotates).
+    pub fn first_confirmed(&mut self) {
+        if self.phase == Phase::Storing {
+            self.phase = Phase::Notify;
+        }
+    }
+
+    /// Recovery or reconcile resumes at `notify` with a key a destination already holds.
+    pub fn resumed(&mut self, meta: &RotationMeta, key_id: &str, fingerprint: &str) {
+        self.belong_to(meta);
+        self.phase = Phase::Notify;
+        self.new_key_id = Some(key_id.to_string());
+        self.new_fingerprint = Some(fingerprint.to_string());
+    }
+
+    fn finished(&mut self, outcome: Outcome, trigger: Option<Trigger>, at: DateTime<Utc>) {
+        self.last_outcome = Some(outcome);
+        self.last_finished_at = Some(at);
+        if trigger.is_some_and(|t| t.is_scheduled()) {
+            self.last_scheduled_run = Some(at);
+        }
+    }
+
+    /// A rotation that distributed `key_id` ended with `outcome` (success or degraded): it is the
+    /// active key now; phase `watch` while dependents are watched, else `idle`.
+    pub fn concluded(
+        &mut self,
+        outcome: Outcome,
+        key_id: &str,
+        fingerprint: &str,
+        watch: bool,
+        at: DateTime<Utc>,
+    ) {
+        self.phase = if watch { Phase::Watch } else { Phase::Idle };
+        self.active_key_id = Some(key_id.to_string());
+        self.active_fingerprint = Some(fingerprint.to_string());
+        self.rerotations_in_row = 0;
+        self.lost = false;
+        self.finished(outcome, self.trigger, at);
+    }
+
+    /// Preflight stopped the rotation of `meta` before anything was destroyed.
+    pub fn aborted(&mut self, meta: &RotationMeta, at: DateTime<Utc>) {
+        self.finished(Outcome::Aborted, Some(meta.trigger), at);
+    }
+
+    /// The rotation of `meta` ended `failed`, leaving the key as `how` says.
+    pub fn failed(&mut self, meta: &RotationMeta, how: Failure, at: DateTime<Utc>) {
+        match how {
+            Failure::Refused | Failure::Drift => self.phase = Phase::Idle,
+            Failure::Lost => {
+                self.phase = Phase::Idle;
+                self.lost = true;
+            }
+            Failure::Unresolved => {}
+        }
+        self.finished(Outcome::Failed, Some(meta.trigger), at);
+    }
+
+    /// The watch of `rotation_id` ended; a newer rotation's phase is left alone.
+    pub fn watch_over(&mut self, rotation_id: Uuid) {
+        if self.phase == Phase::Watch && self.rotation_id == Some(rotation_id) {
+            self.phase = Phase::Idle;
+        }
+    }
+
+    /// Recovery found that an interrupted regenerate changed nothing.
+    pub fn cleared(&mut self) {
+        if self.phase == Phase::Regenerating {
+            self.phase = Phase::Idle;
+        }
+    }
+
+    /// A value found in a destination authenticates as the active key: remember it.
+    pub fn adopted(&mut self, key_id: Option<String>, fingerprint: &str) {
+        self.active_key_id = key_id;
+        self.active_fingerprint = Some(fingerprint.to_string());
+    }
+
+    /// Why recovery owes this key a re-rotation, if it does: the key was lost.
+    pub fn owes_rerotation(&self) -> Option<RerotationReason> {
+        (self.phase == Phase::Idle && self.lost).then_some(RerotationReason::LostBeforeStorage)
+    }
+}
+
+/// Parses a journal file's bytes. Pure: the fuzz target and [`Journal::load`] share it.
+pub fn parse(bytes: &[u8]) -> Result<KeyJournal, String> {
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
 /// The journal directory of one `state_dir`.
@@ -146,6 +360,10 @@ impl Journal {
         Ok(Journal { dir })
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn path(&self, key: &str) -> PathBuf {
         self.dir.join(format!("{key}.json"))
     }
@@ -154,29 +372,53 @@ impl Journal {
     pub fn load(&self, key: &str) -> Result<KeyJournal, JournalError> {
         let path = self.path(key);
         match std::fs::read(&path) {
-            Ok(bytes) => {
-                let j: KeyJournal =
-                    serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
-                        path: path.display().to_string(),
-                        reason: e.to_string(),
-                    })?;
-                Ok(j)
-            }
+            Ok(bytes) => parse(&bytes).map_err(|reason| JournalError::Corrupt {
+                path: path.display().to_string(),
+                reason,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyJournal::new(key)),
             Err(e) => Err(io_err(&path, e)),
         }
     }
 
+    /// Moves an unreadable journal aside (never overwritten: an operator may need it) and returns
+    /// where it went.
+    pub fn set_aside(&self, key: &str, now: DateTime<Utc>) -> Result<PathBuf, JournalError> {
+        let path = self.path(key);
+        let aside = self.dir.join(format!(
+            "{key}.json.corrupt-{}",
+            now.format("%Y%m%dT%H%M%S%.3fZ")
+        ));
+        std::fs::rename(&path, &aside).map_err(|e| io_err(&path, e))?;
+        Ok(aside)
+    }
+
     /// Writes the key's journal durably: temp file, fsync, rename, fsync the directory.
-    pub fn store(&self, journal: &KeyJournal) -> Result<(), JournalError> {
+    pub fn store(&self, journal: &KeyJournal, now: DateTime<Utc>) -> Result<(), JournalError> {
         let mut j = journal.clone();
         j.version = JOURNAL_VERSION;
-        j.prune(Utc::now());
+        j.prune(now);
         let bytes = serde_json::to_vec_pretty(&j).map_err(|e| JournalError::Corrupt {
             path: self.path(&j.key).display().to_string(),
             reason: e.to_string(),
         })?;
         write_atomic(&self.path(&j.key), &bytes, 0o600)
+    }
+
+    /// Proves a journal can be written now (preflight): creates, fsyncs and removes a probe file.
+    pub fn probe_writable(&self) -> Result<(), JournalError> {
+        let probe = self
+            .dir
+            .join(format!(".probe.{}.tmp", Uuid::new_v4().simple()));
+        let result = (|| {
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)?;
+            f.sync_all()?;
+            std::fs::remove_file(&probe)
+        })();
+        result.map_err(|e| io_err(&self.dir, e))
     }
 }
 
@@ -238,21 +480,208 @@ impl StateLock {
     }
 }
 
-/// One line of `audit.jsonl` (observability.md). No secret: `fingerprint` is the 12-hex-digit prefix.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+/// The audit log's `event` (docs/metrics.md, "Audit log").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditEvent {
+    Started,
+    Aborted,
+    Regenerated,
+    Stored,
+    Verified,
+    Notified,
+    Finished,
+    Rerotation,
+    Drift,
+    Recovered,
+}
+
+/// One line of `audit.jsonl`. No secret: `fingerprint` is the 12-hex-digit prefix. Built only by the
+/// named constructors below, so every record of one kind carries the same fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditRecord {
     pub ts: DateTime<Utc>,
     pub key: String,
     pub rotation_id: Option<Uuid>,
-    pub event: String,
-    pub trigger: Option<String>,
+    pub event: AuditEvent,
+    pub trigger: Option<Trigger>,
     pub reason: Option<String>,
     pub requested_by: Option<String>,
-    pub outcome: Option<String>,
+    pub outcome: Option<Outcome>,
     pub old_key_id: Option<String>,
     pub new_key_id: Option<String>,
     pub fingerprint: Option<String>,
     pub detail: Option<String>,
+}
+
+/// The key ids and fingerprint a record names.
+#[derive(Debug, Clone, Default)]
+pub struct Keys<'a> {
+    pub old_key_id: Option<&'a str>,
+    pub new_key_id: Option<&'a str>,
+    pub fingerprint: Option<&'a str>,
+}
+
+impl AuditRecord {
+    fn of(key: &str, meta: Option<&RotationMeta>, event: AuditEvent, at: DateTime<Utc>) -> Self {
+        AuditRecord {
+            ts: at,
+            key: key.to_string(),
+            rotation_id: meta.map(|m| m.rotation_id),
+            event,
+            trigger: meta.map(|m| m.trigger),
+            reason: meta.map(|m| m.reason.clone()),
+            requested_by: meta.map(|m| m.requested_by.clone()),
+            outcome: None,
+            old_key_id: None,
+            new_key_id: None,
+            fingerprint: None,
+            detail: None,
+        }
+    }
+
+    fn keys(mut self, keys: Keys<'_>) -> Self {
+        self.old_key_id = keys.old_key_id.map(Into::into);
+        self.new_key_id = keys.new_key_id.map(Into::into);
+        self.fingerprint = keys.fingerprint.map(Into::into);
+        self
+    }
+
+    fn detail(mut self, detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        self.detail = (!detail.is_empty()).then_some(detail);
+        self
+    }
+
+    pub fn started(key: &str, meta: &RotationMeta) -> Self {
+        Self::of(key, Some(meta), AuditEvent::Started, meta.started_at)
+    }
+
+    pub fn aborted(
+        key: &str,
+        meta: &RotationMeta,
+        old_key_id: Option<&str>,
+        why: &str,
+        at: DateTime<Utc>,
+    ) -> Self {
+        let mut r = Self::of(key, Some(meta), AuditEvent::Aborted, at)
+            .keys(Keys {
+                old_key_id,
+                ..Keys::default()
+            })
+            .detail(why);
+        r.outcome = Some(Outcome::Aborted);
+        r
+    }
+
+    pub fn rerotation(
+        key: &str,
+        meta: &RotationMeta,
+        old_key_id: Option<&str>,
+        reason: RerotationReason,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self::of(key, Some(meta), AuditEvent::Rerotation, at)
+            .keys(Keys {
+                old_key_id,
+                ..Keys::default()
+            })
+            .detail(reason.as_str())
+    }
+
+    pub fn regenerated(key: &str, meta: &RotationMeta, keys: Keys<'_>, at: DateTime<Utc>) -> Self {
+        Self::of(key, Some(meta), AuditEvent::Regenerated, at).keys(keys)
+    }
+
+    /// `stored` (one per confirmed destination, `what` names it), `notified` (one per dependent that
+    /// answered) or `verified`.
+    pub fn step(
+        key: &str,
+        meta: &RotationMeta,
+        event: AuditEvent,
+        keys: Keys<'_>,
+        what: &str,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self::of(key, Some(meta), event, at).keys(keys).detail(what)
+    }
+
+    pub fn finished(
+        key: &str,
+        meta: &RotationMeta,
+        outcome: Outcome,
+        keys: Keys<'_>,
+        summary: &str,
+        at: DateTime<Utc>,
+    ) -> Self {
+        let mut r = Self::of(key, Some(meta), AuditEvent::Finished, at)
+            .keys(keys)
+            .detail(summary);
+        r.outcome = Some(outcome);
+        r
+    }
+
+    /// A rotation resumed from storage (copy and notify) ended with `outcome`.
+    pub fn recovered(
+        key: &str,
+        meta: &RotationMeta,
+        outcome: Outcome,
+        keys: Keys<'_>,
+        summary: &str,
+        at: DateTime<Utc>,
+    ) -> Self {
+        let mut r = Self::of(key, Some(meta), AuditEvent::Recovered, at)
+            .keys(keys)
+            .detail(summary);
+        r.outcome = Some(outcome);
+        r
+    }
+
+    /// Recovery found that a journaled rotation's new key died with the process.
+    pub fn crash_found(journal: &KeyJournal, reason: RerotationReason, at: DateTime<Utc>) -> Self {
+        let mut r = Self::of(&journal.key, None, AuditEvent::Recovered, at)
+            .keys(Keys {
+                old_key_id: journal.old_key_id.as_deref(),
+                new_key_id: journal.new_key_id.as_deref(),
+                fingerprint: None,
+            })
+            .detail(format!(
+                "journal phase {}: the new key died with the process",
+                phase_name(journal.phase)
+            ));
+        r.rotation_id = journal.rotation_id;
+        r.trigger = Some(Trigger::Recovery);
+        r.reason = Some(reason.as_str().into());
+        r
+    }
+
+    /// Drift seen by reconcile or the watch (`rotation_id` when a watch saw it).
+    pub fn drift(
+        key: &str,
+        rotation_id: Option<Uuid>,
+        active: Keys<'_>,
+        detail: &str,
+        at: DateTime<Utc>,
+    ) -> Self {
+        let mut r = Self::of(key, None, AuditEvent::Drift, at)
+            .keys(active)
+            .detail(detail);
+        r.rotation_id = rotation_id;
+        r.trigger = Some(Trigger::Reconcile);
+        r.reason = Some(RerotationReason::Drift.as_str().into());
+        r
+    }
+}
+
+/// The journal's name of a phase (as written in the file).
+pub fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Idle => "idle",
+        Phase::Regenerating => "regenerating",
+        Phase::Storing => "storing",
+        Phase::Notify => "notify",
+        Phase::Watch => "watch",
+    }
 }
 
 /// The append-only audit log, fsynced per record.
@@ -279,6 +708,10 @@ impl AuditLog {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Appends one record and fsyncs it.
     pub fn append(&self, record: &AuditRecord) -> Result<(), JournalError> {
         let mut line = serde_json::to_vec(record).map_err(|e| JournalError::Corrupt {
@@ -298,6 +731,16 @@ impl AuditLog {
 mod tests {
     use super::*;
 
+    fn meta(trigger: Trigger) -> RotationMeta {
+        RotationMeta {
+            rotation_id: Uuid::new_v4(),
+            trigger,
+            reason: trigger.as_str().into(),
+            requested_by: "test".into(),
+            started_at: Utc::now(),
+        }
+    }
+
     #[test]
     fn journal_round_trips_and_defaults_for_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
@@ -307,12 +750,13 @@ mod tests {
         assert_eq!(fresh.key, "billing");
 
         let mut rec = fresh.clone();
-        rec.phase = Phase::Storing;
-        rec.new_key_id = Some("ak_2".into());
-        rec.regenerations.push(Utc::now());
-        j.store(&rec).unwrap();
+        let now = Utc::now();
+        rec.attempt(&meta(Trigger::Manual), Some("ak_1".into()), now);
+        rec.issued("ak_2", "0123456789ab", now);
+        j.store(&rec, now).unwrap();
         let back = j.load("billing").unwrap();
         assert_eq!(back, rec);
+        assert_eq!(back.phase, Phase::Storing);
     }
 
     #[test]
@@ -327,17 +771,55 @@ mod tests {
             now,
         ];
         assert_eq!(rec.regenerations_since(now), 2);
-        j.store(&rec).unwrap();
+        assert!(rec.budget_spent(now, 2));
+        assert!(!rec.budget_spent(now, 3));
+        j.store(&rec, now).unwrap();
         assert_eq!(j.load("k").unwrap().regenerations.len(), 2);
     }
 
     #[test]
-    fn a_corrupt_journal_is_an_error_naming_the_file() {
+    fn a_corrupt_journal_is_an_error_naming_the_file_and_can_be_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         std::fs::write(dir.path().join("journal/k.json"), b"{not json").unwrap();
         let e = j.load("k").unwrap_err().to_string();
         assert!(e.contains("k.json"), "{e}");
+        let aside = j.set_aside("k", Utc::now()).unwrap();
+        assert!(aside.exists());
+        assert_eq!(std::fs::read(&aside).unwrap(), b"{not json");
+        assert_eq!(j.load("k").unwrap().phase, Phase::Idle);
+    }
+
+    #[test]
+    fn an_unknown_trigger_or_outcome_makes_a_journal_corrupt_not_silently_empty() {
+        for text in [
+            r#"{"key":"k","phase":"idle","trigger":"cron"}"#,
+            r#"{"key":"k","phase":"idle","last_outcome":"great"}"#,
+            r#"{"key":"k","phase":"verify"}"#,
+        ] {
+            assert!(parse(text.as_bytes()).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn journals_written_by_the_first_release_still_load() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/journal");
+        let watch =
+            parse(&std::fs::read(fixtures.join("v1-watch-degraded.json")).unwrap()).unwrap();
+        assert_eq!(watch.phase, Phase::Watch);
+        assert_eq!(watch.trigger, Some(Trigger::Schedule));
+        assert_eq!(watch.last_outcome, Some(Outcome::Degraded));
+        assert_eq!(watch.active_fingerprint.as_deref(), Some("0123456789ab"));
+        assert_eq!(watch.regenerations.len(), 1);
+
+        let lost =
+            parse(&std::fs::read(fixtures.join("v1-regenerating-lost.json")).unwrap()).unwrap();
+        assert_eq!(lost.phase, Phase::Regenerating);
+        assert_eq!(lost.trigger, Some(Trigger::Recovery));
+        assert_eq!(lost.last_outcome, Some(Outcome::Failed));
+        assert_eq!(lost.rerotations_in_row, 2);
+        assert!(lost.lost);
+        assert_eq!(lost.old_key_id.as_deref(), Some("ak_1"));
     }
 
     #[test]
@@ -350,6 +832,59 @@ mod tests {
         )
         .unwrap();
         assert_eq!(j.load("k").unwrap().phase, Phase::Notify);
+    }
+
+    #[test]
+    fn transitions_walk_the_lifecycle() {
+        let now = Utc::now();
+        let m = meta(Trigger::Schedule);
+        let mut j = KeyJournal::new("k");
+        j.attempt(&m, Some("ak_1".into()), now);
+        assert_eq!((j.phase, j.regenerations.len()), (Phase::Regenerating, 1));
+        j.not_sent(now);
+        assert!(
+            j.regenerations.is_empty(),
+            "a refused call is off the budget"
+        );
+        j.attempt(&m, Some("ak_1".into()), now);
+        j.issued("ak_2", "fp2", now);
+        assert_eq!(j.phase, Phase::Storing);
+        j.first_confirmed();
+        assert_eq!(j.phase, Phase::Notify);
+        j.concluded(Outcome::Success, "ak_2", "fp2", true, now);
+        assert_eq!(j.phase, Phase::Watch);
+        assert_eq!(j.active_key_id.as_deref(), Some("ak_2"));
+        assert_eq!(j.last_scheduled_run, Some(now));
+        j.watch_over(Uuid::new_v4());
+        assert_eq!(
+            j.phase,
+            Phase::Watch,
+            "another rotation's watch end changes nothing"
+        );
+        j.watch_over(m.rotation_id);
+        assert_eq!(j.phase, Phase::Idle);
+    }
+
+    #[test]
+    fn failures_leave_the_key_as_they_say() {
+        let now = Utc::now();
+        let m = meta(Trigger::Manual);
+        for (how, phase, lost) in [
+            (Failure::Refused, Phase::Idle, false),
+            (Failure::Lost, Phase::Idle, true),
+            (Failure::Unresolved, Phase::Regenerating, false),
+            (Failure::Drift, Phase::Idle, false),
+        ] {
+            let mut j = KeyJournal::new("k");
+            j.attempt(&m, None, now);
+            j.failed(&m, how, now);
+            assert_eq!((j.phase, j.lost), (phase, lost), "{how:?}");
+            assert_eq!(j.last_outcome, Some(Outcome::Failed));
+            assert_eq!(
+                j.last_scheduled_run, None,
+                "a manual rotation is no scheduled run"
+            );
+        }
     }
 
     #[test]
@@ -366,20 +901,26 @@ mod tests {
     fn audit_records_append_one_json_line_each() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path()).unwrap();
-        for event in ["started", "finished"] {
-            log.append(&AuditRecord {
-                ts: Utc::now(),
-                key: "k".into(),
-                event: event.into(),
-                ..Default::default()
-            })
-            .unwrap();
-        }
+        let m = meta(Trigger::Api);
+        log.append(&AuditRecord::started("k", &m)).unwrap();
+        log.append(&AuditRecord::finished(
+            "k",
+            &m,
+            Outcome::Success,
+            Keys::default(),
+            "",
+            Utc::now(),
+        ))
+        .unwrap();
         let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-        let events: Vec<String> = text
+        let lines: Vec<serde_json::Value> = text
             .lines()
-            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().event)
+            .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(events, ["started", "finished"]);
+        assert_eq!(lines[0]["event"], "started");
+        assert_eq!(lines[0]["trigger"], "api");
+        assert_eq!(lines[1]["event"], "finished");
+        assert_eq!(lines[1]["outcome"], Outcome::Success.as_str());
+        assert!(lines[1]["detail"].is_null());
     }
 }

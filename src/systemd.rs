@@ -1,13 +1,14 @@
 //! The systemd notify protocol, as `keyrotd run` speaks it under `Type=notify` (systemd/keyrotd.service):
 //! `READY=1` once recovery has decided every key, `WATCHDOG=1` every half `WATCHDOG_USEC`,
-//! `RELOADING=1` + `MONOTONIC_USEC=` ... `READY=1` around a SIGHUP reload, `STOPPING=1` when shutdown
-//! begins, and free-form `STATUS=` lines for `systemctl status`.
+//! `RELOADING=1` + `MONOTONIC_USEC=` ... `READY=1` around a SIGHUP reload, and `STOPPING=1` when
+//! shutdown begins.
 //!
 //! This module owns reading `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID`, and sending the
-//! datagrams. It decides nothing about *when* to send: the daemon calls it. Outside systemd (no
-//! `NOTIFY_SOCKET`) every call is a no-op. A failed notification is logged as a warning and never
-//! stops the daemon: losing a `STATUS=` line must not cost a rotation (a lost `READY=1` or watchdog
-//! ping shows up in systemd's own logs, which is the right place to notice it).
+//! datagrams. It decides nothing about *when* to send: the daemon calls it (the watchdog pings come
+//! from the daemon's main loop, so a wedged loop stops them). Outside systemd (no `NOTIFY_SOCKET`)
+//! every call is a no-op. A failed notification is logged as a warning and never stops the daemon:
+//! a lost `READY=1` or watchdog ping shows up in systemd's own logs, which is the right place to
+//! notice it, and must not cost a rotation.
 //!
 //! Messages are formatted by the `sd-notify` crate ([`NotifyState`]); the socket is ours, so that a
 //! notifier can be pointed at any socket (tests do) without touching the process environment, and so
@@ -21,8 +22,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 /// Where notifications go: a socket path, or a Linux abstract socket name (`@name` in `NOTIFY_SOCKET`).
@@ -33,7 +32,7 @@ enum Target {
 }
 
 /// Sends systemd notifications for this process; a no-op when not started by systemd with
-/// `Type=notify`. Cheap to clone (the daemon hands one to its watchdog task).
+/// `Type=notify`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SystemdNotifier {
     /// `None`: not under a notify-aware service manager; every call does nothing.
@@ -129,20 +128,6 @@ impl SystemdNotifier {
         self.send(&[NotifyState::Stopping]);
     }
 
-    /// `STATUS=<text>`: one line shown by `systemctl status`. Line breaks are replaced by spaces (the
-    /// protocol is line-based). Never pass a secret: it ends up in systemd's state.
-    pub fn status(&self, text: &str) {
-        let line = text.replace(['\n', '\r'], " ");
-        self.send(&[NotifyState::Status(&line)]);
-    }
-
-    /// `EXTEND_TIMEOUT_USEC=`: asks systemd for `by` more time in the current start or stop phase (e.g.
-    /// while recovery waits for a slow destination longer than `TimeoutStartSec=` would allow).
-    pub fn extend_timeout(&self, by: Duration) {
-        let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
-        self.send(&[NotifyState::ExtendTimeoutUsec(usec)]);
-    }
-
     /// How often to send [`watchdog`](Self::watchdog): half the watchdog timeout, as systemd recommends.
     /// `None` when systemd runs no watchdog for this process (or there is nowhere to send pings).
     pub fn watchdog_interval(&self) -> Option<Duration> {
@@ -155,24 +140,6 @@ impl SystemdNotifier {
         self.send(&[NotifyState::Watchdog]);
     }
 
-    /// Spawns a task that sends `WATCHDOG=1` every [`watchdog_interval`](Self::watchdog_interval) until
-    /// `shutdown` is cancelled. `None` when there is no watchdog. Because the pings come from a task on
-    /// the daemon's runtime, a wedged runtime stops them and systemd restarts the daemon.
-    pub fn spawn_watchdog(&self, shutdown: CancellationToken) -> Option<JoinHandle<()>> {
-        let interval = self.watchdog_interval()?;
-        let notifier = self.clone();
-        Some(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = ticks.tick() => notifier.watchdog(),
-                }
-            }
-        }))
-    }
-
     /// Sends one datagram with `states`, one per line. Errors are logged, never returned.
     fn send(&self, states: &[NotifyState<'_>]) {
         let Some(target) = &self.target else {
@@ -180,7 +147,7 @@ impl SystemdNotifier {
         };
         let message: String = states.iter().map(|state| format!("{state}\n")).collect();
         if let Err(error) = send_datagram(target, message.as_bytes()) {
-            // The first line names the notification without any STATUS= text.
+            // The first line's name (`READY`, `WATCHDOG`...) says which notification was lost.
             let kind = message.lines().next().unwrap_or_default();
             let kind = kind.split('=').next().unwrap_or_default();
             warn!(%error, notification = kind, "Sending a systemd notification failed.");
@@ -318,14 +285,10 @@ mod tests {
         let notifier = systemd.notifier();
         assert!(notifier.is_enabled());
 
-        notifier.status("recovering 3 keys");
-        assert_eq!(systemd.recv(), "STATUS=recovering 3 keys\n");
         notifier.ready();
         assert_eq!(systemd.recv(), "READY=1\n");
         notifier.watchdog();
         assert_eq!(systemd.recv(), "WATCHDOG=1\n");
-        notifier.extend_timeout(Duration::from_secs(30));
-        assert_eq!(systemd.recv(), "EXTEND_TIMEOUT_USEC=30000000\n");
         notifier.stopping();
         assert_eq!(systemd.recv(), "STOPPING=1\n");
         systemd.assert_nothing_pending();
@@ -350,18 +313,6 @@ mod tests {
         assert!(
             (before..=after).contains(&usec),
             "{usec} not between {before} and {after}"
-        );
-    }
-
-    #[test]
-    fn a_multi_line_status_is_sent_as_one_line() {
-        let systemd = FakeSystemd::new();
-        systemd
-            .notifier()
-            .status("reload refused:\nkeys[0].schedule: bad cron");
-        assert_eq!(
-            systemd.recv(),
-            "STATUS=reload refused: keys[0].schedule: bad cron\n"
         );
     }
 
@@ -437,7 +388,7 @@ mod tests {
         // Each of these fails to send; none may panic or hand an error to the daemon.
         let logs = CapturedLogs::during(|| {
             notifier.ready();
-            notifier.status("secret-free status text");
+            notifier.watchdog();
             notifier.stopping();
         });
         let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
@@ -446,17 +397,13 @@ mod tests {
             3,
             "one warning per failed notification: {logs}"
         );
-        for (line, kind) in warnings.iter().zip(["READY", "STATUS", "STOPPING"]) {
+        for (line, kind) in warnings.iter().zip(["READY", "WATCHDOG", "STOPPING"]) {
             assert!(
                 line.contains("Sending a systemd notification failed."),
                 "{line}"
             );
             assert!(line.contains(&format!("notification=\"{kind}\"")), "{line}");
         }
-        assert!(
-            !logs.contains("secret-free status text"),
-            "STATUS text is not logged: {logs}"
-        );
     }
 
     #[test]
@@ -508,43 +455,5 @@ mod tests {
                 "WATCHDOG_USEC={usec:?} WATCHDOG_PID={pid:?}"
             );
         }
-    }
-
-    #[tokio::test]
-    async fn the_watchdog_task_pings_until_shutdown() {
-        let systemd = FakeSystemd::new();
-        let notifier = systemd.notifier().with_watchdog(Duration::from_millis(100));
-        assert_eq!(
-            notifier.watchdog_interval(),
-            Some(Duration::from_millis(50))
-        );
-        assert!(
-            SystemdNotifier::disabled()
-                .spawn_watchdog(CancellationToken::new())
-                .is_none()
-        );
-
-        let shutdown = CancellationToken::new();
-        let task = notifier
-            .spawn_watchdog(shutdown.clone())
-            .expect("a watchdog is configured");
-        let pings = tokio::task::spawn_blocking(move || {
-            let pings = [systemd.recv(), systemd.recv(), systemd.recv()];
-            (systemd, pings)
-        });
-        let (systemd, pings) = pings.await.expect("receiver thread");
-        assert_eq!(pings, ["WATCHDOG=1\n", "WATCHDOG=1\n", "WATCHDOG=1\n"]);
-
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the watchdog task ends after shutdown")
-            .expect("the watchdog task does not panic");
-        // Drain anything sent before the task ended, then expect silence.
-        systemd.socket.set_nonblocking(true).expect("nonblocking");
-        let mut buf = [0u8; 64];
-        while systemd.socket.recv(&mut buf).is_ok() {}
-        std::thread::sleep(Duration::from_millis(150));
-        systemd.assert_nothing_pending();
     }
 }

@@ -1,4 +1,4 @@
-//! Every metric keyrotd exports, defined once (spec/observability.md), and the typed calls that record
+//! Every metric keyrotd exports, defined once (docs/metrics.md), and the typed calls that record
 //! them.
 //!
 //! This module owns the metric names, types, HELP texts, label names and label value sets. The engine,
@@ -22,7 +22,7 @@
 //! last-success and last-attempt timestamps) appear on their first recording: exporting `0` for them
 //! would claim "inactive" or "never rotated" when keyrotd simply has not asked yet.
 //!
-//! Two gauges go beyond the spec's table, because the alert rules need them (docs/metrics.md):
+//! Two gauges exist for the alert rules alone (docs/metrics.md#two-gauges-for-the-alert-rules):
 //! `keyrotd_key_max_age_seconds{key}` and `keyrotd_key_schedule_period_seconds{key}`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -58,13 +58,16 @@ pub const ROTATION_DURATION_BUCKETS: &[f64] = &[
 macro_rules! label_set {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
+            serde::Serialize, serde::Deserialize,
+        )]
         pub enum $name {
-            $($(#[$vmeta])* $variant,)+
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
         }
 
         impl $name {
-            /// Every value, in the order the spec lists them.
+            /// Every value, in the order docs/metrics.md lists them.
             pub const ALL: &'static [$name] = &[$($name::$variant,)+];
 
             /// The label value as exported.
@@ -84,7 +87,7 @@ macro_rules! label_set {
 }
 
 label_set! {
-    /// How a rotation ended (spec/lifecycle.md, "Outcomes").
+    /// How a rotation ended (docs/lifecycle.md#6-outcome).
     Outcome {
         /// Every destination and dependent served with the new key.
         Success => "success",
@@ -118,7 +121,8 @@ label_set! {
 }
 
 label_set! {
-    /// Why a key had to be regenerated again (spec/lifecycle.md).
+    /// Why a key had to be regenerated again (docs/lifecycle.md#ambiguous-regenerate, and the
+    /// recovery and reconcile sections after it).
     RerotationReason {
         /// An ambiguous regenerate rotated the key but its secret never arrived.
         LostBeforeStorage => "lost_before_storage",
@@ -194,6 +198,11 @@ pub struct Metrics {
     drift: IntGaugeVec,
     provider_requests: IntCounterVec,
     config_reloads: IntCounterVec,
+    journal_write_failures: prometheus::IntCounter,
+    journal_blocked: IntGaugeVec,
+    lease_held: IntGaugeVec,
+    lease_takeovers: IntCounterVec,
+    lease_renew_failures: prometheus::IntCounter,
     paused: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -419,6 +428,44 @@ impl Metrics {
                 "SIGHUP configuration reloads by outcome (ok, error).",
                 &["outcome"],
             ),
+            journal_write_failures: {
+                let c = prometheus::IntCounter::new(
+                    "keyrotd_journal_write_failures_total",
+                    "Journal writes that failed (state_dir full, read-only or gone); retried, and /readyz fails meanwhile.",
+                )
+                .expect("valid counter definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
+            journal_blocked: int_gauge(
+                &r,
+                "keyrotd_journal_blocked",
+                "1 while the key's journal was unreadable at start: set aside, and the key blocked from automatic rotation until an operator rotates it.",
+                k,
+            ),
+            lease_held: int_gauge(
+                &r,
+                "keyrotd_lease_held",
+                "1 while this replica holds the key's lease (several replicas, [coordination]).",
+                k,
+            ),
+            lease_takeovers: counter(
+                &r,
+                "keyrotd_lease_takeovers_total",
+                "Times this replica took the key over from another replica whose lease had expired.",
+                k,
+            ),
+            lease_renew_failures: {
+                let c = prometheus::IntCounter::new(
+                    "keyrotd_lease_renew_failures_total",
+                    "Renewals of this replica's membership lease that failed (Vault unreachable or refusing).",
+                )
+                .expect("valid counter definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
             paused: {
                 let g = IntGauge::new("keyrotd_paused", "1 while scheduled rotations are paused.")
                     .expect("valid gauge definition");
@@ -564,6 +611,11 @@ impl Metrics {
                 self.rerotations.with_label_values(&[name, reason.as_str()]);
             }
             self.drift.with_label_values(&[name]);
+            self.journal_blocked.with_label_values(&[name]);
+            if config.coordination.is_some() {
+                self.lease_held.with_label_values(&[name]);
+                self.lease_takeovers.with_label_values(&[name]);
+            }
 
             match key.max_age {
                 Some(max_age) => self
@@ -622,6 +674,9 @@ impl Metrics {
         prune(&self.key_active, key_known);
         prune(&self.key_last_rotation, key_known);
         prune(&self.drift, key_known);
+        prune(&self.journal_blocked, key_known);
+        prune(&self.lease_held, key_known);
+        prune(&self.lease_takeovers, key_known);
         // For known keys, apply_config sets or removes these two from the key's config.
         prune(&self.key_max_age, key_known);
         prune(&self.key_schedule_period, key_known);
@@ -862,6 +917,41 @@ impl Metrics {
             .inc();
     }
 
+    /// A journal write failed.
+    pub fn journal_write_failure(&self) {
+        self.journal_write_failures.inc();
+    }
+
+    /// Whether `key` is blocked because its journal was unreadable.
+    pub fn journal_blocked(&self, key: &str, blocked: bool) {
+        self.with_key(key, |_| {
+            self.journal_blocked
+                .with_label_values(&[key])
+                .set(i64::from(blocked))
+        });
+    }
+
+    /// Whether this replica holds `key`'s lease.
+    pub fn lease_held(&self, key: &str, held: bool) {
+        self.with_key(key, |_| {
+            self.lease_held
+                .with_label_values(&[key])
+                .set(i64::from(held))
+        });
+    }
+
+    /// This replica took `key` over from another.
+    pub fn lease_takeover(&self, key: &str) {
+        self.with_key(key, |_| {
+            self.lease_takeovers.with_label_values(&[key]).inc()
+        });
+    }
+
+    /// A membership renewal failed.
+    pub fn lease_renew_failure(&self) {
+        self.lease_renew_failures.inc();
+    }
+
     /// Whether scheduled rotations are paused.
     pub fn paused(&self, paused: bool) {
         self.paused.set(i64::from(paused));
@@ -1034,11 +1124,11 @@ mod tests {
         let m = Metrics::new();
         m.apply_config_with(&two_keys(), t0(), weekday_runs);
         let text = m.encode();
-        // Each spec metric with one series it must have from start, labels in the spec's order.
+        // Each metric of docs/metrics.md with one series it must have from start, labels in its order.
         let expected: &[(&str, &[(&str, &str)])] = &[
             (
                 "keyrotd_rotations_total",
-                &[("key", "billing"), ("outcome", "failed")],
+                &[("key", "billing"), ("outcome", Outcome::Failed.as_str())],
             ),
             (
                 "keyrotd_rotation_duration_seconds_count",
@@ -1229,7 +1319,7 @@ mod tests {
             value(
                 &text,
                 "keyrotd_rotations_total",
-                &[("key", "billing"), ("outcome", "degraded")]
+                &[("key", "billing"), ("outcome", Outcome::Degraded.as_str())]
             ),
             Some(1.0),
             "a key that stays keeps its counts"

@@ -1,7 +1,7 @@
 //! Configuration: the TOML file's raw serde shape ([`raw`]) and the validated [`Config`] it becomes
 //! ([`load`]). Everything downstream reads only the validated types below: names resolved, durations
 //! parsed, credentials resolved into [`Secret`]s, schedules compiled. Field docs are written for
-//! operators; `spec/config.md`'s reference is generated from the same words in `docs/`.
+//! operators, in the words of the configuration reference, docs/config.md.
 
 pub mod load;
 pub mod raw;

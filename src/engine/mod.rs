@@ -1,22 +1,33 @@
 //! The rotation engine: what keyrotd exists for.
 //!
-//! - [`rotation`]: one rotation, phase by phase (preflight, regenerate, store, notify, verify), and the
-//!   watch that follows it;
-//! - [`recovery`]: what a journal left by a crash means, the owed re-rotation of a lost key, and the
-//!   reconcile loop (drift detection);
-//! - [`scheduler`]: one loop per key that waits for the next due time and starts a rotation.
+//! - [`rotation`]: one rotation as a pipeline of phases around one [`rotation::Rotation`] context:
+//!   [`preflight`], [`regenerate`], [`distribute`] (store + notify + verify), then [`watch`];
+//! - [`recovery`]: what a journal left by a crash means, and the re-rotation owed for a lost key;
+//! - [`reconcile`]: comparing the provider's active key with every destination (drift);
+//! - [`scheduler`]: one timer for every key's next due time;
+//! - [`slot`]: each key's single owner (claim + journal mutex) and live view;
+//! - [`calls`]: provider and dependent calls, counted, with their retries.
 //!
-//! This module holds the shared state: the running configuration ([`Runtime`]), each key's live view
-//! (phase, last provider status, what destinations hold, drift), and the last rotations' records that
-//! the admin API and `keyrotd rotate` follow. Invariants: at most one rotation of a key runs at a time
-//! ([`Engine::start_rotation`] refuses a second); the journal is written before each destructive step;
-//! no secret is ever put into a record, an event, a log line or a metric label.
+//! Invariants: at most one actor (rotation, recovery, reconcile repair) works on a key at a time
+//! ([`slot::Claim`]); every journal change is one typed transition of `journal.rs`, made under the
+//! key's journal mutex by [`Engine::commit`] or [`Engine::commit_strict`]; the journal is written before
+//! each destructive step; no secret is ever put into a record, an event, a log line or a metric label.
 
+pub mod calls;
+pub mod distribute;
+pub mod fill;
+pub mod preflight;
+pub mod reconcile;
+pub mod record;
 pub mod recovery;
+pub mod regenerate;
+pub mod replicas;
 pub mod rotation;
 pub mod scheduler;
+pub mod slot;
+pub mod watch;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -26,61 +37,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+pub use crate::journal::Trigger;
+pub use calls::Dependents;
+pub use record::{DestinationView, EventKind, LivePhase, RecordEvent, RotationRecord};
+pub use rotation::Resume;
+
+use crate::clock::Clock;
 use crate::config::{Config, KeyConfig};
-use crate::journal::{AuditLog, AuditRecord, Journal, JournalError};
-use crate::notify::Notifier;
+use crate::coordination::kv::Kv;
+use crate::coordination::{Coordinator, Replica};
+use crate::journal::{AuditEvent, AuditLog, AuditRecord, Journal, JournalError, KeyJournal};
 use crate::provider::{KeyStatus, Provider};
 use crate::store::Store;
 use crate::telemetry::{Metrics, Outcome, RerotationReason};
-
-/// How many finished rotations per key the engine remembers for `GET /v1/rotations/{id}`.
-const RECORDS_PER_KEY: usize = 100;
-
-/// What started a rotation (the audit log's `trigger`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
-    Schedule,
-    MaxAge,
-    CatchUp,
-    Manual,
-    Api,
-    Recovery,
-    Reconcile,
-}
-
-impl Trigger {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Trigger::Schedule => "schedule",
-            Trigger::MaxAge => "max_age",
-            Trigger::CatchUp => "catch_up",
-            Trigger::Manual => "manual",
-            Trigger::Api => "api",
-            Trigger::Recovery => "recovery",
-            Trigger::Reconcile => "reconcile",
-        }
-    }
-
-    /// Scheduled triggers wait for the window and stop while paused; the others do not.
-    pub fn is_scheduled(&self) -> bool {
-        matches!(self, Trigger::Schedule | Trigger::MaxAge | Trigger::CatchUp)
-    }
-}
-
-/// The live phase of a key (`/v1/keys`'s `phase`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum LivePhase {
-    #[default]
-    Idle,
-    Preflight,
-    Regenerating,
-    Storing,
-    Notifying,
-    Verifying,
-    Watching,
-}
+use slot::{Claim, KeySlot};
 
 /// A request to rotate a key.
 #[derive(Debug, Clone)]
@@ -91,13 +61,19 @@ pub struct RotationRequest {
     pub requested_by: String,
     /// Overrides window and pause, never the rest of preflight.
     pub force: bool,
+    /// With `force`: rotate when at least one destination is writable (an exposed key must die even
+    /// while a store is down); the rest are filled later.
+    pub allow_partial: bool,
     /// Preflight only.
     pub dry_run: bool,
+    /// Watch the dependents after the outcome (the CLI's in-process `rotate` without `--watch` leaves
+    /// the watch to the daemon).
+    pub watch: bool,
     /// Set for a recovery rotation: the old key is already gone, so preflight checks only the
-    /// provider's account and the destinations.
+    /// provider's account and that a destination is writable.
     pub rerotation: Option<RerotationReason>,
-    /// Set when recovery resumes an interrupted rotation instead of starting one.
-    pub resume: Option<rotation::Resume>,
+    /// Set when recovery or reconcile resumes at notify instead of regenerating.
+    pub resume: Option<Resume>,
 }
 
 impl RotationRequest {
@@ -111,81 +87,72 @@ impl RotationRequest {
             reason: reason.into(),
             requested_by: requested_by.into(),
             force: false,
+            allow_partial: false,
             dry_run: false,
+            watch: true,
             rerotation: None,
             resume: None,
         }
     }
+
+    /// keyrotd's own re-rotation of a key whose old value is gone.
+    pub fn rerotation(trigger: Trigger, reason: RerotationReason, requested_by: String) -> Self {
+        let mut req = RotationRequest::new(trigger, reason.as_str(), requested_by);
+        req.rerotation = Some(reason);
+        req
+    }
+
+    /// Started by keyrotd itself rather than by a schedule or an operator.
+    fn is_repair(&self) -> bool {
+        self.rerotation.is_some() || self.resume.is_some()
+    }
 }
 
-/// One event in a rotation's record, as `GET /v1/rotations/{id}` shows it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct RecordEvent {
-    pub ts: DateTime<Utc>,
-    pub event: String,
-    pub detail: String,
+/// How a rotation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunResult {
+    /// Preflight only: what would happen.
+    DryRun {
+        would_rotate: bool,
+        findings: Vec<String>,
+        problems: Vec<String>,
+    },
+    Finished(Outcome),
+    /// The rotation's task panicked (a bug): its journal says where it stopped, and recovery picks it
+    /// up as after a crash.
+    Panicked,
 }
 
-/// What the engine remembers of one rotation. Public information only.
-#[derive(Debug, Clone, Serialize)]
-pub struct RotationRecord {
-    pub rotation_id: Uuid,
-    pub key: String,
-    pub trigger: Trigger,
-    pub phase: LivePhase,
-    pub outcome: Option<&'static str>,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub events: Vec<RecordEvent>,
-    /// Preflight findings (dry runs and aborts).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub preflight: Vec<String>,
+/// What a dry run says would happen, in the words `keyrotd rotate --dry-run` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum Verdict {
+    #[serde(rename = "would rotate")]
+    WouldRotate,
+    #[serde(rename = "would abort")]
+    WouldAbort,
 }
 
-/// What one destination holds, as last seen.
-#[derive(Debug, Clone, Serialize)]
-pub struct DestinationView {
-    pub store: String,
-    pub target: String,
-    pub key_id: Option<String>,
-    pub fingerprint: Option<String>,
-    pub version: Option<String>,
-    pub in_sync: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+impl Verdict {
+    pub fn of(would_rotate: bool) -> Verdict {
+        if would_rotate {
+            Verdict::WouldRotate
+        } else {
+            Verdict::WouldAbort
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::WouldRotate => "would rotate",
+            Verdict::WouldAbort => "would abort",
+        }
+    }
 }
 
-/// A key's live state.
-#[derive(Debug, Default)]
-struct KeyState {
-    /// A rotation is between preflight and the end of verify (a watch does not count).
-    busy: bool,
-    phase: LivePhase,
-    watch_cancel: Option<CancellationToken>,
-    status: Option<KeyStatus>,
-    destinations: Vec<DestinationView>,
-    drift: bool,
-    next_rotation: Option<DateTime<Utc>>,
-    last_outcome: Option<&'static str>,
-    records: VecDeque<Arc<Mutex<RotationRecord>>>,
-}
-
-/// `GET /v1/keys`'s object for one key. Never a secret.
-#[derive(Debug, Clone, Serialize)]
-pub struct KeyView {
-    pub name: String,
-    pub provider: String,
-    pub active: Option<bool>,
-    pub key_id: Option<String>,
-    pub first_generated: Option<DateTime<Utc>>,
-    pub last_rotated: Option<DateTime<Utc>>,
-    pub generated_by: Option<String>,
-    pub account_id: Option<String>,
-    pub next_rotation: Option<DateTime<Utc>>,
-    pub last_outcome: Option<&'static str>,
-    pub phase: LivePhase,
-    pub destinations: Vec<DestinationView>,
-    pub drift: bool,
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Why a rotation could not be started.
@@ -201,6 +168,12 @@ pub enum TriggerError {
     OutsideWindow(String),
     #[error("keyrotd is shutting down")]
     ShuttingDown,
+    #[error("the recovery scan of the journals is still running; try again shortly")]
+    NotReady,
+    #[error("{key}: blocked from automatic rotation: {why}")]
+    Blocked { key: String, why: String },
+    #[error("{key} is held by replica {holder}; send the request there")]
+    HeldElsewhere { key: String, holder: String },
 }
 
 /// The configuration in force with the clients built from it. Swapped whole on reload; a running
@@ -242,38 +215,97 @@ impl Runtime {
     }
 }
 
+/// `GET /v1/keys`'s object for one key. Never a secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyView {
+    pub name: String,
+    pub provider: String,
+    pub active: Option<bool>,
+    pub key_id: Option<String>,
+    pub first_generated: Option<DateTime<Utc>>,
+    pub last_rotated: Option<DateTime<Utc>>,
+    pub generated_by: Option<String>,
+    pub account_id: Option<String>,
+    pub next_rotation: Option<DateTime<Utc>>,
+    pub last_outcome: Option<Outcome>,
+    pub phase: LivePhase,
+    pub destinations: Vec<DestinationView>,
+    pub drift: bool,
+    /// No observation of the provider and destinations has completed since start.
+    pub observing: bool,
+    /// Why the key is blocked from automatic rotation, if it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
+    /// With several replicas: the replica that holds the key's lease (`null` while none does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Option<String>>,
+}
+
+/// How the engine is built beyond its config: the clock and how dependents are reached.
+#[derive(Default)]
+pub struct EngineOptions {
+    pub clock: Clock,
+    pub dependents: Dependents,
+    /// Several replicas: this replica's coordinator (built from `[coordination]` by [`Engine::new`]).
+    pub coordination: Option<Arc<Coordinator>>,
+}
+
 /// The engine shared by the daemon's tasks, the admin API and the CLI.
 pub struct Engine {
     runtime: RwLock<Arc<Runtime>>,
-    pub(crate) journal: Journal,
+    journal: Journal,
     audit: AuditLog,
     pub metrics: Arc<Metrics>,
-    pub(crate) notifier: Notifier,
-    keys: Mutex<HashMap<String, KeyState>>,
+    pub(crate) dependents: Dependents,
+    pub clock: Clock,
+    /// Several replicas: which keys this replica holds, and the fencing of its destructive steps.
+    pub coordination: Option<Arc<Coordinator>>,
+    slots: RwLock<HashMap<String, Arc<KeySlot>>>,
     permits: Arc<tokio::sync::Semaphore>,
     paused: AtomicBool,
     ready: AtomicBool,
-    /// Cancelled on shutdown: no new rotations, schedulers stop, watches end.
+    /// Cancelled on shutdown: no new rotations, the scheduler stops, watches end.
     pub shutdown: CancellationToken,
     /// Every rotation and watch task, so shutdown can wait for the ones it must not abandon.
     pub tasks: TaskTracker,
-    /// Wakes the schedulers when something that moves due times changes (reload, pause, a rotation).
-    pub(crate) changed: tokio::sync::Notify,
+    /// Tells the scheduler which keys' due times to compute again.
+    pub(crate) schedule: scheduler::Signal,
+    /// Rotations holding (or about to hold) an issued key, with the time until which shutdown waits
+    /// for them: their store_deadline counted from the regenerate response.
+    inflight: Mutex<HashMap<Uuid, tokio::time::Instant>>,
 }
 
 impl Engine {
-    /// Builds the engine on a validated config. The caller holds the state-dir lock.
+    /// Builds the engine on a validated config, with real clients. The caller holds the state-dir lock.
     pub async fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Engine>> {
+        let runtime = Runtime::build(config.clone()).await?;
+        let mut options = EngineOptions::default();
+        if let Some(co) = &config.coordination {
+            let store = runtime.store(&co.store)?.clone();
+            let replica = Replica::this_process(options.clock.now());
+            options.coordination = Some(Arc::new(Coordinator::new(
+                replica,
+                Kv::Vault(store),
+                co,
+                options.clock.clone(),
+                metrics.clone(),
+            )));
+        }
+        Engine::with_runtime(runtime, metrics, options)
+    }
+
+    /// Builds the engine on a runtime whose clients are already built (tests give in-memory ones).
+    pub fn with_runtime(
+        runtime: Runtime,
+        metrics: Arc<Metrics>,
+        options: EngineOptions,
+    ) -> anyhow::Result<Arc<Engine>> {
+        let config = runtime.config.clone();
         let journal = Journal::open(&config.daemon.state_dir)?;
         let audit = AuditLog::open(&config.daemon.state_dir)?;
-        let runtime = Runtime::build(config.clone()).await?;
-        metrics.apply_config(&config);
+        metrics.apply_config_at(&config, options.clock.now());
         metrics.paused(config.daemon.paused);
-        let mut keys = HashMap::new();
-        for k in &config.keys {
-            keys.insert(k.name.clone(), KeyState::default());
-        }
-        let engine = Engine {
+        let engine = Arc::new(Engine {
             permits: Arc::new(tokio::sync::Semaphore::new(
                 config.daemon.max_concurrent_rotations.max(1),
             )),
@@ -282,33 +314,77 @@ impl Engine {
             journal,
             audit,
             metrics,
-            notifier: Notifier::new(),
-            keys: Mutex::new(keys),
+            dependents: options.dependents,
+            clock: options.clock,
+            coordination: options.coordination,
+            slots: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            changed: tokio::sync::Notify::new(),
-        };
-        let engine = Arc::new(engine);
-        let audited = last_successes(&config.daemon.state_dir.join("audit.jsonl"));
+            schedule: scheduler::Signal::default(),
+            inflight: Mutex::new(HashMap::new()),
+        });
+        let journaled = engine.open_slots(&config);
+        engine.seed_last_successes(&config, journaled);
+        Ok(engine)
+    }
+
+    /// Loads the journal of every configured key that has no slot yet. An unreadable journal is set
+    /// aside (never overwritten: an operator may need it) and the key blocked from automatic rotation.
+    /// Returns, per newly opened key, when its journal says it last ended served (success/degraded).
+    fn open_slots(&self, config: &Config) -> HashMap<String, DateTime<Utc>> {
+        let mut served = HashMap::new();
+        let now = self.clock.now();
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
         for k in &config.keys {
-            let mut last_success = audited.get(&k.name).copied();
-            if let Ok(j) = engine.journal.load(&k.name) {
-                engine.with_key(&k.name, |s| {
-                    s.last_outcome = j.last_outcome.as_deref().and_then(outcome_str)
-                });
-                if matches!(j.last_outcome.as_deref(), Some("success" | "degraded"))
-                    && let Some(at) = j.last_finished_at
-                {
-                    last_success = last_success.max(Some(at));
-                }
+            if slots.contains_key(&k.name) {
+                continue;
             }
-            // A restart must not forget the last success: the "no recent success" alert reads it.
-            if let Some(at) = last_success {
-                engine.metrics.last_success(&k.name, at);
+            // With several replicas a key's journal lives in its lease document, read when the key
+            // is taken.
+            let local = match self.coordination {
+                Some(_) => Ok(KeyJournal::new(&k.name)),
+                None => self.journal.load(&k.name),
+            };
+            let (journal, blocked) = match local {
+                Ok(j) => (j, None),
+                Err(e) => {
+                    let aside = self.journal.set_aside(&k.name, now);
+                    let why = match aside {
+                        Ok(p) => format!("{e}; moved to {}", p.display()),
+                        Err(e2) => format!("{e}; could not be moved aside: {e2}"),
+                    };
+                    tracing::error!(key = %k.name, error = %why, "Journal unreadable: key blocked from automatic rotation.");
+                    (KeyJournal::new(&k.name), Some(why))
+                }
+            };
+            if matches!(
+                journal.last_outcome,
+                Some(Outcome::Success | Outcome::Degraded)
+            ) && let Some(at) = journal.last_finished_at
+            {
+                served.insert(k.name.clone(), at);
+            }
+            let slot = KeySlot::new(journal);
+            self.metrics.journal_blocked(&k.name, blocked.is_some());
+            slot.live().blocked = blocked;
+            slots.insert(k.name.clone(), slot);
+        }
+        served
+    }
+
+    /// A restart must not forget the last success: the "no recent success" alert reads it.
+    fn seed_last_successes(&self, config: &Config, journaled: HashMap<String, DateTime<Utc>>) {
+        let audited = last_successes(self.audit.path());
+        for k in &config.keys {
+            let last = audited
+                .get(&k.name)
+                .copied()
+                .max(journaled.get(&k.name).copied());
+            if let Some(at) = last {
+                self.metrics.last_success(&k.name, at);
             }
         }
-        Ok(engine)
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -323,33 +399,35 @@ impl Engine {
         self.runtime().config.clone()
     }
 
-    /// Swaps in a new configuration (SIGHUP). Keys that disappeared lose their state and series.
+    /// Swaps in a new configuration (SIGHUP). Keys that disappeared lose their series and, once no
+    /// rotation holds them, their slot; a key removed while its rotation runs keeps its slot (and its
+    /// claim) until the rotation ends.
     pub fn replace_runtime(&self, runtime: Runtime) {
         let config = runtime.config.clone();
-        self.metrics.apply_config(&config);
+        self.metrics.apply_config_at(&config, self.clock.now());
         {
-            let mut keys = self.lock_keys();
-            keys.retain(|name, state| {
-                let keep = config.key(name).is_some();
-                if !keep && let Some(c) = &state.watch_cancel {
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            slots.retain(|name, slot| {
+                let keep = config.key(name).is_some() || slot.is_busy();
+                if config.key(name).is_none()
+                    && let Some(c) = slot.live().watch_cancel.take()
+                {
                     c.cancel();
                 }
                 keep
             });
-            for k in &config.keys {
-                keys.entry(k.name.clone()).or_default();
-            }
         }
         *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(runtime);
-        self.changed.notify_waiters();
+        let _ = self.open_slots(&config);
+        self.schedule.all();
     }
 
-    fn lock_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyState>> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn with_key<R>(&self, key: &str, f: impl FnOnce(&mut KeyState) -> R) -> Option<R> {
-        self.lock_keys().get_mut(key).map(f)
+    pub(crate) fn slot(&self, key: &str) -> Option<Arc<KeySlot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
     }
 
     pub fn is_paused(&self) -> bool {
@@ -359,10 +437,37 @@ impl Engine {
     pub fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
         self.metrics.paused(paused);
-        self.changed.notify_waiters();
+        self.schedule.all();
+    }
+
+    /// Ready once the recovery scan decided every key, and while every journal is written through.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Err("recovery scan of the journals still running".into());
+        }
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let dirty: Vec<&str> = slots
+            .values()
+            .filter(|s| s.live().dirty)
+            .map(|s| s.name.as_str())
+            .collect();
+        if dirty.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "journal writes failing for {} (state_dir {}): retrying",
+                dirty.join(", "),
+                self.journal.dir().display()
+            ))
+        }
     }
 
     pub fn is_ready(&self) -> bool {
+        self.readiness().is_ok()
+    }
+
+    /// The start-up recovery scan is over.
+    pub fn is_started(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
 
@@ -370,247 +475,94 @@ impl Engine {
         self.ready.store(true, Ordering::SeqCst);
     }
 
-    /// True while a rotation of the key is between preflight and the end of verify.
+    /// For a process that is the only actor on its state_dir and runs no recovery scan (the CLI's
+    /// in-process `rotate`): triggers are accepted at once.
+    pub fn mark_ready(&self) {
+        self.set_ready();
+    }
+
+    /// True while an actor (rotation, recovery, repair) holds the key.
     pub fn is_busy(&self, key: &str) -> bool {
-        self.with_key(key, |s| s.busy).unwrap_or(false)
+        self.slot(key).is_some_and(|s| s.is_busy())
     }
 
-    pub(crate) fn set_phase(
+    /// Applies one journal transition under the key's journal mutex and writes it through. The
+    /// in-memory journal moves on even if the write fails: after a regenerate, the key must still
+    /// reach its destinations. A failed write is counted, logged, keeps `/readyz` failing and is
+    /// retried by [`Engine::flush_journals`] and by every later write of the key.
+    pub(crate) async fn commit(
         &self,
-        key: &str,
-        rotation: &Arc<Mutex<RotationRecord>>,
-        phase: LivePhase,
-    ) {
-        self.with_key(key, |s| s.phase = phase);
-        lock(rotation).phase = phase;
+        slot: &KeySlot,
+        f: impl FnOnce(&mut KeyJournal),
+    ) -> Result<(), JournalError> {
+        let mut j = slot.lock_journal().await;
+        f(&mut j);
+        slot.changed(&j);
+        let written = self.persist(&j).await;
+        self.written(slot, &written);
+        written
     }
 
-    pub(crate) fn set_status(&self, key: &str, status: &KeyStatus) {
-        self.metrics
-            .key_status(key, status.active, status.last_rotated);
-        self.with_key(key, |s| s.status = Some(status.clone()));
+    /// Writes a journal where it lives: the state dir, or (several replicas) the key's lease document.
+    async fn persist(&self, j: &KeyJournal) -> Result<(), JournalError> {
+        match &self.coordination {
+            Some(c) => c.write_journal(&j.key, j).await,
+            None => self.journal.store(j, self.clock.now()),
+        }
     }
 
-    pub(crate) fn cached_status(&self, key: &str) -> Option<KeyStatus> {
-        self.with_key(key, |s| s.status.clone()).flatten()
-    }
-
-    pub(crate) fn set_destinations(&self, key: &str, views: Vec<DestinationView>, drift: bool) {
-        self.metrics.drift(key, drift);
-        self.with_key(key, |s| {
-            s.destinations = views;
-            s.drift = drift;
-        });
-    }
-
-    pub(crate) fn set_next_rotation(&self, key: &str, at: Option<DateTime<Utc>>) {
-        self.metrics.next_rotation(key, at);
-        self.with_key(key, |s| s.next_rotation = at);
-    }
-
-    /// The record of a rotation the engine still remembers.
-    pub fn rotation(&self, id: Uuid) -> Option<RotationRecord> {
-        let keys = self.lock_keys();
-        keys.values()
-            .flat_map(|s| s.records.iter())
-            .find(|r| lock(r).rotation_id == id)
-            .map(|r| lock(r).clone())
-    }
-
-    /// The live view of every key, in config order.
-    pub fn key_views(&self) -> Vec<KeyView> {
-        let config = self.config();
-        let keys = self.lock_keys();
-        config
-            .keys
-            .iter()
-            .map(|k| {
-                let empty = KeyState::default();
-                let s = keys.get(&k.name).unwrap_or(&empty);
-                let st = s.status.as_ref();
-                KeyView {
-                    name: k.name.clone(),
-                    provider: k.provider.clone(),
-                    active: st.map(|s| s.active),
-                    key_id: st.map(|s| s.key_id.clone()),
-                    first_generated: st.and_then(|s| s.first_generated),
-                    last_rotated: st.and_then(|s| s.last_rotated),
-                    generated_by: st.and_then(|s| s.generated_by.clone()),
-                    account_id: st.and_then(|s| s.account_id.clone()),
-                    next_rotation: s.next_rotation,
-                    last_outcome: s.last_outcome,
-                    phase: s.phase,
-                    destinations: s.destinations.clone(),
-                    drift: s.drift,
-                }
-            })
-            .collect()
-    }
-
-    /// Checks that a rotation may start, marks the key busy and records it. Cancels the key's watch.
-    fn begin(
+    /// Like [`Engine::commit`], but all or nothing: when the write fails the journal is unchanged.
+    /// For the steps that must be on disk before they happen (a regenerate).
+    pub(crate) async fn commit_strict(
         &self,
-        key: &KeyConfig,
-        req: &RotationRequest,
-    ) -> Result<Arc<Mutex<RotationRecord>>, TriggerError> {
-        if self.shutdown.is_cancelled() {
-            return Err(TriggerError::ShuttingDown);
-        }
-        let mut keys = self.lock_keys();
-        let state = keys
-            .get_mut(&key.name)
-            .ok_or_else(|| TriggerError::UnknownKey(key.name.clone()))?;
-        if state.busy {
-            return Err(TriggerError::Busy(key.name.clone()));
-        }
-        if !req.dry_run {
-            state.busy = true;
-            state.phase = LivePhase::Preflight;
-            if let Some(c) = state.watch_cancel.take() {
-                c.cancel();
-            }
-        }
-        let record = Arc::new(Mutex::new(RotationRecord {
-            rotation_id: Uuid::new_v4(),
-            key: key.name.clone(),
-            trigger: req.trigger,
-            phase: LivePhase::Preflight,
-            outcome: None,
-            started_at: Utc::now(),
-            finished_at: None,
-            events: Vec::new(),
-            preflight: Vec::new(),
-        }));
-        state.records.push_back(record.clone());
-        while state.records.len() > RECORDS_PER_KEY {
-            state.records.pop_front();
-        }
-        Ok(record)
-    }
-
-    pub(crate) fn end(&self, key: &str, outcome: Option<Outcome>, dry_run: bool) {
-        self.with_key(key, |s| {
-            if !dry_run {
-                s.busy = false;
-                s.phase = LivePhase::Idle;
-            }
-            if let Some(o) = outcome {
-                s.last_outcome = Some(o.as_str());
-            }
-        });
-        self.changed.notify_waiters();
-    }
-
-    pub(crate) fn set_watch(&self, key: &str, token: Option<CancellationToken>) {
-        self.with_key(key, |s| {
-            s.watch_cancel = token;
-            s.phase = if s.watch_cancel.is_some() {
-                LivePhase::Watching
-            } else {
-                LivePhase::Idle
-            };
-        });
-    }
-
-    /// Refusals an operator's trigger gets before anything runs: unknown key, busy, pause and window
-    /// (unless forced). Used by the admin API to answer 404/409/423.
-    pub fn check_trigger(&self, key: &str, req: &RotationRequest) -> Result<(), TriggerError> {
-        let config = self.config();
-        let k = config
-            .key(key)
-            .ok_or_else(|| TriggerError::UnknownKey(key.to_string()))?;
-        if self.is_busy(key) && !req.dry_run {
-            return Err(TriggerError::Busy(key.to_string()));
-        }
-        if !req.force && req.rerotation.is_none() && req.resume.is_none() {
-            if self.is_paused()
-                && (req.trigger.is_scheduled()
-                    || matches!(req.trigger, Trigger::Api | Trigger::Manual))
-            {
-                return Err(TriggerError::Paused);
-            }
-            if let Some(w) = &k.window
-                && !w.contains_at(Utc::now(), k.timezone)
-            {
-                return Err(TriggerError::OutsideWindow(key.to_string()));
-            }
-        }
+        slot: &KeySlot,
+        f: impl FnOnce(&mut KeyJournal),
+    ) -> Result<(), JournalError> {
+        let mut j = slot.lock_journal().await;
+        let mut next = j.clone();
+        f(&mut next);
+        let written = self.persist(&next).await;
+        self.written(slot, &written);
+        written?;
+        *j = next;
+        slot.changed(&j);
         Ok(())
     }
 
-    /// Starts a rotation in the background and returns its id at once.
-    pub fn start_rotation(
-        self: &Arc<Self>,
-        key: &str,
-        req: RotationRequest,
-    ) -> Result<Uuid, TriggerError> {
-        let (id, fut) = self.prepare_rotation(key, req)?;
-        self.tasks.spawn(fut);
-        Ok(id)
+    fn written(&self, slot: &KeySlot, result: &Result<(), JournalError>) {
+        match result {
+            Ok(()) => slot.live().dirty = false,
+            Err(e) => {
+                slot.live().dirty = true;
+                self.metrics.journal_write_failure();
+                tracing::error!(key = %slot.name, error = %e, "Journal write failed.");
+            }
+        }
     }
 
-    /// Runs a rotation to its outcome in this task (the CLI's in-process `rotate`, recovery, the
-    /// scheduler). `None` outcome = dry run.
-    pub async fn rotate(
-        self: &Arc<Self>,
-        key: &str,
-        req: RotationRequest,
-    ) -> Result<(Uuid, Option<Outcome>), TriggerError> {
-        let (id, fut) = self.prepare_rotation(key, req)?;
-        let outcome = self.tasks.spawn(fut).await.unwrap_or(None);
-        Ok((id, outcome))
+    /// Writes again every journal whose last write failed.
+    pub async fn flush_journals(&self) {
+        let slots: Vec<Arc<KeySlot>> = self
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.live().dirty)
+            .cloned()
+            .collect();
+        for slot in slots {
+            let j = slot.lock_journal().await;
+            let written = self.persist(&j).await;
+            self.written(&slot, &written);
+            if written.is_ok() {
+                tracing::info!(key = %slot.name, "Journal written again after a failure.");
+            }
+        }
     }
 
-    fn prepare_rotation(
-        self: &Arc<Self>,
-        key: &str,
-        req: RotationRequest,
-    ) -> Result<
-        (
-            Uuid,
-            impl std::future::Future<Output = Option<Outcome>> + Send + 'static,
-        ),
-        TriggerError,
-    > {
-        self.check_trigger(key, &req)?;
-        let rt = self.runtime();
-        let k = rt
-            .config
-            .key(key)
-            .ok_or_else(|| TriggerError::UnknownKey(key.to_string()))?
-            .clone();
-        let record = self.begin(&k, &req)?;
-        let id = lock(&record).rotation_id;
-        let engine = self.clone();
-        let fut = async move {
-            use tracing::Instrument;
-            let span = tracing::info_span!("rotation", key = %k.name, rotation_id = %id);
-            let dry_run = req.dry_run;
-            let permit = engine.permits.clone().acquire_owned().await.ok();
-            let outcome = rotation::run(&engine, &rt, &k, &record, req)
-                .instrument(span)
-                .await;
-            drop(permit);
-            engine.end(&k.name, outcome, dry_run);
-            outcome
-        };
-        Ok((id, fut))
-    }
-
-    /// Adds an event to a rotation's record and logs it (with the rotation span's key and id).
-    pub(crate) fn event(
-        &self,
-        record: &Arc<Mutex<RotationRecord>>,
-        event: &str,
-        detail: impl Into<String>,
-    ) {
-        let detail = detail.into();
-        tracing::info!(event, "{detail}");
-        lock(record).events.push(RecordEvent {
-            ts: Utc::now(),
-            event: event.to_string(),
-            detail,
-        });
+    /// Proves the journal directory is writable (preflight).
+    pub(crate) fn journal_writable(&self) -> Result<(), JournalError> {
+        self.journal.probe_writable()
     }
 
     /// Appends to the audit log; a failing audit write is logged loudly but never stops a rotation
@@ -621,20 +573,279 @@ impl Engine {
         }
     }
 
-    pub(crate) fn load_journal(
-        &self,
-        key: &str,
-    ) -> Result<crate::journal::KeyJournal, JournalError> {
-        self.journal.load(key)
+    pub(crate) fn set_status(&self, slot: &KeySlot, status: &KeyStatus) {
+        self.metrics
+            .key_status(&slot.name, status.active, status.last_rotated);
+        slot.live().status = Some(status.clone());
     }
 
-    pub(crate) fn store_journal(&self, j: &crate::journal::KeyJournal) -> Result<(), JournalError> {
-        self.journal.store(j)
+    pub(crate) fn set_destinations(
+        &self,
+        slot: &KeySlot,
+        views: Vec<DestinationView>,
+        drift: bool,
+    ) {
+        self.metrics.drift(&slot.name, drift);
+        let mut live = slot.live();
+        live.destinations = views;
+        live.drift = drift;
+        live.observing = false;
+    }
+
+    pub(crate) fn set_next_rotation(&self, key: &str, at: Option<DateTime<Utc>>) {
+        self.metrics.next_rotation(key, at);
+        if let Some(slot) = self.slot(key) {
+            slot.live().next_rotation = at;
+        }
+    }
+
+    /// The record of a rotation the engine still remembers.
+    pub fn rotation(&self, id: Uuid) -> Option<RotationRecord> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        slots.values().find_map(|s| {
+            s.live()
+                .records
+                .iter()
+                .map(|r| lock(r).clone())
+                .find(|r| r.rotation_id == id)
+        })
+    }
+
+    /// The live view of every key, in config order.
+    pub fn key_views(&self) -> Vec<KeyView> {
+        let config = self.config();
+        config
+            .keys
+            .iter()
+            .filter_map(|k| {
+                self.slot(&k.name).map(|s| {
+                    let mut view = key_view(k, &s);
+                    view.holder = self.coordination.as_ref().map(|c| c.holder(&k.name));
+                    view
+                })
+            })
+            .collect()
+    }
+
+    /// Refusals a trigger gets before anything runs: not ready, unknown key, busy, blocked, pause and
+    /// window (unless forced). The admin API answers 503/404/409/423 from them.
+    pub fn check_trigger(&self, key: &str, req: &RotationRequest) -> Result<(), TriggerError> {
+        if self.shutdown.is_cancelled() {
+            return Err(TriggerError::ShuttingDown);
+        }
+        let config = self.config();
+        let k = config
+            .key(key)
+            .ok_or_else(|| TriggerError::UnknownKey(key.to_string()))?;
+        let slot = self
+            .slot(key)
+            .ok_or_else(|| TriggerError::UnknownKey(key.to_string()))?;
+        if !self.ready.load(Ordering::SeqCst) && !req.is_repair() && !req.dry_run {
+            return Err(TriggerError::NotReady);
+        }
+        if let Some(c) = &self.coordination
+            && !c.holds(key)
+        {
+            return Err(TriggerError::HeldElsewhere {
+                key: key.to_string(),
+                holder: c
+                    .holder(key)
+                    .unwrap_or_else(|| "none (being taken over)".into()),
+            });
+        }
+        if slot.is_busy() && !req.dry_run {
+            return Err(TriggerError::Busy(key.to_string()));
+        }
+        if let Some(why) = slot.live().blocked.clone()
+            && !req.trigger.is_operator()
+        {
+            return Err(TriggerError::Blocked {
+                key: key.to_string(),
+                why,
+            });
+        }
+        if req.force || req.is_repair() {
+            return Ok(());
+        }
+        if self.is_paused() && (req.trigger.is_scheduled() || req.trigger.is_operator()) {
+            return Err(TriggerError::Paused);
+        }
+        if let Some(w) = &k.window
+            && !w.contains_at(self.clock.now(), k.timezone)
+        {
+            return Err(TriggerError::OutsideWindow(key.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Starts a rotation in the background and returns its id at once.
+    pub fn start_rotation(
+        self: &Arc<Self>,
+        key: &str,
+        req: RotationRequest,
+    ) -> Result<Uuid, TriggerError> {
+        let (id, fut) = self.prepare(key, None, req)?;
+        self.tasks.spawn(fut);
+        Ok(id)
+    }
+
+    /// Starts a rotation with a claim its caller already holds (recovery and reconcile decide under
+    /// the claim and hand it over, so nothing can start in between).
+    pub(crate) fn start_claimed(
+        self: &Arc<Self>,
+        claim: Claim,
+        req: RotationRequest,
+    ) -> Result<(Uuid, tokio::task::JoinHandle<RunResult>), TriggerError> {
+        let key = claim.slot().name.clone();
+        let (id, fut) = self.prepare(&key, Some(claim), req)?;
+        Ok((id, self.tasks.spawn(fut)))
+    }
+
+    /// Runs a rotation to its end in this task (the CLI's in-process `rotate`, dry runs).
+    pub async fn rotate(
+        self: &Arc<Self>,
+        key: &str,
+        req: RotationRequest,
+    ) -> Result<(Uuid, RunResult), TriggerError> {
+        let (id, fut) = self.prepare(key, None, req)?;
+        let result = self.tasks.spawn(fut).await.unwrap_or_else(|e| {
+            tracing::error!(key, error = %e, "Rotation task panicked; recovery takes it from its journal.");
+            RunResult::Panicked
+        });
+        Ok((id, result))
+    }
+
+    fn prepare(
+        self: &Arc<Self>,
+        key: &str,
+        claim: Option<Claim>,
+        req: RotationRequest,
+    ) -> Result<
+        (
+            Uuid,
+            impl std::future::Future<Output = RunResult> + Send + 'static,
+        ),
+        TriggerError,
+    > {
+        let claim = match claim {
+            Some(c) => Some(c),
+            None => {
+                self.check_trigger(key, &req)?;
+                let slot = self
+                    .slot(key)
+                    .ok_or_else(|| TriggerError::UnknownKey(key.to_string()))?;
+                match req.dry_run {
+                    true => None,
+                    false => Some(
+                        slot.try_claim()
+                            .ok_or_else(|| TriggerError::Busy(key.to_string()))?,
+                    ),
+                }
+            }
+        };
+        let rotation = rotation::Rotation::new(self, key, claim, req)?;
+        let id = rotation.meta.rotation_id;
+        let permits = self.permits.clone();
+        let fut = async move {
+            use tracing::Instrument;
+            let span = tracing::info_span!("rotation", key = %rotation.key.name, rotation_id = %id);
+            let _permit = permits.acquire_owned().await.ok();
+            rotation.run().instrument(span).await
+        };
+        Ok((id, fut))
+    }
+
+    /// `requested_by` for rotations keyrotd starts itself.
+    pub(crate) fn requested_by(&self) -> String {
+        let config = self.config();
+        config
+            .providers
+            .values()
+            .map(|p| match p {
+                crate::config::ProviderConfig::Aos(a) => a.requested_by.clone(),
+                crate::config::ProviderConfig::Http(h) => h.requested_by.clone(),
+            })
+            .next()
+            .unwrap_or_else(|| "keyrotd".into())
+    }
+
+    /// Shutdown waits for rotation `id` until `until` (it holds an issued key, or a regenerate is in
+    /// flight); `None` when it no longer needs waiting for.
+    pub(crate) fn hold_shutdown(&self, id: Uuid, until: Option<tokio::time::Instant>) {
+        let mut inflight = lock(&self.inflight);
+        match until {
+            Some(t) => inflight.insert(id, t),
+            None => inflight.remove(&id),
+        };
+    }
+
+    /// Until when shutdown waits: the latest bound of a rotation holding an issued key, or `grace`
+    /// from now when none does.
+    pub fn drain_deadline(&self, grace: std::time::Duration) -> tokio::time::Instant {
+        let grace = tokio::time::Instant::now() + grace;
+        lock(&self.inflight)
+            .values()
+            .copied()
+            .max()
+            .map_or(grace, |t| t.max(grace))
+    }
+
+    /// Whether this process acts on `key` (always, unless another replica holds its lease).
+    pub fn acts_on(&self, key: &str) -> bool {
+        self.coordination.as_ref().is_none_or(|c| c.holds(key))
+    }
+
+    /// This replica took `key`'s lease: its journal (from the lease document) replaces the slot's,
+    /// and the key is recovered exactly as after a restart.
+    pub async fn gain(self: &Arc<Self>, key: &str, journal: KeyJournal) {
+        let Some(slot) = self.slot(key) else { return };
+        {
+            let mut j = slot.lock_journal().await;
+            *j = journal;
+            slot.changed(&j);
+        }
+        slot.live().last_outcome = slot.journal().await.last_outcome;
+        self.schedule.key(key);
+    }
+
+    /// Another replica holds `key` now: its watch ends here; a rotation in flight stops at its next
+    /// destructive step (fencing).
+    pub fn lose(&self, key: &str) {
+        if let Some(slot) = self.slot(key)
+            && let Some(watch) = slot.live().watch_cancel.take()
+        {
+            watch.cancel();
+        }
+        self.schedule.key(key);
     }
 
     /// Keys' names in config order.
     pub fn key_names(&self) -> Vec<String> {
         self.config().keys.iter().map(|k| k.name.clone()).collect()
+    }
+}
+
+fn key_view(k: &KeyConfig, slot: &KeySlot) -> KeyView {
+    let phase = slot.live_phase();
+    let live = slot.live();
+    let st = live.status.as_ref();
+    KeyView {
+        name: k.name.clone(),
+        provider: k.provider.clone(),
+        active: st.map(|s| s.active),
+        key_id: st.map(|s| s.key_id.clone()),
+        first_generated: st.and_then(|s| s.first_generated),
+        last_rotated: st.and_then(|s| s.last_rotated),
+        generated_by: st.and_then(|s| s.generated_by.clone()),
+        account_id: st.and_then(|s| s.account_id.clone()),
+        next_rotation: live.next_rotation,
+        last_outcome: live.last_outcome,
+        phase,
+        destinations: live.destinations.clone(),
+        drift: live.drift,
+        observing: live.observing,
+        blocked: live.blocked.clone(),
+        holder: None,
     }
 }
 
@@ -650,17 +861,14 @@ fn last_successes(audit_path: &std::path::Path) -> HashMap<String, DateTime<Utc>
         let Ok(r) = serde_json::from_str::<AuditRecord>(&line) else {
             continue;
         };
-        if r.event == "finished" && matches!(r.outcome.as_deref(), Some("success" | "degraded")) {
+        if r.event == AuditEvent::Finished
+            && matches!(r.outcome, Some(Outcome::Success | Outcome::Degraded))
+        {
             let at = out.entry(r.key).or_insert(r.ts);
             *at = (*at).max(r.ts);
         }
     }
     out
-}
-
-/// The outcome label a journal's text names, if it names one.
-pub(crate) fn outcome_str(s: &str) -> Option<&'static str> {
-    Outcome::ALL.iter().map(|o| o.as_str()).find(|o| *o == s)
 }
 
 /// Locks a record; a poisoned lock only means a panic elsewhere while it was held, the record is whole.

@@ -1,4 +1,4 @@
-//! The AOS portal contract (spec/aos-portal-api.md): `GET current` for the key's metadata, `POST
+//! The AOS portal contract (docs/portal-api.md): `GET current` for the key's metadata, `POST
 //! regenerate` for a new key (the old one dies with the response), `GET auth/check` to ask whether a
 //! secret is the active key. Error classification is shared with the `http` provider
 //! ([`super::http::wire`]); this module only knows the paths and the JSON shapes.

@@ -1,6 +1,6 @@
-//! The generic HTTP provider (spec/config.md, "The generic http provider"): a vendor API described
-//! entirely by config — where to regenerate, where the new secret and key id are in the response (JSON
-//! Pointers), and optionally how to read the key's status and check a secret.
+//! The generic HTTP provider (docs/config.md#kind--http--any-vendor-described-field-by-field): a vendor
+//! API described entirely by config — where to regenerate, where the new secret and key id are in the
+//! response (JSON Pointers), and optionally how to read the key's status and check a secret.
 //!
 //! This module also owns [`wire`], the error classification both providers share: one function decides
 //! whether a failed call is `Auth`, `RateLimited`, `Transient`, `Ambiguous` or `Permanent`, so the two

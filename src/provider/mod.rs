@@ -77,22 +77,13 @@ pub enum ProviderError {
     },
 }
 
-impl ProviderError {
-    /// Metric label for `keyrotd_provider_requests_total{outcome}`.
-    pub fn outcome_label(&self) -> &'static str {
-        match self {
-            ProviderError::Auth { .. } => "auth_error",
-            ProviderError::RateLimited { .. } => "rate_limited",
-            ProviderError::Transient { .. } | ProviderError::Permanent { .. } => "transient",
-            ProviderError::Ambiguous { .. } => "ambiguous",
-        }
-    }
-}
-
 /// A configured provider, ready to use.
 pub enum Provider {
     Aos(aos::AosProvider),
     Http(http::HttpProvider),
+    /// An in-memory portal with injectable faults: the engine's tests (feature `testing`).
+    #[cfg(feature = "testing")]
+    Scripted(crate::testing::ScriptedProvider),
 }
 
 impl Provider {
@@ -107,6 +98,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.name(),
             Provider::Http(p) => p.name(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.name(),
         }
     }
 
@@ -115,6 +108,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.expected_account(),
             Provider::Http(p) => p.expected_account(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.expected_account(),
         }
     }
 
@@ -123,6 +118,8 @@ impl Provider {
         match self {
             Provider::Aos(_) => true,
             Provider::Http(p) => p.has_status(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.has_status(),
         }
     }
 
@@ -131,6 +128,8 @@ impl Provider {
         match self {
             Provider::Aos(_) => true,
             Provider::Http(p) => p.has_auth_check(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.has_auth_check(),
         }
     }
 
@@ -138,6 +137,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.status().await,
             Provider::Http(p) => p.status().await,
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.status().await,
         }
     }
 
@@ -150,6 +151,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.regenerate(reason).await,
             Provider::Http(p) => p.regenerate(reason, current_key_id).await,
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.regenerate().await,
         }
     }
 
@@ -158,6 +161,8 @@ impl Provider {
         match self {
             Provider::Aos(p) => p.auth_check(secret).await,
             Provider::Http(p) => p.auth_check(secret).await,
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.auth_check(secret).await,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The portal simulator: the `aos` contract (spec/aos-portal-api.md) over one account's one key, plus
+//! The portal simulator: the `aos` contract (docs/portal-api.md) over one account's one key, plus
 //! the `/_sim/` control endpoints (state, faults, out-of-band rotation, reset) and the leak-test oracle
 //! `GET /_sim/issued-secrets`.
 //!

@@ -98,6 +98,9 @@ pub enum Store {
     Vault(vault::VaultStore),
     Aws(aws::AwsStore),
     File(file::FileStore),
+    /// In memory, with injectable faults: the engine's tests (feature `testing`).
+    #[cfg(feature = "testing")]
+    Memory(crate::testing::MemoryStore),
 }
 
 impl Store {
@@ -116,6 +119,8 @@ impl Store {
             Store::Vault(s) => s.name(),
             Store::Aws(s) => s.name(),
             Store::File(s) => s.name(),
+            #[cfg(feature = "testing")]
+            Store::Memory(s) => s.name(),
         }
     }
 
@@ -126,6 +131,8 @@ impl Store {
             Store::Vault(s) => s.preflight(target).await,
             Store::Aws(s) => s.preflight(target).await,
             Store::File(s) => s.preflight(target).await,
+            #[cfg(feature = "testing")]
+            Store::Memory(s) => s.preflight(target).await,
         }
     }
 
@@ -141,6 +148,8 @@ impl Store {
             Store::Vault(s) => s.write(target, req).await,
             Store::Aws(s) => s.write(target, req).await,
             Store::File(s) => s.write(target, req).await,
+            #[cfg(feature = "testing")]
+            Store::Memory(s) => s.write(target, req).await,
         };
         result.map_err(|e| e.redact(req.secret))
     }
@@ -154,6 +163,8 @@ impl Store {
             Store::Vault(s) => s.read(target).await,
             Store::Aws(s) => s.read(target).await,
             Store::File(s) => s.read(target).await,
+            #[cfg(feature = "testing")]
+            Store::Memory(s) => s.read(target).await,
         }
     }
 

@@ -550,6 +550,115 @@ impl VaultStore {
             version: Some(cur.version.to_string()),
         }))
     }
+
+    // ---- documents for the coordination of replicas (src/coordination/) -----------------------
+
+    /// A whole KV v2 document and its version; `None` when the path has never been written. A path
+    /// whose latest version is deleted answers a `null` value with its version, so that the next
+    /// check-and-set names it.
+    pub async fn doc_read(
+        &self,
+        path: &str,
+    ) -> Result<Option<crate::coordination::kv::Doc>, crate::coordination::kv::KvError> {
+        let label = "coordination";
+        let current = self
+            .read_current(label, path)
+            .await
+            .map_err(|e| crate::coordination::kv::KvError::Unavailable(e.to_string()))?;
+        if current.version == 0 {
+            return Ok(None);
+        }
+        let value = if current.data.is_empty() {
+            Value::Null
+        } else {
+            Value::Object(current.data)
+        };
+        Ok(Some(crate::coordination::kv::Doc {
+            value,
+            version: current.version,
+        }))
+    }
+
+    /// Writes a whole document with check-and-set `cas` (0: must not exist). Returns the new version.
+    pub async fn doc_write(
+        &self,
+        path: &str,
+        value: &Value,
+        cas: u64,
+    ) -> Result<u64, crate::coordination::kv::KvError> {
+        use crate::coordination::kv::KvError;
+        let label = "coordination";
+        let body = json!({ "options": { "cas": cas }, "data": value });
+        let reply = self
+            .call(label, Method::POST, &self.data_path(path), Some(&body))
+            .await
+            .map_err(|e| KvError::Unavailable(e.to_string()))?;
+        if reply.ok() {
+            return Ok(reply
+                .body
+                .pointer("/data/version")
+                .and_then(Value::as_u64)
+                .unwrap_or(cas + 1));
+        }
+        let e = self.classify(label, &format!("write {}", self.data_path(path)), &reply);
+        match e.kind {
+            StoreErrorKind::Conflict => Err(KvError::Conflict),
+            _ => Err(KvError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The names directly under `dir` (KV v2 LIST).
+    pub async fn doc_list(
+        &self,
+        dir: &str,
+    ) -> Result<Vec<String>, crate::coordination::kv::KvError> {
+        use crate::coordination::kv::KvError;
+        let label = "coordination";
+        let method = Method::from_bytes(b"LIST").unwrap_or(Method::GET);
+        let reply = self
+            .call(label, method, &self.metadata_path(dir), None)
+            .await
+            .map_err(|e| KvError::Unavailable(e.to_string()))?;
+        if reply.status == 404 {
+            return Ok(Vec::new());
+        }
+        if !reply.ok() {
+            let e = self.classify(label, &format!("list {}", self.metadata_path(dir)), &reply);
+            return Err(KvError::Unavailable(e.to_string()));
+        }
+        Ok(reply
+            .body
+            .pointer("/data/keys")
+            .and_then(Value::as_array)
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(Value::as_str)
+                    .filter(|k| !k.ends_with('/'))
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Removes a document and all its versions.
+    pub async fn doc_delete(&self, path: &str) -> Result<(), crate::coordination::kv::KvError> {
+        use crate::coordination::kv::KvError;
+        let label = "coordination";
+        let reply = self
+            .call(label, Method::DELETE, &self.metadata_path(path), None)
+            .await
+            .map_err(|e| KvError::Unavailable(e.to_string()))?;
+        if reply.ok() || reply.status == 404 {
+            Ok(())
+        } else {
+            let e = self.classify(
+                label,
+                &format!("delete {}", self.metadata_path(path)),
+                &reply,
+            );
+            Err(KvError::Unavailable(e.to_string()))
+        }
+    }
 }
 
 /// An error and its sources, joined: reqwest's top-level message alone ("error sending request")

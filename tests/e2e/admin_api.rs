@@ -1,5 +1,5 @@
-//! The admin API's table (docs: the admin API), every status code, against the real daemon; and
-//! the memory of `GET /v1/rotations/{id}` (the last 100 rotations of each key).
+//! The admin API's table (docs/admin-api.md), every status code, against the real daemon; and the
+//! memory of `GET /v1/rotations/{id}` (the last 100 rotations of each key).
 
 use std::time::Duration;
 
@@ -64,7 +64,16 @@ async fn every_status_code_of_the_admin_api() {
     let stack = Stack::start().await;
     let o = Options::default();
     let config = stack.write_config(&o);
-    // Readiness waits for the recovery scan, which reads the provider's status: make it slow.
+    // Readiness waits for the recovery scan. A journal left at `regenerating` (a crash before the
+    // answer) makes recovery read the provider's status to decide: make that read slow.
+    let key_id = stack.portal.state().await.key_id;
+    let journal = stack.state_dir().join("journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    std::fs::write(
+        journal.join(format!("{KEY}.json")),
+        json!({ "key": KEY, "phase": "regenerating", "old_key_id": key_id }).to_string(),
+    )
+    .unwrap();
     stack
         .portal
         .faults(json!({ "status": { "fail_next": 3 } }))

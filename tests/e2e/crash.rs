@@ -1,4 +1,4 @@
-//! Crash recovery and lost keys, end to end (spec lifecycle.md: "Ambiguous regenerate", "Recovery after
+//! Crash recovery and lost keys, end to end (docs/lifecycle.md: "Ambiguous regenerate", "Recovery after
 //! a crash", the re-rotation and regeneration bounds).
 //!
 //! Each test drives the real daemon against the real stack, crashes it with SIGKILL at a phase

@@ -81,7 +81,7 @@ async fn a_5xx_regenerate_is_ambiguous_and_status_shows_nothing_changed() {
     let e = p.regenerate("scheduled", None).await.unwrap_err();
 
     // From the client's side a 5xx after sending cannot say whether the portal rotated, so it is
-    // Ambiguous. Resolving it is the engine's job (lifecycle.md, "Ambiguous regenerate"): it re-reads
+    // Ambiguous. Resolving it is the engine's job (docs/lifecycle.md#ambiguous-regenerate): it re-reads
     // status, sees the key id unchanged, and treats it as transient (retry with backoff).
     assert!(matches!(e, ProviderError::Ambiguous { .. }), "{e:?}");
     assert!(e.to_string().contains("503"), "{e}");

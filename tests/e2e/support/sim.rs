@@ -164,7 +164,7 @@ impl Portal {
         get_json(&format!("{}/_sim/state", self.url)).await
     }
 
-    /// `POST /_sim/faults` with `faults` (see spec/aos-portal-api.md).
+    /// `POST /_sim/faults` with `faults` (see docs/portal-api.md#the-portal-simulator-keyrotd-sim-portal).
     pub async fn faults(&self, faults: Value) {
         post_json(&format!("{}/_sim/faults", self.url), &faults).await;
     }

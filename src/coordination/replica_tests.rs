@@ -1,0 +1,269 @@
+//! Several coordinators on one in-memory KV, on a hand-moved clock: membership, rendezvous, take-over,
+//! fencing, lapses and an unreachable store.
+
+use super::kv::memory::MemoryKv;
+use super::*;
+
+const TTL: Duration = Duration::from_secs(30);
+
+struct Cluster {
+    kv: Arc<MemoryKv>,
+    now: Arc<Mutex<DateTime<Utc>>>,
+    keys: Vec<String>,
+}
+
+impl Cluster {
+    fn new(keys: usize) -> Cluster {
+        let start = DateTime::parse_from_rfc3339("2027-03-10T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        Cluster {
+            kv: Arc::new(MemoryKv::default()),
+            now: Arc::new(Mutex::new(start)),
+            keys: (0..keys).map(|i| format!("key-{i}")).collect(),
+        }
+    }
+
+    fn replica(&self, name: &str) -> Coordinator {
+        let config = CoordinationConfig {
+            store: "vault".into(),
+            path: "keyrotd/leases".into(),
+            ttl: TTL,
+        };
+        let clock = Clock::Manual(self.now.clone());
+        let replica = Replica::named(name, 1, *self.now.lock().unwrap());
+        Coordinator::new(
+            replica,
+            Kv::Memory(self.kv.clone()),
+            &config,
+            clock,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn advance(&self, by: Duration) {
+        let mut now = self.now.lock().unwrap();
+        *now += chrono(by);
+    }
+
+    async fn tick(&self, c: &Coordinator) -> Vec<Change> {
+        c.tick(&self.keys, |_| false).await
+    }
+
+    fn held_by(&self, cs: &[&Coordinator], key: &str) -> Vec<String> {
+        cs.iter()
+            .filter(|c| c.holds(key))
+            .map(|c| c.replica.id.clone())
+            .collect()
+    }
+}
+
+fn gained(changes: &[Change]) -> Vec<&str> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Gained { key, .. } => Some(key.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_key_has_exactly_one_holder_its_rendezvous_owner() {
+    let cluster = Cluster::new(30);
+    let (a, b, c) = (
+        cluster.replica("a"),
+        cluster.replica("b"),
+        cluster.replica("c"),
+    );
+    for _ in 0..3 {
+        for r in [&a, &b, &c] {
+            cluster.tick(r).await;
+        }
+    }
+    let live: Vec<String> = [&a, &b, &c].iter().map(|r| r.replica.id.clone()).collect();
+    for key in &cluster.keys {
+        let holders = cluster.held_by(&[&a, &b, &c], key);
+        assert_eq!(holders.len(), 1, "{key}: {holders:?}");
+        assert_eq!(Some(&holders[0]), owner(key, &live), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_dead_replicas_keys_are_taken_over_within_ttl_and_one_renewal() {
+    let cluster = Cluster::new(30);
+    let (a, b) = (cluster.replica("a"), cluster.replica("b"));
+    for _ in 0..2 {
+        cluster.tick(&a).await;
+        cluster.tick(&b).await;
+    }
+    let of_a: Vec<String> = cluster
+        .keys
+        .iter()
+        .filter(|k| a.holds(k))
+        .cloned()
+        .collect();
+    assert!(!of_a.is_empty());
+    // a dies right after renewing; b renews every ttl/3.
+    let mut waited = Duration::ZERO;
+    let mut taken = Vec::new();
+    while taken.len() < of_a.len() {
+        cluster.advance(b.renew_interval());
+        waited += b.renew_interval();
+        let changes = cluster.tick(&b).await;
+        for g in gained(&changes) {
+            if waited < TTL {
+                panic!("{g} taken over after {waited:?}, before a's lease expired");
+            }
+            taken.push(g.to_string());
+        }
+        assert!(
+            waited <= TTL + b.renew_interval(),
+            "not taken over after {waited:?}"
+        );
+    }
+    for key in &of_a {
+        let doc = parse_key(
+            &cluster
+                .kv
+                .get(&format!("keyrotd/leases/keys/{key}"))
+                .unwrap(),
+        );
+        assert_eq!(doc.holder.as_deref(), Some(b.replica.id.as_str()));
+        assert_eq!(
+            doc.fence, 2,
+            "{key}: the fencing number grows with the take-over"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_paused_replica_stops_before_its_next_destructive_step() {
+    let cluster = Cluster::new(1);
+    let key = cluster.keys[0].clone();
+    let (a, b) = (cluster.replica("a"), cluster.replica("b"));
+    cluster.tick(&a).await;
+    assert!(a.holds(&key));
+    cluster.tick(&b).await;
+    // a is paused (SIGSTOP) past its lease; b takes the key over.
+    while !b.holds(&key) {
+        cluster.advance(b.renew_interval());
+        cluster.tick(&b).await;
+    }
+    // a resumes in the middle of a rotation: no regenerate, no store write, no reload.
+    assert!(matches!(
+        a.may_regenerate(&key),
+        Err(FenceError::Unrenewed(_))
+    ));
+    assert!(matches!(
+        a.fence(&key, Step::Write).await,
+        Err(FenceError::Lost { .. })
+    ));
+    assert!(!a.holds(&key), "a dropped the key it lost");
+    assert!(a.fence(&key, Step::Reload).await.is_err());
+    // Its journal write is refused too (check-and-set under a stale fence).
+    assert!(a.write_journal(&key, &KeyJournal::new(&key)).await.is_err());
+    // And its next round reports the loss and does not take the key back.
+    let changes = cluster.tick(&a).await;
+    assert!(gained(&changes).is_empty());
+    assert!(b.holds(&key));
+}
+
+#[tokio::test]
+async fn a_replica_that_lapsed_rechecks_its_keys_even_after_renewing() {
+    let cluster = Cluster::new(1);
+    let key = cluster.keys[0].clone();
+    let (a, b) = (cluster.replica("a"), cluster.replica("b"));
+    cluster.tick(&a).await;
+    cluster.tick(&b).await;
+    cluster.advance(TTL + Duration::from_secs(1));
+    cluster.tick(&b).await;
+    assert!(b.holds(&key), "b took the key over");
+    // a renews first thing after its pause: its lease looks valid again, yet the key is not its own.
+    let changes = cluster.tick(&a).await;
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::Lost { key: k } if *k == key))
+    );
+    assert!(a.fence(&key, Step::Write).await.is_err());
+}
+
+#[tokio::test]
+async fn with_the_store_down_no_regenerate_but_a_key_in_hand_is_still_written() {
+    let cluster = Cluster::new(1);
+    let key = cluster.keys[0].clone();
+    let a = cluster.replica("a");
+    cluster.tick(&a).await;
+    assert!(a.may_regenerate(&key).is_ok());
+    cluster.kv.set_down(true);
+    cluster.advance(TTL);
+    cluster.tick(&a).await;
+    assert!(matches!(
+        a.may_regenerate(&key),
+        Err(FenceError::Unrenewed(_))
+    ));
+    assert!(
+        a.fence(&key, Step::Write).await.is_ok(),
+        "never throw away a live key"
+    );
+    cluster.kv.set_down(false);
+    cluster.tick(&a).await;
+    cluster.tick(&a).await;
+    assert!(
+        a.holds(&key),
+        "the lease settles again when the store is back"
+    );
+    assert!(a.may_regenerate(&key).is_ok());
+}
+
+#[tokio::test]
+async fn a_new_replica_gets_its_share_without_a_key_ever_held_twice() {
+    let cluster = Cluster::new(40);
+    let a = cluster.replica("a");
+    cluster.tick(&a).await;
+    assert!(cluster.keys.iter().all(|k| a.holds(k)));
+    let b = cluster.replica("b");
+    for _ in 0..4 {
+        cluster.tick(&b).await;
+        for key in &cluster.keys {
+            assert!(
+                cluster.held_by(&[&a, &b], key).len() <= 1,
+                "{key} held twice"
+            );
+        }
+        cluster.tick(&a).await;
+        for key in &cluster.keys {
+            assert!(
+                cluster.held_by(&[&a, &b], key).len() <= 1,
+                "{key} held twice"
+            );
+        }
+    }
+    let of_b = cluster.keys.iter().filter(|k| b.holds(k)).count();
+    assert!((8..32).contains(&of_b), "b holds {of_b} of 40");
+    assert!(cluster.keys.iter().all(|k| a.holds(k) || b.holds(k)));
+}
+
+#[tokio::test]
+async fn lease_traffic_grows_with_replicas_not_keys() {
+    let cluster = Cluster::new(300);
+    let rs: Vec<Coordinator> = ["a", "b", "c"].iter().map(|n| cluster.replica(n)).collect();
+    for _ in 0..3 {
+        for r in &rs {
+            cluster.tick(r).await;
+        }
+    }
+    let before = cluster.kv.requests();
+    let rounds = 30;
+    for _ in 0..rounds {
+        cluster.advance(rs[0].renew_interval());
+        for r in &rs {
+            cluster.tick(r).await;
+        }
+    }
+    let seconds = (rs[0].renew_interval() * rounds).as_secs_f64();
+    let rate = (cluster.kv.requests() - before) as f64 / seconds;
+    println!("lease traffic, 3 replicas, 300 keys, steady state: {rate:.2} requests/s");
+    assert!(rate < 20.0, "{rate} requests/s");
+}

@@ -1,0 +1,213 @@
+//! The engine's calls to the outside, each counted in the metrics and retried by one policy: provider
+//! status and auth checks, reload hooks and verify probes. The provider, store and notify modules do the
+//! I/O; this module decides how often to try again.
+
+#[cfg(feature = "testing")]
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::config::{DependentConfig, KeyConfig, ReloadHook, VerifyConfig};
+use crate::notify::{HookError, Notifier, Probe, ReloadNotice};
+use crate::provider::{AuthIdentity, KeyStatus, Provider, ProviderError, Regenerated};
+use crate::secret::Secret;
+use crate::telemetry::{Metrics, ProviderOperation, ProviderOutcome};
+
+/// The longest a provider's `Retry-After` is honoured by one wait. A longer one is waited in part;
+/// the caller's attempt limit then decides whether to go on or give up.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Delay before attempt `attempt` (0-based) of a retried call: exponential from 250 ms, capped at
+/// 10 s, with "equal jitter" (half fixed, half random) so that keys failing together do not retry in
+/// lockstep.
+pub fn backoff(attempt: u32) -> Duration {
+    let full = (250u64 << attempt.min(6)).min(10_000);
+    let half = full / 2;
+    Duration::from_millis(half + (rand::random::<f64>() * half as f64) as u64)
+}
+
+fn count(
+    metrics: &Metrics,
+    provider: &Provider,
+    op: ProviderOperation,
+    err: Option<&ProviderError>,
+) {
+    let outcome = match err {
+        None => ProviderOutcome::Ok,
+        Some(ProviderError::Auth { .. }) => ProviderOutcome::AuthError,
+        Some(ProviderError::RateLimited { .. }) => ProviderOutcome::RateLimited,
+        Some(ProviderError::Ambiguous { .. }) => ProviderOutcome::Ambiguous,
+        Some(_) => ProviderOutcome::Transient,
+    };
+    metrics.provider_request(provider.name(), op, outcome);
+}
+
+pub async fn status(metrics: &Metrics, provider: &Provider) -> Result<KeyStatus, ProviderError> {
+    let r = provider.status().await;
+    count(
+        metrics,
+        provider,
+        ProviderOperation::Status,
+        r.as_ref().err(),
+    );
+    r
+}
+
+/// Status with a few retries for transient errors and rate limits.
+pub async fn status_retrying(
+    metrics: &Metrics,
+    provider: &Provider,
+) -> Result<KeyStatus, ProviderError> {
+    let mut attempt = 0;
+    loop {
+        match status(metrics, provider).await {
+            Ok(s) => return Ok(s),
+            Err(ProviderError::RateLimited { retry_after, .. }) if attempt < 4 => {
+                tokio::time::sleep(retry_after.min(MAX_RETRY_AFTER)).await
+            }
+            Err(ProviderError::Transient { .. }) if attempt < 4 => {
+                tokio::time::sleep(backoff(attempt)).await
+            }
+            Err(e) => return Err(e),
+        }
+        attempt += 1;
+    }
+}
+
+/// `Ok(Some)` when the secret is the provider's active key, `Ok(None)` when refused.
+pub async fn auth_check(
+    metrics: &Metrics,
+    provider: &Provider,
+    secret: &Secret,
+) -> Result<Option<AuthIdentity>, ProviderError> {
+    let r = provider.auth_check(secret).await;
+    count(
+        metrics,
+        provider,
+        ProviderOperation::AuthCheck,
+        r.as_ref().err(),
+    );
+    r
+}
+
+pub async fn regenerate(
+    metrics: &Metrics,
+    provider: &Provider,
+    reason: &str,
+    current_key_id: Option<&str>,
+) -> Result<Regenerated, ProviderError> {
+    let r = provider.regenerate(reason, current_key_id).await;
+    count(
+        metrics,
+        provider,
+        ProviderOperation::Regenerate,
+        r.as_ref().err(),
+    );
+    r
+}
+
+/// How dependents are reached: over the network, or (tests) scripted in memory.
+#[derive(Clone)]
+pub enum Dependents {
+    Real(Notifier),
+    #[cfg(feature = "testing")]
+    Scripted(Arc<crate::testing::ScriptedDependents>),
+}
+
+impl Default for Dependents {
+    fn default() -> Self {
+        Dependents::Real(Notifier::new())
+    }
+}
+
+impl Dependents {
+    pub async fn reload(
+        &self,
+        hook: &ReloadHook,
+        notice: &ReloadNotice<'_>,
+    ) -> Result<(), HookError> {
+        match self {
+            Dependents::Real(n) => n.reload(hook, notice).await,
+            #[cfg(feature = "testing")]
+            Dependents::Scripted(s) => s.reload(hook, notice).await,
+        }
+    }
+
+    pub async fn probe(&self, verify: &VerifyConfig) -> Probe {
+        match self {
+            Dependents::Real(n) => n.probe(verify).await,
+            #[cfg(feature = "testing")]
+            Dependents::Scripted(s) => s.probe(verify).await,
+        }
+    }
+}
+
+/// What a reload hook is told about a key.
+#[derive(Debug, Clone)]
+pub struct Notice {
+    pub rotation_id: Uuid,
+    pub key_id: String,
+    pub rotated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// One dependent's reload hook with its retries, each attempt counted. True once it answered.
+pub async fn call_hook(
+    engine: &super::Engine,
+    key: &KeyConfig,
+    dep: &DependentConfig,
+    notice: &Notice,
+) -> bool {
+    let (dependents, metrics) = (&engine.dependents, &engine.metrics);
+    let Some(hook) = &dep.reload else { return true };
+    let retries = match hook {
+        ReloadHook::Http { retries, .. } | ReloadHook::Command { retries, .. } => *retries,
+    };
+    let notice = ReloadNotice {
+        key: &key.name,
+        rotation_id: notice.rotation_id,
+        key_id: &notice.key_id,
+        rotated_at: notice.rotated_at,
+    };
+    for attempt in 0..=retries {
+        if let Some(c) = &engine.coordination
+            && let Err(e) = c.fence(&key.name, crate::coordination::Step::Reload).await
+        {
+            tracing::warn!(dependent = %dep.name, error = %e, "Reload hook not sent: the key's lease is gone.");
+            return false;
+        }
+        match dependents.reload(hook, &notice).await {
+            Ok(()) => {
+                metrics.reload_hook(&key.name, &dep.name, true);
+                return true;
+            }
+            Err(e) => {
+                metrics.reload_hook(&key.name, &dep.name, false);
+                tracing::warn!(dependent = %dep.name, attempt, error = %e, "Reload hook failed.");
+                if attempt < retries {
+                    tokio::time::sleep(backoff(attempt + 1)).await;
+                }
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered_within_bounds() {
+        for attempt in 0..10 {
+            let full = (250u64 << attempt.min(6)).min(10_000);
+            for _ in 0..50 {
+                let d = backoff(attempt).as_millis() as u64;
+                assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d} ms");
+            }
+        }
+        let samples: std::collections::BTreeSet<u128> =
+            (0..50).map(|_| backoff(5).as_millis()).collect();
+        assert!(samples.len() > 1, "no jitter: {samples:?}");
+    }
+}

@@ -1,0 +1,185 @@
+//! One key's slot: the single owner of its durable state, and its live view.
+//!
+//! Two locks, each for one job:
+//! - the **claim** (busy flag): at most one actor — a rotation, the recovery of a journal, a reconcile
+//!   repair — works on a key at a time. Taking it never waits: a second trigger is refused (409). A
+//!   recovery or reconcile decision is made while holding it and handed, claim and all, to the
+//!   rotation that carries it out, so nothing can slip in between;
+//! - the **journal mutex**: every read-modify-write of the journal (the in-memory copy is the
+//!   authoritative one; the file mirrors it) happens under it, including the few done outside a
+//!   claim (a watch ending, the background fill checking it still owns the key).
+//!
+//! The **generation** grows with every journal change. Reconcile reads it before its (slow, unlocked)
+//! observation and acts only if it is unchanged once the claim is taken: an observation that a
+//! rotation overtook is dropped, never acted on.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::record::{DestinationView, LivePhase, RotationRecord};
+use crate::journal::{KeyJournal, Phase};
+use crate::provider::KeyStatus;
+use crate::telemetry::Outcome;
+
+/// How many finished rotations per key the engine remembers for `GET /v1/rotations/{id}`.
+pub const RECORDS_PER_KEY: usize = 100;
+
+/// The live, in-memory view of a key (never persisted; rebuilt by observation after a restart).
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Mirror of the journal's phase, for readers that must not wait on the journal mutex.
+    pub phase: Phase,
+    /// The rotation running now (from its start to its end; a watch does not count).
+    pub rotating: Option<Uuid>,
+    pub watch_cancel: Option<CancellationToken>,
+    pub status: Option<KeyStatus>,
+    pub destinations: Vec<DestinationView>,
+    pub drift: bool,
+    /// No observation has completed since start.
+    pub observing: bool,
+    pub next_rotation: Option<DateTime<Utc>>,
+    pub last_outcome: Option<Outcome>,
+    pub records: VecDeque<Arc<Mutex<RotationRecord>>>,
+    /// The last journal write failed; the in-memory journal is ahead of the file.
+    pub dirty: bool,
+    /// Why the key is blocked from automatic regeneration (its journal was unreadable).
+    pub blocked: Option<String>,
+    /// When recovery may try this key's owed re-rotation again (backoff after an abort).
+    pub retry_at: Option<DateTime<Utc>>,
+    pub retry_attempt: u32,
+}
+
+/// A key's slot. Shared behind an `Arc`; outlives a config reload that drops the key while a rotation
+/// of it still holds a claim, so a key re-added meanwhile finds the same slot (one owner, always).
+#[derive(Debug)]
+pub struct KeySlot {
+    pub name: String,
+    busy: AtomicBool,
+    generation: AtomicU64,
+    journal: tokio::sync::Mutex<KeyJournal>,
+    live: Mutex<Live>,
+}
+
+impl KeySlot {
+    pub fn new(journal: KeyJournal) -> Arc<KeySlot> {
+        let live = Live {
+            phase: journal.phase,
+            last_outcome: journal.last_outcome,
+            observing: true,
+            ..Live::default()
+        };
+        Arc::new(KeySlot {
+            name: journal.key.clone(),
+            busy: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            journal: tokio::sync::Mutex::new(journal),
+            live: Mutex::new(live),
+        })
+    }
+
+    /// Takes the key's claim, or `None` when another actor holds it.
+    pub fn try_claim(self: &Arc<Self>) -> Option<Claim> {
+        self.busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| Claim { slot: self.clone() })
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    /// Grows with every journal change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// A copy of the journal as it is now.
+    pub async fn journal(&self) -> KeyJournal {
+        self.journal.lock().await.clone()
+    }
+
+    /// The journal mutex, for the engine's commit functions.
+    pub(crate) async fn lock_journal(&self) -> tokio::sync::MutexGuard<'_, KeyJournal> {
+        self.journal.lock().await
+    }
+
+    /// Called under the journal mutex after every change.
+    pub(crate) fn changed(&self, journal: &KeyJournal) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.live().phase = journal.phase;
+    }
+
+    pub fn live(&self) -> MutexGuard<'_, Live> {
+        // A poisoned lock means a panic while a view field was assigned: the view is still usable.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The phase `/v1/keys` shows.
+    pub fn live_phase(&self) -> LivePhase {
+        let live = self.live();
+        LivePhase::of(live.phase, live.rotating.is_some())
+    }
+
+    /// Remembers a rotation's record (the last [`RECORDS_PER_KEY`]).
+    pub fn remember(&self, record: Arc<Mutex<RotationRecord>>) {
+        let mut live = self.live();
+        live.records.push_back(record);
+        while live.records.len() > RECORDS_PER_KEY {
+            live.records.pop_front();
+        }
+    }
+}
+
+/// The right to act on a key. Dropping it frees the key for the next trigger.
+#[derive(Debug)]
+pub struct Claim {
+    slot: Arc<KeySlot>,
+}
+
+impl Claim {
+    pub fn slot(&self) -> &Arc<KeySlot> {
+        &self.slot
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.slot.busy.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_is_exclusive_until_dropped() {
+        let slot = KeySlot::new(KeyJournal::new("k"));
+        let first = slot.try_claim().expect("free");
+        assert!(slot.is_busy());
+        assert!(slot.try_claim().is_none());
+        drop(first);
+        assert!(!slot.is_busy());
+        assert!(slot.try_claim().is_some());
+    }
+
+    #[test]
+    fn only_the_last_records_are_kept() {
+        let slot = KeySlot::new(KeyJournal::new("k"));
+        for _ in 0..RECORDS_PER_KEY + 5 {
+            slot.remember(Arc::new(Mutex::new(RotationRecord::new(
+                "k",
+                Uuid::new_v4(),
+                crate::journal::Trigger::Api,
+                Utc::now(),
+            ))));
+        }
+        assert_eq!(slot.live().records.len(), RECORDS_PER_KEY);
+    }
+}

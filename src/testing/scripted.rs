@@ -1,0 +1,306 @@
+//! A scripted provider: an in-memory portal that keeps the portal's contract (one active key; the old
+//! one dies at regenerate; the secret is shown once) and fails on cue.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use crate::clock::Clock;
+use crate::provider::{AuthIdentity, KeyStatus, ProviderError, Regenerated};
+use crate::secret::Secret;
+
+/// A provider operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Status,
+    Regenerate,
+    AuthCheck,
+}
+
+/// What the next call of an operation does instead of answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Refused before it could act (connection refused).
+    Transient,
+    /// A regenerate whose outcome is unknown (timeout, 5xx): the portal did NOT rotate.
+    Ambiguous,
+    /// The portal rotates, then the response is lost (a reset after commit).
+    Lose,
+    /// 429 with this Retry-After.
+    RateLimited(Duration),
+    /// 401 on the management credential.
+    Auth,
+    /// A 4xx retrying will not fix.
+    Permanent,
+    /// Answers normally after this long (tokio time), with the state as it is then.
+    Delay(Duration),
+    /// Answers with the state as it is now, delivered this much later (a slow network): the answer
+    /// may be stale by the time it arrives.
+    Late(Duration),
+}
+
+struct State {
+    key_id: String,
+    secret: String,
+    seq: u32,
+    active: bool,
+    account_id: Option<String>,
+    last_rotated: Option<chrono::DateTime<chrono::Utc>>,
+    generated_by: Option<String>,
+    faults: HashMap<Op, VecDeque<Fault>>,
+    calls: HashMap<Op, u32>,
+    /// Regenerate calls that rotated the key (whether the answer arrived or not).
+    regenerations: u32,
+    /// Rotations done out of band (in the portal's UI).
+    out_of_band: u32,
+    issued: Vec<String>,
+    has_status: bool,
+    has_auth_check: bool,
+}
+
+pub struct ScriptedProvider {
+    name: String,
+    expected_account: Option<String>,
+    clock: Clock,
+    state: Mutex<State>,
+}
+
+impl ScriptedProvider {
+    /// A portal whose active key is `<name>-secret-0` (id `<name>-key-0`), account `acct`.
+    pub fn new(name: &str, clock: Clock) -> ScriptedProvider {
+        ScriptedProvider {
+            name: name.to_string(),
+            expected_account: Some("acct".into()),
+            clock,
+            state: Mutex::new(State {
+                key_id: format!("{name}-key-0"),
+                secret: format!("{name}-secret-0"),
+                seq: 0,
+                active: true,
+                account_id: Some("acct".into()),
+                last_rotated: None,
+                generated_by: Some("role:test".into()),
+                faults: HashMap::new(),
+                calls: HashMap::new(),
+                regenerations: 0,
+                out_of_band: 0,
+                issued: vec![format!("{name}-secret-0")],
+                has_status: true,
+                has_auth_check: true,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn expected_account(&self) -> Option<&str> {
+        self.expected_account.as_deref()
+    }
+
+    /// The next `n` calls of `op` fail with `fault`.
+    pub fn fail(&self, op: Op, n: usize, fault: Fault) {
+        let mut s = self.state();
+        let q = s.faults.entry(op).or_default();
+        for _ in 0..n {
+            q.push_back(fault);
+        }
+    }
+
+    pub fn without_status(&self) {
+        self.state().has_status = false;
+    }
+
+    pub fn without_auth_check(&self) {
+        self.state().has_auth_check = false;
+    }
+
+    pub fn set_active(&self, active: bool) {
+        self.state().active = active;
+    }
+
+    pub fn set_account(&self, account: &str) {
+        self.state().account_id = Some(account.to_string());
+    }
+
+    /// Someone rotates in the portal's UI: the key keyrotd knows dies.
+    pub fn rotate_out_of_band(&self) -> String {
+        let mut s = self.state();
+        Self::rotate(&mut s, &self.name, self.clock.now());
+        s.regenerations -= 1;
+        s.out_of_band += 1;
+        s.generated_by = Some("user:someone".into());
+        s.secret.clone()
+    }
+
+    fn rotate(s: &mut State, name: &str, now: chrono::DateTime<chrono::Utc>) {
+        s.seq += 1;
+        s.key_id = format!("{name}-key-{}", s.seq);
+        s.secret = format!("{name}-secret-{}-{}", s.seq, uuid::Uuid::new_v4().simple());
+        s.last_rotated = Some(now);
+        s.regenerations += 1;
+        s.issued.push(s.secret.clone());
+    }
+
+    /// Rotations done out of band.
+    pub fn out_of_band(&self) -> u32 {
+        self.state().out_of_band
+    }
+
+    pub fn key_id(&self) -> String {
+        self.state().key_id.clone()
+    }
+
+    pub fn secret(&self) -> String {
+        self.state().secret.clone()
+    }
+
+    /// Regenerates that rotated the key.
+    pub fn regenerations(&self) -> u32 {
+        self.state().regenerations
+    }
+
+    /// Calls of `op` so far.
+    pub fn calls(&self, op: Op) -> u32 {
+        self.state().calls.get(&op).copied().unwrap_or(0)
+    }
+
+    /// Every secret this portal ever issued (for leak checks).
+    pub fn issued(&self) -> Vec<String> {
+        self.state().issued.clone()
+    }
+
+    pub fn has_status(&self) -> bool {
+        self.state().has_status
+    }
+
+    pub fn has_auth_check(&self) -> bool {
+        self.state().has_auth_check
+    }
+
+    /// Counts the call and takes its next fault; a `Delay` is waited here. A `Late` comes back as
+    /// the time to wait after answering.
+    async fn enter(&self, op: Op) -> (Option<Fault>, Duration) {
+        let fault = {
+            let mut s = self.state();
+            *s.calls.entry(op).or_default() += 1;
+            s.faults.get_mut(&op).and_then(|q| q.pop_front())
+        };
+        match fault {
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                (None, Duration::ZERO)
+            }
+            Some(Fault::Late(d)) => (None, d),
+            f => (f, Duration::ZERO),
+        }
+    }
+
+    async fn deliver<T>(answer: T, late: Duration) -> T {
+        if !late.is_zero() {
+            tokio::time::sleep(late).await;
+        }
+        answer
+    }
+
+    fn error(&self, op: Op, fault: Fault) -> ProviderError {
+        let provider = self.name.clone();
+        let operation = match op {
+            Op::Status => "status",
+            Op::Regenerate => "regenerate",
+            Op::AuthCheck => "auth_check",
+        };
+        match fault {
+            Fault::Auth => ProviderError::Auth {
+                provider,
+                operation,
+                status: 401,
+            },
+            Fault::RateLimited(retry_after) => ProviderError::RateLimited {
+                provider,
+                operation,
+                retry_after,
+            },
+            Fault::Permanent => ProviderError::Permanent {
+                provider,
+                operation,
+                message: "HTTP 400".into(),
+            },
+            Fault::Ambiguous | Fault::Lose if op == Op::Regenerate => ProviderError::Ambiguous {
+                provider,
+                message: "connection reset".into(),
+            },
+            _ => ProviderError::Transient {
+                provider,
+                operation,
+                message: "connection refused".into(),
+            },
+        }
+    }
+
+    pub async fn status(&self) -> Result<KeyStatus, ProviderError> {
+        let (fault, late) = self.enter(Op::Status).await;
+        if let Some(f) = fault {
+            return Err(self.error(Op::Status, f));
+        }
+        let answer = {
+            let s = self.state();
+            KeyStatus {
+                active: s.active,
+                key_id: s.key_id.clone(),
+                account_id: s.account_id.clone(),
+                first_generated: None,
+                last_rotated: s.last_rotated,
+                generated_by: s.generated_by.clone(),
+            }
+        };
+        Ok(Self::deliver(answer, late).await)
+    }
+
+    pub async fn regenerate(&self) -> Result<Regenerated, ProviderError> {
+        let (fault, late) = self.enter(Op::Regenerate).await;
+        match fault {
+            Some(Fault::Lose) => {
+                let mut s = self.state();
+                Self::rotate(&mut s, &self.name, self.clock.now());
+                return Err(self.error(Op::Regenerate, Fault::Lose));
+            }
+            Some(f) => return Err(self.error(Op::Regenerate, f)),
+            None => {}
+        }
+        let answer = {
+            let mut s = self.state();
+            Self::rotate(&mut s, &self.name, self.clock.now());
+            s.generated_by = Some("role:rotation-bot".into());
+            Regenerated {
+                key_id: s.key_id.clone(),
+                secret: Secret::from(s.secret.clone()),
+                last_rotated: s.last_rotated,
+                generated_by: s.generated_by.clone(),
+            }
+        };
+        Ok(Self::deliver(answer, late).await)
+    }
+
+    pub async fn auth_check(&self, secret: &Secret) -> Result<Option<AuthIdentity>, ProviderError> {
+        let (fault, late) = self.enter(Op::AuthCheck).await;
+        if let Some(f) = fault {
+            return Err(self.error(Op::AuthCheck, f));
+        }
+        let answer = {
+            let s = self.state();
+            (secret.expose_secret() == s.secret).then(|| AuthIdentity {
+                account_id: s.account_id.clone(),
+                key_id: Some(s.key_id.clone()),
+            })
+        };
+        Ok(Self::deliver(answer, late).await)
+    }
+}

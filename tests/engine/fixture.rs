@@ -1,0 +1,425 @@
+//! One key ("billing") on a scripted portal, two in-memory destinations ("a", "b") and scripted
+//! dependents, driven by the real engine under tokio's paused clock. Nothing listens on a socket.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use keyrotd::clock::Clock;
+use keyrotd::config::DestinationTarget;
+use keyrotd::engine::{
+    Dependents, Engine, EngineOptions, RotationRequest, RunResult, Runtime, Trigger,
+};
+use keyrotd::journal::{KeyJournal, Phase};
+use keyrotd::provider::Provider;
+use keyrotd::secret::{Secret, fingerprint};
+use keyrotd::store::Store;
+use keyrotd::telemetry::{Metrics, Outcome};
+use keyrotd::testing::{DependentScript, MemoryStore, ScriptedDependents, ScriptedProvider};
+
+pub const KEY: &str = "billing";
+pub const STORES: [&str; 2] = ["a", "b"];
+
+/// A Wednesday morning, far from any midnight, week or DST boundary.
+pub fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2027, 3, 10, 10, 0, 0).unwrap()
+}
+
+/// A dependent of the key.
+#[derive(Clone)]
+pub struct Dep {
+    pub name: &'static str,
+    pub reads_from: &'static [&'static str],
+    pub verify: bool,
+    pub reload: bool,
+}
+
+pub fn dep(name: &'static str, reads_from: &'static [&'static str]) -> Dep {
+    Dep {
+        name,
+        reads_from,
+        verify: true,
+        reload: true,
+    }
+}
+
+/// What the fixture is built from.
+#[derive(Clone)]
+pub struct Spec {
+    /// Extra lines of the `[[keys]]` table (`watch = "0s"`, `auto_recover = false`...).
+    pub key: String,
+    pub dependents: Vec<Dep>,
+    /// The destinations hold the portal's key and the journal knows it (keyrotd rotated it before).
+    pub known: bool,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec {
+            key: "watch = \"0s\"\nstore_deadline = \"10s\"".into(),
+            dependents: vec![dep("api", &["a"])],
+            known: true,
+        }
+    }
+}
+
+impl Spec {
+    /// Sets fields of the `[[keys]]` table (a field given again replaces the default).
+    pub fn key(mut self, lines: &str) -> Self {
+        let field = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+        let new: Vec<String> = lines.lines().map(field).collect();
+        let kept: Vec<&str> = self
+            .key
+            .lines()
+            .filter(|l| !new.contains(&field(l)))
+            .collect();
+        self.key = format!("{}\n{lines}", kept.join("\n"));
+        self
+    }
+
+    pub fn dependents(mut self, deps: Vec<Dep>) -> Self {
+        self.dependents = deps;
+        self
+    }
+}
+
+pub struct Fx {
+    pub dir: tempfile::TempDir,
+    pub spec: Spec,
+    pub clock: Clock,
+    pub provider: Arc<Provider>,
+    pub stores: HashMap<String, Arc<Store>>,
+    pub deps: Arc<ScriptedDependents>,
+    pub dependents: HashMap<String, Arc<DependentScript>>,
+    pub metrics: Arc<Metrics>,
+    /// The portal's key before the test did anything.
+    pub original: String,
+    engine: Option<Arc<Engine>>,
+}
+
+/// What a destination holds, relative to the portal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    /// The portal's active key now.
+    Active,
+    /// The key from before the test.
+    Original,
+    Nothing,
+    /// Any other value (a dead key).
+    Other,
+}
+
+impl Fx {
+    /// Everything but the engine: a test may still write the journal, seed stores or move the portal.
+    pub fn new(spec: Spec) -> Fx {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let clock = Clock::virtual_at(t0());
+        let portal = ScriptedProvider::new("portal", clock.clone());
+        let original = portal.secret();
+        let provider = Arc::new(Provider::Scripted(portal));
+        let stores: HashMap<String, Arc<Store>> = STORES
+            .iter()
+            .map(|n| (n.to_string(), Arc::new(Store::Memory(MemoryStore::new(n)))))
+            .collect();
+        let fx = Fx {
+            dir,
+            spec,
+            clock,
+            provider,
+            stores,
+            deps: Arc::new(ScriptedDependents::default()),
+            dependents: HashMap::new(),
+            metrics: Arc::new(Metrics::new()),
+            original,
+            engine: None,
+        };
+        if fx.spec.known {
+            for s in STORES {
+                fx.store(s).put(&target().to_string(), &fx.original);
+            }
+            let mut j = KeyJournal::new(KEY);
+            j.active_key_id = Some(fx.portal().key_id());
+            j.active_fingerprint = Some(fp(&fx.original));
+            fx.write_journal(&j);
+        }
+        fx
+    }
+
+    /// Builds the engine (it loads the journal now) and marks it ready.
+    pub fn start(mut self) -> Fx {
+        self.build_engine();
+        self.engine().mark_ready();
+        self
+    }
+
+    /// Builds the engine without marking it ready (a test of the recovery scan).
+    pub fn start_unready(mut self) -> Fx {
+        self.build_engine();
+        self
+    }
+
+    fn build_engine(&mut self) {
+        let config = keyrotd::config::load_str(&self.config_text(KEY))
+            .unwrap_or_else(|e| panic!("fixture config: {e:?}"));
+        for d in &self.spec.dependents {
+            let store = self.stores[d.reads_from[0]].clone();
+            let script = DependentScript::new(store, target(), self.provider.clone());
+            let script = self.deps.add(
+                &format!("http://{}.invalid/reload", d.name),
+                &format!("http://{}.invalid/health", d.name),
+                script,
+            );
+            self.dependents.insert(d.name.to_string(), script);
+        }
+        let runtime = Runtime {
+            config: Arc::new(config),
+            providers: HashMap::from([("portal".to_string(), self.provider.clone())]),
+            stores: self.stores.clone(),
+        };
+        let options = EngineOptions {
+            clock: self.clock.clone(),
+            dependents: Dependents::Scripted(self.deps.clone()),
+            coordination: None,
+        };
+        let engine = Engine::with_runtime(runtime, self.metrics.clone(), options)
+            .unwrap_or_else(|e| panic!("engine: {e:#}"));
+        self.engine = Some(engine);
+    }
+
+    /// A reload (SIGHUP) to the fixture's config with the key named `name` (another name drops it).
+    pub fn reload_as(&self, name: &str) {
+        let config = keyrotd::config::load_str(&self.config_text(name))
+            .unwrap_or_else(|e| panic!("fixture config: {e}"));
+        let runtime = Runtime {
+            config: Arc::new(config),
+            providers: HashMap::from([("portal".to_string(), self.provider.clone())]),
+            stores: self.stores.clone(),
+        };
+        self.engine().replace_runtime(runtime);
+    }
+
+    fn config_text(&self, name: &str) -> String {
+        let dir = self.dir.path();
+        std::fs::write(dir.join("token"), "management-token").unwrap();
+        let mut deps = String::new();
+        for d in &self.spec.dependents {
+            let reads: Vec<String> = d.reads_from.iter().map(|s| format!("{s:?}")).collect();
+            deps.push_str(&format!(
+                "\n  [[keys.dependents]]\n  name = \"{}\"\n  reads_from = [{}]\n",
+                d.name,
+                reads.join(", ")
+            ));
+            if d.verify {
+                deps.push_str(&format!(
+                    "  verify = {{ url = \"http://{}.invalid/health\" }}\n",
+                    d.name
+                ));
+            }
+            if d.reload {
+                deps.push_str(&format!(
+                    "  reload = {{ url = \"http://{}.invalid/reload\", retries = 2 }}\n",
+                    d.name
+                ));
+            }
+        }
+        format!(
+            r#"
+[daemon]
+state_dir = "{state}"
+reconcile_interval = "0s"
+
+[providers.portal]
+kind = "aos"
+base_url = "http://portal.invalid"
+management_token = {{ file = "{dir}/token" }}
+account_id = "acct"
+
+[stores.a]
+kind = "file"
+dir = "{dir}/a"
+
+[stores.b]
+kind = "file"
+dir = "{dir}/b"
+
+[[keys]]
+name = "{name}"
+provider = "portal"
+{key}
+
+  [[keys.destinations]]
+  store = "a"
+  file = "billing.key"
+
+  [[keys.destinations]]
+  store = "b"
+  file = "billing.key"
+{deps}"#,
+            state = self.state_dir().display(),
+            dir = dir.display(),
+            key = self.spec.key,
+        )
+    }
+
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        self.engine.as_ref().expect("Fx::start() first")
+    }
+
+    pub fn portal(&self) -> &ScriptedProvider {
+        match &*self.provider {
+            Provider::Scripted(p) => p,
+            _ => unreachable!("the fixture's provider is scripted"),
+        }
+    }
+
+    pub fn store(&self, name: &str) -> &MemoryStore {
+        match &*self.stores[name] {
+            Store::Memory(s) => s,
+            _ => unreachable!("the fixture's stores are in memory"),
+        }
+    }
+
+    pub fn dependent(&self, name: &str) -> &DependentScript {
+        &self.dependents[name]
+    }
+
+    /// The key's journal as written on disk.
+    pub fn journal(&self) -> KeyJournal {
+        let path = self.state_dir().join("journal").join(format!("{KEY}.json"));
+        match std::fs::read(&path) {
+            Ok(bytes) => keyrotd::journal::parse(&bytes).expect("journal parses"),
+            Err(_) => KeyJournal::new(KEY),
+        }
+    }
+
+    pub fn write_journal(&self, j: &KeyJournal) {
+        let dir = self.state_dir().join("journal");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("{KEY}.json")),
+            serde_json::to_vec_pretty(j).unwrap(),
+        )
+        .unwrap();
+    }
+
+    pub fn holds(&self, store: &str) -> Holds {
+        match self.store(store).get(&target().to_string()) {
+            None => Holds::Nothing,
+            Some(v) if v == self.portal().secret() => Holds::Active,
+            Some(v) if v == self.original => Holds::Original,
+            Some(_) => Holds::Other,
+        }
+    }
+
+    pub fn request(&self) -> RotationRequest {
+        RotationRequest::new(Trigger::Manual, "test", "tester")
+    }
+
+    /// A manual rotation, run to its end.
+    pub async fn rotate(&self) -> RunResult {
+        self.rotate_with(self.request()).await
+    }
+
+    pub async fn rotate_with(&self, req: RotationRequest) -> RunResult {
+        match self.engine().rotate(KEY, req).await {
+            Ok((_, result)) => result,
+            Err(e) => panic!("rotation refused: {e}"),
+        }
+    }
+
+    /// Waits (virtual time, bounded) until no actor holds the key and background work settled.
+    pub async fn settle(&self) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(3600);
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !self.engine().is_busy(KEY) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if !self.engine().is_busy(KEY) {
+                    return;
+                }
+            }
+            assert!(tokio::time::Instant::now() < until, "the key never settled");
+        }
+    }
+
+    /// The outcome of the key's last finished rotation.
+    pub fn last_outcome(&self) -> Option<Outcome> {
+        self.engine()
+            .key_views()
+            .into_iter()
+            .find(|k| k.name == KEY)
+            .and_then(|k| k.last_outcome)
+    }
+
+    /// The value of one sample of `name` with all of `labels` (0 when absent).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metrics
+            .encode()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+                (n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+            })
+            .sum()
+    }
+
+    /// Every output a secret could leak into: the state dir's files, the metrics, the key views and
+    /// every rotation record.
+    pub fn outputs(&self) -> String {
+        let mut out = self.metrics.encode();
+        out.push_str(&serde_json::to_string(&self.engine().key_views()).unwrap());
+        for entry in walk(&self.state_dir()) {
+            out.push_str(&String::from_utf8_lossy(
+                &std::fs::read(entry).unwrap_or_default(),
+            ));
+        }
+        out
+    }
+
+    /// Every secret the portal ever issued.
+    pub fn secrets(&self) -> Vec<String> {
+        self.portal().issued()
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                files.extend(walk(&p));
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files
+}
+
+pub fn target() -> DestinationTarget {
+    DestinationTarget::File {
+        file: "billing.key".into(),
+    }
+}
+
+pub fn fp(secret: &str) -> String {
+    fingerprint(&Secret::from(secret.to_string()))
+}
+
+/// The journal phase names used in tables.
+pub fn phase_name(p: Phase) -> &'static str {
+    keyrotd::journal::phase_name(p)
+}
