@@ -90,6 +90,16 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     }
     assert_eq!(before.get("keyrotd_drift", &[("key", KEY)]), 0.0);
 
+    // The start-up look has adopted the seeded destinations: from here on, the daemon's only work is
+    // the rotation the test asks for.
+    stack
+        .eventually(T, "the destinations adopted", || async {
+            daemon.key().await["destinations"]
+                .as_array()
+                .is_some_and(|d| !d.is_empty() && d.iter().all(|d| d["in_sync"] == true))
+        })
+        .await;
+    let log_from = daemon.log_text().len();
     let record = daemon.rotate("test: observability").await;
     assert_eq!(record["outcome"], "success", "{record:#}");
     let rotation_id = record["rotation_id"].as_str().unwrap().to_string();
@@ -288,7 +298,7 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
             stack.journal_phase() == "idle"
         })
         .await;
-    let rotation_log = daemon.log_text();
+    let rotation_log = daemon.log_text()[log_from..].to_string();
 
     // Pause and reload.
     let (status, _) = daemon
@@ -329,6 +339,10 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
 
     // Logs: JSON, one object per line; every line of the rotation carries key and rotation_id.
     let log = daemon.log_text();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<Value>(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+    }
     assert_rotation_logs_json(&rotation_log, &rotation_id);
 
     // Audit log: every documented field on every record; the rotation's events in order.
@@ -414,29 +428,16 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     }
 }
 
-/// The lines a daemon logged after its recovery scan. In a daemon that reconciles nothing and has
-/// nothing to recover, these are all about the rotations the test ran: none is left out because it
-/// lacks the context the test then checks for.
-fn after_recovery(log: &str) -> Vec<&str> {
-    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-    let start = lines
-        .iter()
-        .position(|l| l.contains("Recovery scan done."))
-        .unwrap_or_else(|| panic!("no recovery scan in the log:\n{log}"));
-    lines[start + 1..].to_vec()
-}
-
-/// Every line parses as JSON; every line after the recovery scan (the rotation, its stores and hooks,
-/// its watch) carries `key` and `rotation_id`; the rotation's own events are among them.
+/// Every line parses as JSON and carries `key` and `rotation_id`: `log` is what the daemon logged from
+/// the moment the test asked for the rotation until its watch ended, when the daemon did nothing
+/// else, so no line is left out because it lacks the context checked for. The rotation's own events
+/// are among them.
 fn assert_rotation_logs_json(log: &str, rotation_id: &str) {
-    for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        serde_json::from_str::<Value>(line)
-            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
-    }
-    let lines = after_recovery(log);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut events = Vec::new();
     for line in &lines {
-        let v: Value = serde_json::from_str(line).expect("checked above");
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
         assert_eq!(
             field(&v, "key").as_deref(),
             Some(KEY),
@@ -530,12 +531,14 @@ async fn text_logs_show_the_rotation_span_on_every_line_failures_included() {
         .dep_aws
         .faults(serde_json::json!({ "fail_reload_next": 1 }))
         .await;
+    // From here on, the daemon's only work is the rotation the test asks for.
+    let log_from = daemon.log_text().len();
     let id = daemon.start_rotate("test: text logs").await;
     let record = daemon.wait_rotation(&id, T).await;
     assert_eq!(record["outcome"], "success", "{record:#}");
-    let log = daemon.log_text();
+    let log = daemon.log_text()[log_from..].to_string();
     let context = format!("rotation{{key={KEY} rotation_id={id}}}");
-    let lines = after_recovery(&log);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(lines.len() >= 10, "too few lines of the rotation:\n{log}");
     for line in &lines {
         assert!(line.contains(&context), "line without {context}: {line}");
