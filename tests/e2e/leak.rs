@@ -180,8 +180,10 @@ async fn no_secret_reaches_any_output() {
     let mut outputs = Haystacks::default();
     let mut ids: Vec<String> = Vec::new();
 
-    // --- A daemon with JSON logs.
-    let mut daemon = stack.daemon(&config).await;
+    // --- A daemon with JSON logs, every target at TRACE.
+    let mut daemon = stack
+        .daemon_with_env(&config, &[("RUST_LOG", "trace")])
+        .await;
     rotate_expecting(&daemon, "leak test: first", "success", &mut ids).await;
     stack.assert_consistent(&o).await;
 
