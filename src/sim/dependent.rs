@@ -149,6 +149,7 @@ struct Inner {
     last_reload_body: Option<Value>,
     requests: Vec<RecordedRequest>,
     ignore_reload: bool,
+    ignore_reload_next: u64,
     fail_reload_next: u64,
 }
 
@@ -307,7 +308,8 @@ async fn reload(
             )
                 .into_response();
         }
-        if inner.ignore_reload {
+        if inner.ignore_reload || inner.ignore_reload_next > 0 {
+            inner.ignore_reload_next = inner.ignore_reload_next.saturating_sub(1);
             drop(inner);
             record(&d, StatusCode::OK);
             return (StatusCode::OK, "reloaded\n").into_response();
@@ -355,6 +357,8 @@ async fn sim_state(State(d): State<Dependent>) -> Json<DependentState> {
 #[serde(deny_unknown_fields)]
 struct FaultsRequest {
     ignore_reload: Option<bool>,
+    /// Answer the next N reloads 200 without reading the key (then reload for real again).
+    ignore_reload_next: Option<u64>,
     fail_reload_next: Option<u64>,
 }
 
@@ -366,6 +370,9 @@ async fn sim_faults(State(d): State<Dependent>, body: axum::body::Bytes) -> Resp
     let mut inner = d.lock();
     if let Some(b) = req.ignore_reload {
         inner.ignore_reload = b;
+    }
+    if let Some(n) = req.ignore_reload_next {
+        inner.ignore_reload_next = n;
     }
     if let Some(n) = req.fail_reload_next {
         inner.fail_reload_next = n;

@@ -9,6 +9,9 @@
 //! - `fail_next` answers the given status (default 503 for regenerate, 500 for status) without
 //!   rotating;
 //! - `rate_limit_next` consumes one per management request (status or regenerate) with a valid token;
+//! - `html_errors` makes those simulated failures answer an HTML page, as a proxy in front of a portal
+//!   might, that quotes the request's `Authorization` header back (so tests can show that keyrotd
+//!   never repeats what an error body holds);
 //! - `/_sim/reset` clears faults and counters and keeps the current key (a reset is not a rotation).
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,6 +54,7 @@ struct Faults {
     rate_limit_next: u64,
     inactive: bool,
     account_id: Option<String>,
+    html_errors: bool,
 }
 
 struct Key {
@@ -112,6 +116,28 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 
 fn error(status: StatusCode, text: &str) -> Response {
     (status, Json(json!({ "error": text }))).into_response()
+}
+
+/// The answer of a simulated failure: JSON, or with `html_errors` an HTML page quoting the request's
+/// `Authorization` header.
+fn fault(inner: &Inner, headers: &HeaderMap, status: StatusCode, text: &str) -> Response {
+    if !inner.faults.html_errors {
+        return error(status, text);
+    }
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let page = format!(
+        "<html><head><title>{status}</title></head><body><h1>{status}</h1><p>{text}</p>\
+         <pre>Authorization: {auth}</pre></body></html>"
+    );
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page,
+    )
+        .into_response()
 }
 
 impl Portal {
@@ -176,7 +202,12 @@ impl Portal {
         }
         if inner.faults.rate_limit_next > 0 {
             inner.faults.rate_limit_next -= 1;
-            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limited");
+            let mut r = fault(
+                inner,
+                headers,
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limited",
+            );
             r.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),
@@ -209,7 +240,9 @@ async fn current(State(p): State<Portal>, headers: HeaderMap) -> Response {
     if inner.faults.status_fail_next > 0 {
         inner.faults.status_fail_next -= 1;
         let code = inner.faults.status_fail_status.unwrap_or(500);
-        return error(
+        return fault(
+            &inner,
+            &headers,
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             "simulated status failure",
         );
@@ -248,7 +281,9 @@ async fn regenerate(
         if inner.faults.regenerate_fail_next > 0 {
             inner.faults.regenerate_fail_next -= 1;
             let code = inner.faults.regenerate_fail_status.unwrap_or(503);
-            return error(
+            return fault(
+                &inner,
+                &headers,
                 StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                 "simulated regenerate failure",
             );
@@ -323,6 +358,7 @@ struct FaultsRequest {
     rate_limit_next: Option<u64>,
     active: Option<bool>,
     account_id: Option<String>,
+    html_errors: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -388,6 +424,9 @@ async fn sim_faults(State(p): State<Portal>, body: axum::body::Bytes) -> Respons
     }
     if let Some(acct) = req.account_id {
         f.account_id = Some(acct);
+    }
+    if let Some(h) = req.html_errors {
+        f.html_errors = h;
     }
     StatusCode::NO_CONTENT.into_response()
 }

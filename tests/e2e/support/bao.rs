@@ -1,34 +1,31 @@
-//! A real OpenBao dev server for tests: `bao server -dev` on a free port of 127.0.0.1 with a random
-//! root token, `secret/` mounted as KV v2 (dev mode does that). Its output goes to a temp file, shown
-//! only when it fails to come up. The process is killed when the [`Bao`] is dropped.
+//! A real OpenBao dev server for tests: `bao server -dev` on a loopback port it picks itself, with a
+//! random root token and `secret/` mounted as KV v2 (dev mode does that), killed when the [`Bao`] is
+//! dropped.
 //!
-//! [`Bao::stop`] and [`Bao::start_again`] restart it on the same address and root token, for tests
-//! that take OpenBao away mid-rotation. Dev mode keeps everything in memory: a restarted server is
-//! empty again (no KV data, policies, tokens other than root, or auth methods).
-//!
-//! `start`/`stop`/`start_again` are blocking (they poll the port with plain TCP); the helpers that talk
-//! to the API are async.
+//! keyrotd and the dependents reach it through a [`Gate`]: [`Bao::down`] makes it unreachable for them
+//! (keeping its data) and [`Bao::up`] brings it back, for tests that take OpenBao away mid-rotation.
+//! The test's own helpers talk to the server directly, so they work while it is down.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{free_port, tools_bin};
+use super::gate::Gate;
+use super::process::{Proc, http_status};
+use super::tools_bin;
 
 /// How long OpenBao gets to answer `/v1/sys/health` after starting.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Bao {
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` of the gate: what keyrotd and the dependents are given.
     pub addr: String,
     pub root_token: String,
-    port: u16,
-    child: Option<Child>,
-    log: tempfile::NamedTempFile,
+    /// `http://127.0.0.1:PORT` of the server itself.
+    direct: String,
+    gate: Gate,
+    _proc: Proc,
     http: reqwest::Client,
 }
 
@@ -36,125 +33,45 @@ impl Bao {
     /// Starts OpenBao. Panics with a clear message when the binary is missing or it does not come up.
     pub fn start() -> Bao {
         let root_token = format!("root-{}", uuid::Uuid::new_v4().simple());
-        let mut last_port = 0;
-        // A free port can be taken between our probe and bao's bind: try a few.
-        for _ in 0..3 {
-            let port = free_port();
-            last_port = port;
-            let mut bao = Bao {
-                addr: format!("http://127.0.0.1:{port}"),
-                root_token: root_token.clone(),
-                port,
-                child: None,
-                log: tempfile::Builder::new()
-                    .prefix("keyrotd-test-bao-")
-                    .suffix(".log")
-                    .tempfile()
-                    .expect("cannot create a temp file for OpenBao's log"),
-                http: reqwest::Client::new(),
-            };
-            if bao.spawn_and_wait().is_ok() {
-                return bao;
-            }
-        }
-        panic!(
-            "OpenBao did not come up on 127.0.0.1:{last_port} after 3 attempts (its log is above)"
-        );
-    }
-
-    fn binary() -> PathBuf {
         let bin = tools_bin().join("bao");
         assert!(
             bin.exists(),
             "OpenBao binary not found at {}: run scripts/install-tools.sh",
             bin.display()
         );
-        bin
-    }
-
-    /// Spawns `bao server -dev` on `self.port` and waits for it. On failure, prints its log.
-    fn spawn_and_wait(&mut self) -> Result<(), ()> {
-        let out = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.log.path())
-            .and_then(|f| f.try_clone().map(|g| (f, g)))
-            .expect("cannot open OpenBao's log file");
-        let mut child = Command::new(Self::binary())
-            .args([
-                "server",
-                "-dev",
-                &format!("-dev-root-token-id={}", self.root_token),
-                &format!("-dev-listen-address=127.0.0.1:{}", self.port),
-                "-dev-no-store-token",
-            ])
-            .env("HOME", std::env::temp_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.0))
-            .stderr(Stdio::from(out.1))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start OpenBao ({e}): run scripts/install-tools.sh"));
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                eprintln!(
-                    "OpenBao exited early ({status}) on port {}; its log:\n{}",
-                    self.port,
-                    self.log_text()
-                );
-                return Err(());
-            }
-            if http_status(self.port, "/v1/sys/health") == Some(200) {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "OpenBao did not answer /v1/sys/health on 127.0.0.1:{} within {:?}; its log:\n{}\n\
-                     (is it installed? run scripts/install-tools.sh)",
-                    self.port,
-                    READY_TIMEOUT,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "server",
+            "-dev",
+            &format!("-dev-root-token-id={root_token}"),
+            "-dev-listen-address=127.0.0.1:0",
+            "-dev-no-store-token",
+        ])
+        .env("HOME", std::env::temp_dir());
+        let mut proc = Proc::spawn("OpenBao", cmd);
+        // It also listens on a cluster port (TLS): the API port is the one that answers HTTP health.
+        let port = proc.wait_port(READY_TIMEOUT, |p| {
+            http_status(p, "/v1/sys/health") == Some(200)
+        });
+        let gate = Gate::new(([127, 0, 0, 1], port).into());
+        Bao {
+            addr: gate.url(),
+            root_token,
+            direct: format!("http://127.0.0.1:{port}"),
+            gate,
+            _proc: proc,
+            http: reqwest::Client::new(),
         }
     }
 
-    /// What OpenBao has printed so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    /// keyrotd and the dependents can no longer reach OpenBao (it keeps its data).
+    pub fn down(&self) {
+        self.gate.close();
     }
 
-    /// Kills the server and waits until the port no longer answers. All its data is lost.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts a fresh dev server on the same address with the same root token (empty again).
-    pub fn start_again(&mut self) {
-        assert!(
-            self.child.is_none(),
-            "OpenBao is still running: stop() it first"
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // The old process's socket may linger for a moment.
-        while self.spawn_and_wait().is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "OpenBao could not start again on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
+    /// OpenBao is reachable again.
+    pub fn up(&self) {
+        self.gate.open();
     }
 
     /// A request as root; panics on a transport error or a non-2xx answer (test setup must work).
@@ -194,7 +111,7 @@ impl Bao {
     ) -> Value {
         let mut req = self
             .http
-            .request(method.clone(), format!("{}/v1/{path}", self.addr))
+            .request(method.clone(), format!("{}/v1/{path}", self.direct))
             .header("X-Vault-Token", token);
         if let Some(ns) = ns {
             req = req.header("X-Vault-Namespace", ns);
@@ -320,6 +237,36 @@ impl Bao {
             .unwrap_or(Value::Null)
     }
 
+    /// Field `field` of the latest KV v2 version at `path`; `None` when the path or the field is not
+    /// there (never panics: tests poll this while keyrotd is writing).
+    pub async fn kv_field(&self, path: &str, field: &str) -> Option<String> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/secret/data/{path}", self.direct))
+            .header("X-Vault-Token", &self.root_token)
+            .send()
+            .await
+            .ok()?;
+        let v: Value = resp.json().await.ok()?;
+        v["data"]["data"][field].as_str().map(String::from)
+    }
+
+    /// The KV v2 metadata at `path`, or `Null` when there is none (never panics).
+    pub async fn kv_metadata_opt(&self, path: &str) -> Value {
+        let resp = self
+            .http
+            .get(format!("{}/v1/secret/metadata/{path}", self.direct))
+            .header("X-Vault-Token", &self.root_token)
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status().is_success() => {
+                r.json::<Value>().await.unwrap_or_default()["data"].clone()
+            }
+            _ => Value::Null,
+        }
+    }
+
     /// The KV v2 metadata under `secret/` (versions, custom_metadata...).
     pub async fn kv_metadata(&self, path: &str) -> Value {
         self.api(
@@ -332,33 +279,4 @@ impl Bao {
         .cloned()
         .unwrap_or(Value::Null)
     }
-}
-
-impl Drop for Bao {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// The HTTP status of `GET path` on 127.0.0.1:port, or None when nothing answers. Plain TCP, so
-/// it needs no runtime.
-pub(crate) fn http_status(port: u16, path: &str) -> Option<u16> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut head = [0u8; 32];
-    let mut n = 0;
-    while n < 12 {
-        match s.read(&mut head[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
-        }
-    }
-    let line = std::str::from_utf8(&head[..n]).ok()?;
-    line.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
 }

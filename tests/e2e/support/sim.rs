@@ -1,13 +1,10 @@
-//! The portal and dependent simulators (`keyrotd-sim`), run as real processes on free ports.
-//!
-//! Both bind port 0 and announce `listening on http://ADDR` on stdout; `start` waits for that line (so
-//! there is no port race) and panics with a clear message if the process does not come up. The process
-//! is killed when the handle is dropped. The `/_sim/` helpers are async (tests are `#[tokio::test]`).
+//! The portal and dependent simulators (`keyrotd-sim`), run as real processes. Both bind port 0; the
+//! port is read back from the kernel ([`Proc::wait_port`]) and the simulator is ready once
+//! `/_sim/state` answers. The process is killed when the handle is dropped. The `/_sim/` helpers are
+//! async (tests are `#[tokio::test]`).
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use keyrotd::config::{AosPaths, AosProviderConfig};
@@ -18,51 +15,19 @@ use rand::RngExt;
 use rand::distr::Alphanumeric;
 use serde_json::Value;
 
+use super::process::{Proc, http_status};
+
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Spawns `keyrotd-sim` with `args`/`envs` and waits for its readiness line; returns the child and its
-/// base URL.
-fn spawn_sim(what: &str, args: &[String], envs: &[(String, String)]) -> (Child, String) {
-    let bin = env!("CARGO_BIN_EXE_keyrotd-sim");
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start the {what} simulator {bin}: {e}"));
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(line)) = lines.next() {
-            let _ = tx.send(line);
-        }
-        // Keep draining so the simulator never blocks on a full pipe.
-        for _ in lines {}
+/// Starts `keyrotd-sim` with `args`/`envs` and waits until it serves; returns it and its base URL.
+fn spawn_sim(what: &str, args: &[String], envs: &[(String, String)]) -> (Proc, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyrotd-sim"));
+    cmd.args(args).envs(envs.iter().map(|(k, v)| (k, v)));
+    let mut proc = Proc::spawn(&format!("{what} simulator"), cmd);
+    let port = proc.wait_port(STARTUP_TIMEOUT, |p| {
+        http_status(p, "/_sim/state") == Some(200)
     });
-    let line = match rx.recv_timeout(STARTUP_TIMEOUT) {
-        Ok(line) => line,
-        Err(_) => {
-            let status = child.try_wait().ok().flatten();
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the {what} simulator did not announce readiness within {STARTUP_TIMEOUT:?} \
-                 (exit status: {status:?}; its stderr is above)"
-            );
-        }
-    };
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("unexpected readiness line from the {what} simulator: {line}"))
-        .to_string();
-    (child, url)
+    (proc, format!("http://127.0.0.1:{port}"))
 }
 
 fn random_token() -> String {
@@ -122,7 +87,7 @@ pub struct PortalOptions {
 
 /// A running portal simulator.
 pub struct Portal {
-    child: Child,
+    _proc: Proc,
     url: String,
     token: String,
     _dir: tempfile::TempDir,
@@ -152,13 +117,13 @@ impl Portal {
             std::fs::write(&path, seed).expect("write seed secret");
             args.extend(["--seed-secret-file".into(), path.display().to_string()]);
         }
-        let (child, url) = spawn_sim(
+        let (proc, url) = spawn_sim(
             "portal",
             &args,
             &[("KEYROTD_SIM_TOKEN".into(), token.clone())],
         );
         Portal {
-            child,
+            _proc: proc,
             url,
             token,
             _dir: dir,
@@ -244,13 +209,6 @@ impl Portal {
     }
 }
 
-impl Drop for Portal {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Where a [`Dependent`] reads its key.
 pub enum DependentSource {
     File(PathBuf),
@@ -292,7 +250,7 @@ impl DependentOptions {
 
 /// A running dependent simulator.
 pub struct Dependent {
-    child: Child,
+    proc: Proc,
     url: String,
 }
 
@@ -355,12 +313,8 @@ impl Dependent {
             args.extend(["--signing-key-env".into(), "KEYROTD_SIM_HOOK_KEY".into()]);
             envs.push(("KEYROTD_SIM_HOOK_KEY".into(), key));
         }
-        let (child, url) = spawn_sim("dependent", &args, &envs);
-        Dependent { child, url }
-    }
-
-    pub fn url(&self) -> &str {
-        &self.url
+        let (proc, url) = spawn_sim("dependent", &args, &envs);
+        Dependent { proc, url }
     }
 
     /// `POST` here to make it reload (`[keys.dependents.reload] url`).
@@ -412,17 +366,9 @@ impl Dependent {
     }
 }
 
-impl Drop for Dependent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Dependent {
     /// Kills the dependent: its verify and reload URLs stop answering.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
     }
 }

@@ -1,20 +1,31 @@
 //! The `keyrotd` command line against the real stack: `rotate` in-process and handed to a daemon, its
-//! exit codes (0 success, 1 aborted/refused, 2 unknown key), `--force` and windows, `--dry-run`, the
-//! state-dir lock, `status` (human and JSON, never a secret), `plan`, and a scheduled rotation.
-
-mod support;
+//! exit codes (0 success, 1 aborted/refused, 2 unknown key, 3 degraded), `--force` and windows,
+//! `--dry-run`, `--watch`, the state-dir lock, the regeneration budget it shares with the daemon,
+//! `status` (human and JSON, never a secret) and `plan`.
 
 use std::time::Duration;
 
-use chrono::{Datelike, Utc};
 use serde_json::{Value, json};
-use support::daemon::{ADMIN_TOKEN, KEY, Options, Stack};
+
+use crate::support::daemon::Daemon;
+use crate::support::stack::{ADMIN_TOKEN, KEY, Options, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 
-/// Runs `keyrotd -c config args...` to completion without blocking the runtime's other tasks.
+/// Runs `keyrotd -c config args...` (no daemon to hand over to) to completion without blocking the
+/// runtime's other tasks.
 fn keyrotd(stack: &Stack, config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     tokio::task::block_in_place(|| stack.command(config, args))
+}
+
+/// The same, finding `daemon` where the config says the daemon listens.
+fn keyrotd_via(
+    stack: &Stack,
+    daemon: &Daemon,
+    config: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String) {
+    tokio::task::block_in_place(|| stack.command_via(daemon, config, args))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -52,21 +63,22 @@ async fn rotate_hands_over_to_a_running_daemon() {
     let o = Options::default();
     let config = stack.write_config(&o);
     let daemon = stack.daemon(&config).await;
-    let (code, out, err) = keyrotd(&stack, &config, &["rotate", KEY, "--reason", "via daemon"]);
+    let (code, out, err) = keyrotd_via(
+        &stack,
+        &daemon,
+        &config,
+        &["rotate", KEY, "--reason", "via daemon"],
+    );
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("handing the rotation to it"), "{out}");
     assert!(out.contains("outcome: success"), "{out}");
     // The daemon ran it: its metrics count it.
     assert_eq!(
-        daemon
-            .metric(
-                "keyrotd_rotations_total",
-                &["key=\"billing\"", "outcome=\"success\""]
-            )
-            .await,
-        Some(1.0),
-        "{}",
-        daemon.metrics().await
+        daemon.metrics().await.get(
+            "keyrotd_rotations_total",
+            &[("key", KEY), ("outcome", "success")]
+        ),
+        1.0
     );
     stack.assert_consistent(&o).await;
 }
@@ -87,22 +99,23 @@ async fn rotate_exit_codes_for_an_abort_and_an_unknown_key() {
     assert_eq!(stack.portal.state().await.key_id, key_id);
 }
 
+/// A Monday morning (UTC), the clock the calendar tests run on.
+const MONDAY_10AM: &str = "2026-03-02 10:00:00";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn force_overrides_the_rotation_window() {
     let stack = Stack::start().await;
-    // A one-minute window on a day that is not today: we are outside it.
-    let day = if Utc::now().weekday() == chrono::Weekday::Mon {
-        "Tue"
-    } else {
-        "Mon"
-    };
+    // A window open on Tuesdays only; the command runs on a Monday.
     let o = Options {
-        key_extra: format!("window = {{ days = \"{day}\", start = \"00:00\", end = \"00:01\" }}\n"),
+        key_extra: "window = { days = \"Tue\", start = \"00:00\", end = \"23:59\" }\n".into(),
         ..Options::default()
     };
     let config = stack.write_config(&o);
     let key_id = stack.portal.state().await.key_id;
-    let (code, out, err) = keyrotd(&stack, &config, &["rotate", KEY, "--reason", "x"]);
+    let rotate = |args: &[&str]| {
+        tokio::task::block_in_place(|| stack.command_at(MONDAY_10AM, &config, args))
+    };
+    let (code, out, err) = rotate(&["rotate", KEY, "--reason", "x"]);
     assert_eq!(
         code, 1,
         "outside the window: stdout:\n{out}\nstderr:\n{err}"
@@ -111,11 +124,7 @@ async fn force_overrides_the_rotation_window() {
     assert!(err.contains("--force"), "the message says how: {err}");
     assert_eq!(stack.portal.state().await.key_id, key_id, "nothing rotated");
 
-    let (code, out, err) = keyrotd(
-        &stack,
-        &config,
-        &["rotate", KEY, "--reason", "x", "--force"],
-    );
+    let (code, out, err) = rotate(&["rotate", KEY, "--reason", "x", "--force"]);
     assert_eq!(code, 0, "forced: stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("outcome: success"), "{out}");
     assert_ne!(stack.portal.state().await.key_id, key_id);
@@ -206,18 +215,25 @@ async fn plan_prints_the_next_runs_of_a_scheduled_key() {
         ..Options::default()
     };
     let config = stack.write_config(&o);
-    let (code, out, err) = keyrotd(&stack, &config, &["plan", "--count", "3"]);
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        stack.command_at(MONDAY_10AM, &config, &["plan", "--count", "3"])
+    });
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    let now = Utc::now().naive_utc();
-    let times: Vec<chrono::NaiveDateTime> = out
+    let times: Vec<&str> = out
         .split('(')
         .skip(1)
-        .filter_map(|s| s.split(" UTC)").next())
-        .filter_map(|s| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").ok())
+        .filter_map(|s| s.split(')').next())
         .collect();
-    assert_eq!(times.len(), 3, "three runs:\n{out}");
-    assert!(times.iter().all(|t| *t > now), "in the future:\n{out}");
-    assert!(times.windows(2).all(|w| w[0] < w[1]), "ascending:\n{out}");
+    assert_eq!(
+        times,
+        [
+            "2026-03-03 03:00:00 UTC",
+            "2026-03-04 03:00:00 UTC",
+            "2026-03-05 03:00:00 UTC"
+        ],
+        "the three 03:00 runs after Monday 10:00:\n{out}"
+    );
+    assert!(out.contains(KEY), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -228,16 +244,23 @@ async fn a_second_in_process_rotate_is_kept_out_by_the_state_lock() {
         .portal
         .faults(json!({ "regenerate": { "delay_ms": 4000 } }))
         .await;
+    let rt = tokio::runtime::Handle::current();
     let (first, second) = tokio::task::block_in_place(|| {
         std::thread::scope(|s| {
             let first = s.spawn(|| stack.command(&config, &["rotate", KEY, "--reason", "one"]));
-            std::thread::sleep(Duration::from_millis(1500));
+            // The portal counts a regenerate when it receives it and then holds the answer back: the
+            // first process is inside its rotation, holding the lock.
+            rt.block_on(
+                stack.eventually(LONG, "the first rotate regenerating", || async {
+                    stack.regenerations().await == 1
+                }),
+            );
             let second = stack.command(&config, &["rotate", KEY, "--reason", "two"]);
             (first.join().unwrap(), second)
         })
     });
     assert_eq!(first.0, 0, "first: {}\n{}", first.1, first.2);
-    assert_ne!(second.0, 0, "second refused: {}\n{}", second.1, second.2);
+    assert_eq!(second.0, 1, "second refused: {}\n{}", second.1, second.2);
     assert!(
         second.2.contains("another keyrotd process holds"),
         "{}",
@@ -264,35 +287,121 @@ async fn a_second_trigger_while_rotating_answers_409() {
         )
         .await;
     assert_eq!(status, 409, "{body}");
+    // `keyrotd rotate` handed to the daemon gets the same 409 and exits 1, saying so.
+    let (code, out, err) = keyrotd_via(
+        &stack,
+        &daemon,
+        &config,
+        &["rotate", KEY, "--reason", "three"],
+    );
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("409"), "the refusal is shown: {err}");
     let record = daemon.wait_rotation(&id, LONG).await;
     assert_eq!(record["outcome"], "success", "{record:#}");
     assert_eq!(stack.portal.state().await.regenerations, 1);
 }
 
+/// The lines of `rotate` output for watch probes of `dependent`.
+fn probe_lines<'a>(out: &'a str, dependent: &str) -> Vec<&'a str> {
+    out.lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("probe"))
+        .filter(|l| l.contains(&format!("{dependent}:")))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_scheduled_rotation_runs_by_itself() {
+async fn rotate_watch_stays_through_the_watch_and_prints_each_probe() {
     let stack = Stack::start().await;
     let o = Options {
-        schedule: Some("*/5 * * * * *".into()),
-        key_extra: "jitter = \"0s\"\n".into(),
+        watch: "3s".into(),
+        watch_interval: "1s".into(),
         ..Options::default()
     };
     let config = stack.write_config(&o);
+
+    // In this process: every probe of both dependents is printed, then the outcome. (Its clock is
+    // fixed in the morning so that the printed times of day can be compared.)
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        stack.command_at(
+            MONDAY_10AM,
+            &config,
+            &["rotate", KEY, "--reason", "watched", "--watch"],
+        )
+    });
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for dep in ["worker", "edge"] {
+        let probes = probe_lines(&out, dep);
+        assert!(probes.len() >= 2, "probes of {dep} over 3 s:\n{out}");
+        assert!(
+            probes.iter().all(|p| p.to_lowercase().ends_with(": ok")),
+            "{out}"
+        );
+    }
+    // It stayed through the watch: probes a watch_interval and more after the rotation finished.
+    let at = |line: &str| {
+        let t = line.split_whitespace().next().expect("a time");
+        chrono::NaiveTime::parse_from_str(t, "%H:%M:%S%.3f").expect("HH:MM:SS.mmm")
+    };
+    let finished = out
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("finished"))
+        .expect("a finished line");
+    let last_probe = *probe_lines(&out, "worker").last().unwrap();
+    assert!(
+        at(last_probe) - at(finished) >= chrono::Duration::milliseconds(900),
+        "the last probe comes a watch_interval after the outcome:\n{out}"
+    );
+    let outcome = out.rfind("outcome: success").expect("the outcome line");
+    assert!(
+        out.rfind(last_probe).unwrap() < outcome,
+        "the outcome line is printed after the watch:\n{out}"
+    );
+
+    // Handed to a daemon: the same, followed through the daemon's record.
     let daemon = stack.daemon(&config).await;
-    stack
-        .eventually(LONG, "a scheduled rotation succeeds", || async {
-            stack.audit().iter().any(|r| {
-                r["event"] == "finished" && r["trigger"] == "schedule" && r["outcome"] == "success"
-            })
-        })
-        .await;
-    // Stop the schedule, let any running rotation finish, then check the end state.
-    let (status, _) = daemon.post("/v1/pause", Some(ADMIN_TOKEN), json!({})).await;
-    assert_eq!(status, 200);
-    stack
-        .eventually(LONG, "no rotation running", || async {
-            daemon.key().await["phase"] == "idle"
-        })
-        .await;
+    let (code, out, err) = keyrotd_via(
+        &stack,
+        &daemon,
+        &config,
+        &["rotate", KEY, "--reason", "watched via daemon", "--watch"],
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("handing the rotation to it"), "{out}");
+    for dep in ["worker", "edge"] {
+        assert!(probe_lines(&out, dep).len() >= 2, "probes of {dep}:\n{out}");
+    }
+    assert_ne!(
+        daemon.key().await["phase"],
+        "watching",
+        "it returned after the watch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_regeneration_budget_spent_by_the_cli_binds_the_daemon() {
+    let stack = Stack::start().await;
+    let o = Options {
+        max_regenerations_per_day: 1,
+        ..Options::default()
+    };
+    let config = stack.write_config(&o);
+    let (code, out, err) = keyrotd(&stack, &config, &["rotate", KEY, "--reason", "cli"]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(stack.regenerations().await, 1);
+    assert_eq!(stack.journal_regenerations(), 1, "{:#}", stack.journal());
+
+    // The daemon reads the budget from the same journal: the day's one regeneration is spent.
+    let daemon = stack.daemon(&config).await;
+    let record = daemon.rotate("daemon after the cli").await;
+    assert_eq!(record["outcome"], "failed", "{record:#}");
+    assert!(
+        record.to_string().contains("regeneration budget exhausted"),
+        "the record names the budget: {record:#}"
+    );
+    assert_eq!(
+        stack.regenerations().await,
+        1,
+        "the daemon did not regenerate"
+    );
     stack.assert_consistent(&o).await;
 }

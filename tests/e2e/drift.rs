@@ -2,12 +2,11 @@
 //! destination (copied from a good one, no regenerate), a pre-populated destination on first start
 //! (adopted, not drift), and drift with auto_recover off (reported only).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::daemon::Daemon;
+use crate::support::stack::{AWS_SECRET, KEY, Options, Stack, fp};
 use serde_json::json;
-use support::daemon::{AWS_SECRET, Options, Stack, fp};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -18,8 +17,19 @@ fn reconciling() -> Options {
     }
 }
 
+async fn drift_gauge(daemon: &Daemon) -> f64 {
+    daemon.metrics().await.get("keyrotd_drift", &[("key", KEY)])
+}
+
+async fn rerotations(daemon: &Daemon, reason: &str) -> f64 {
+    daemon.metrics().await.get(
+        "keyrotd_rerotations_total",
+        &[("key", KEY), ("reason", reason)],
+    )
+}
+
 /// The daemon, started over destinations that already hold the portal's current key.
-async fn seeded(stack: &Stack, o: &Options) -> support::daemon::Daemon {
+async fn seeded(stack: &Stack, o: &Options) -> Daemon {
     stack
         .seed_destinations(&stack.portal.current_secret().await)
         .await;
@@ -62,12 +72,9 @@ async fn an_out_of_band_rotation_is_detected_and_rerotated() {
         fps.iter()
             .all(|f| f.as_deref() != Some(fp(&oob_secret).as_str()))
     );
-    assert!(
-        daemon
-            .metric("keyrotd_rerotations_total", &["reason=\"drift\""])
-            .await
-            .unwrap_or(0.0)
-            >= 1.0,
+    assert_eq!(
+        rerotations(&daemon, "drift").await,
+        1.0,
         "{}",
         daemon.metrics().await
     );
@@ -131,24 +138,19 @@ async fn a_prepopulated_destination_is_adopted_not_drift() {
                 .is_some_and(|d| !d.is_empty() && d.iter().all(|d| d["in_sync"] == true))
         })
         .await;
-    // Several reconcile rounds later still nothing happened.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let k = daemon.key().await;
-    assert_eq!(k["drift"], false, "{k:#}");
-    assert!(
-        k["destinations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["in_sync"] == true),
-        "{k:#}"
-    );
-    assert_eq!(stack.regenerations().await, 0, "no regeneration");
-    assert_eq!(
-        daemon.metric("keyrotd_drift", &["key=\"billing\""]).await,
-        Some(0.0)
-    );
-    assert!(!stack.audit().iter().any(|r| r["event"] == "drift"));
+    // Three reconcile rounds later still nothing happened.
+    daemon
+        .holds_for_rounds(3, "in sync, no drift, no regenerate", || async {
+            let k = daemon.key().await;
+            k["drift"] == false
+                && k["destinations"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().all(|d| d["in_sync"] == true))
+                && stack.regenerations().await == 0
+                && drift_gauge(&daemon).await == 0.0
+                && !stack.audit().iter().any(|r| r["event"] == "drift")
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -161,7 +163,7 @@ async fn drift_without_auto_recover_is_reported_not_rerotated() {
     let daemon = seeded(&stack, &o).await;
     stack
         .eventually(LONG, "in sync first", || async {
-            daemon.metric("keyrotd_drift", &["key=\"billing\""]).await == Some(0.0)
+            drift_gauge(&daemon).await == 0.0
                 && daemon.key().await["destinations"]
                     .as_array()
                     .is_some_and(|d| !d.is_empty() && d.iter().all(|d| d["in_sync"] == true))
@@ -171,21 +173,18 @@ async fn drift_without_auto_recover_is_reported_not_rerotated() {
     let regenerations = stack.regenerations().await;
     stack
         .eventually(LONG, "drift reported", || async {
-            daemon.metric("keyrotd_drift", &["key=\"billing\""]).await == Some(1.0)
-                && daemon.key().await["drift"] == true
+            drift_gauge(&daemon).await == 1.0 && daemon.key().await["drift"] == true
         })
         .await;
     let (_, keys) = daemon.get("/v1/keys").await;
     assert!(keys.to_string().contains("\"drift\":true"), "{keys:#}");
-    // Several reconcile rounds: still no re-rotation.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(stack.portal.state().await.key_id, oob_key);
-    assert_eq!(stack.regenerations().await, regenerations);
-    assert_eq!(
-        daemon
-            .metric("keyrotd_rerotations_total", &["reason=\"drift\""])
-            .await
-            .unwrap_or(0.0),
-        0.0
-    );
+    // Three more reconcile rounds: still reported, still no re-rotation.
+    daemon
+        .holds_for_rounds(3, "drift reported and nothing rotated", || async {
+            stack.portal.state().await.key_id == oob_key
+                && stack.regenerations().await == regenerations
+                && drift_gauge(&daemon).await == 1.0
+                && rerotations(&daemon, "drift").await == 0.0
+        })
+        .await;
 }

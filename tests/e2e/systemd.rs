@@ -5,18 +5,17 @@
 //! config is refused), STOPPING and exit 0 on SIGTERM, and that SIGTERM during a regenerate waits for
 //! the rotation to reach every destination.
 
-mod support;
-
 use std::ffi::OsString;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::daemon::Daemon;
+use crate::support::stack::{ADMIN_TOKEN, KEY, Options, Stack};
 use keyrotd::systemd::SystemdNotifier;
 use serde_json::json;
-use support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack};
 
 /// A datagram socket in a temp dir playing systemd's `NOTIFY_SOCKET`. Each received datagram is kept
 /// as its lines (`["RELOADING=1", "MONOTONIC_USEC=123"]`).
@@ -177,6 +176,8 @@ fn waiting_for_a_notification_that_never_comes_names_what_came() {
 struct Recorder {
     path: String,
     seen: Arc<Mutex<Vec<Vec<String>>>>,
+    /// How many times the reader found the socket empty (a receive timed out).
+    idle: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -186,13 +187,17 @@ impl Recorder {
         let mut socket = NotifySocket::bind();
         let path = socket.path().to_str().expect("UTF-8 temp path").to_owned();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let idle = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (seen, stop) = (seen.clone(), stop.clone());
+            let (seen, idle, stop) = (seen.clone(), idle.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    if let Ok(datagram) = socket.recv(Duration::from_millis(100)) {
-                        seen.lock().unwrap().push(datagram);
+                    match socket.recv(Duration::from_millis(100)) {
+                        Ok(datagram) => seen.lock().unwrap().push(datagram),
+                        Err(_) => {
+                            idle.fetch_add(1, Ordering::SeqCst);
+                        }
                     }
                 }
             })
@@ -200,6 +205,7 @@ impl Recorder {
         Recorder {
             path,
             seen,
+            idle,
             stop,
             thread: Some(thread),
         }
@@ -219,6 +225,15 @@ impl Recorder {
 
     fn len(&self) -> usize {
         self.seen.lock().unwrap().len()
+    }
+
+    /// Waits until the reader has found the socket empty once more: everything sent before this
+    /// call has been received.
+    async fn wait_drained(&self) {
+        let from = self.idle.load(Ordering::SeqCst);
+        while self.idle.load(Ordering::SeqCst) <= from {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The index of the first datagram at or after `from` holding `line`; fails the test after
@@ -257,13 +272,26 @@ impl Drop for Recorder {
     }
 }
 
-/// `name{outcome="..."} N` from a /metrics text, or None when the series is missing.
-fn reloads(metrics: &str, outcome: &str) -> Option<f64> {
-    let series = format!("keyrotd_config_reloads_total{{outcome=\"{outcome}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
+/// `keyrotd_config_reloads_total{outcome}`.
+async fn reloads(daemon: &Daemon, outcome: &str) -> f64 {
+    daemon
+        .metrics()
+        .await
+        .get("keyrotd_config_reloads_total", &[("outcome", outcome)])
+}
+
+/// SIGHUP, and the RELOADING=1 then READY=1 that systemd must hear whatever the outcome. Returns the
+/// index of that READY=1.
+async fn reload(systemd: &Recorder, daemon: &Daemon) -> usize {
+    let before = systemd.len();
+    daemon.signal("HUP");
+    let reloading = systemd.wait_for(before, "RELOADING=1", LONG, daemon).await;
+    let datagram = &systemd.seen()[reloading];
+    assert_eq!(datagram.len(), 2, "{datagram:?}");
+    assert!(datagram[1].starts_with("MONOTONIC_USEC="), "{datagram:?}");
+    systemd
+        .wait_for(reloading + 1, "READY=1", LONG, daemon)
+        .await
 }
 
 const LONG: Duration = Duration::from_secs(60);
@@ -306,7 +334,7 @@ async fn keyrotd_run_notifies_ready_watchdog_reload_and_stopping() {
         .portal
         .faults(json!({ "status": { "fail_next": 4, "status": 503 } }))
         .await;
-    let mut daemon = stack.spawn_daemon(&config, &systemd.env());
+    let mut daemon = stack.spawn_daemon(&config, &systemd.env()).await;
 
     // READY=1 comes after the recovery scan: whenever READY=1 has arrived, /readyz already says ready.
     let start = Instant::now();
@@ -354,41 +382,47 @@ async fn keyrotd_run_notifies_ready_watchdog_reload_and_stopping() {
     }
 
     // SIGHUP with a good config: RELOADING=1 (with MONOTONIC_USEC=) then READY=1.
-    let before = systemd.len();
-    daemon.signal("HUP");
-    let reloading = systemd.wait_for(before, "RELOADING=1", LONG, &daemon).await;
-    let datagram = &systemd.seen()[reloading];
-    assert_eq!(datagram.len(), 2, "{datagram:?}");
-    assert!(datagram[1].starts_with("MONOTONIC_USEC="), "{datagram:?}");
-    systemd
-        .wait_for(reloading + 1, "READY=1", LONG, &daemon)
-        .await;
-    let metrics = daemon.metrics().await;
-    assert_eq!(reloads(&metrics, "ok"), Some(1.0), "{metrics}");
-    assert_eq!(reloads(&metrics, "error"), Some(0.0), "{metrics}");
+    let good = std::fs::read_to_string(&config).unwrap();
+    reload(&systemd, &daemon).await;
+    assert_eq!(reloads(&daemon, "ok").await, 1.0);
+    assert_eq!(reloads(&daemon, "error").await, 0.0);
 
     // SIGHUP with a file that is not TOML: refused, but systemd still hears RELOADING=1 and READY=1
     // (otherwise `systemctl reload` would hang or fail the unit), and the daemon carries on.
     std::fs::write(&config, "[daemon\nlisten = not toml at all\n").unwrap();
-    let before = systemd.len();
-    daemon.signal("HUP");
-    let reloading = systemd.wait_for(before, "RELOADING=1", LONG, &daemon).await;
-    let ready = systemd
-        .wait_for(reloading + 1, "READY=1", LONG, &daemon)
-        .await;
+    reload(&systemd, &daemon).await;
+    assert_eq!(reloads(&daemon, "error").await, 1.0);
+    assert_eq!(reloads(&daemon, "ok").await, 1.0);
+
+    // SIGHUP with valid TOML that fails validation (a destination on a store that does not exist):
+    // refused the same way, naming the field.
+    assert_eq!(good.matches("store = \"vault\"").count(), 1, "{good}");
+    std::fs::write(
+        &config,
+        good.replace("store = \"vault\"", "store = \"vualt\""),
+    )
+    .unwrap();
+    let ready = reload(&systemd, &daemon).await;
+    assert_eq!(reloads(&daemon, "error").await, 2.0);
+    assert_eq!(reloads(&daemon, "ok").await, 1.0);
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("Configuration reload refused").count(),
+        2,
+        "{log}"
+    );
+    assert!(log.contains("keys[0].destinations[0].store"), "{log}");
+
     let (status, _) = daemon.get("/healthz").await;
-    assert_eq!(status, 200, "still serving after a refused reload");
+    assert_eq!(status, 200, "still serving after refused reloads");
     let (status, _) = daemon.get("/readyz").await;
     assert_eq!(status, 200);
-    let metrics = daemon.metrics().await;
-    assert_eq!(reloads(&metrics, "error"), Some(1.0), "{metrics}");
-    assert_eq!(reloads(&metrics, "ok"), Some(1.0), "{metrics}");
     let (status, key) = daemon.get(&format!("/v1/keys/{KEY}")).await;
     assert_eq!(status, 200, "the old config's key is still served: {key}");
-    assert!(
-        daemon.log_text().contains("Configuration reload refused"),
-        "{}",
-        daemon.log_text()
+    let record = daemon.rotate("test: after refused reloads").await;
+    assert_eq!(
+        record["outcome"], "success",
+        "the old config still rotates: {record:#}"
     );
     // The watchdog survives the refused reload.
     systemd
@@ -400,8 +434,8 @@ async fn keyrotd_run_notifies_ready_watchdog_reload_and_stopping() {
     let exit = tokio::task::block_in_place(|| daemon.terminate(LONG));
     assert_eq!(exit.code(), Some(0), "{exit:?}\n{}", daemon.log_text());
     let stopping = systemd.wait_for(before, "STOPPING=1", LONG, &daemon).await;
-    // The process is gone: whatever it sent is in the socket; give the reader a moment to drain it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The process is gone: whatever it sent is in the socket; let the reader drain it.
+    systemd.wait_drained().await;
     let seen = systemd.seen();
     assert_eq!(seen[stopping], ["STOPPING=1"]);
     assert!(
@@ -416,7 +450,7 @@ async fn sigterm_while_regenerating_waits_for_the_rotation_to_reach_every_destin
     let o = Options::default();
     let config = write_slow_portal_config(&stack, &o);
     let systemd = Recorder::start();
-    let mut daemon = stack.spawn_daemon(&config, &systemd.env());
+    let mut daemon = stack.spawn_daemon(&config, &systemd.env()).await;
     daemon.wait_ready(LONG).await;
     let initial = stack.portal.state().await;
 
@@ -504,7 +538,7 @@ async fn a_second_sigterm_exits_at_once_and_the_next_start_rerotates_the_lost_ke
     let o = Options::default();
     let config = write_slow_portal_config(&stack, &o);
     let systemd = Recorder::start();
-    let mut daemon = stack.spawn_daemon(&config, &systemd.env());
+    let mut daemon = stack.spawn_daemon(&config, &systemd.env()).await;
     daemon.wait_ready(LONG).await;
     let initial = stack.portal.state().await;
 

@@ -4,13 +4,11 @@
 //! (`promtool check rules` on them as recording rules), its variables are the ones the panels use, and
 //! it shows every keyrotd metric.
 
-mod support;
-
+use crate::sample::config;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::sample::config;
 
 use chrono::{TimeZone, Utc};
 use keyrotd::telemetry::{CheckResult, Metrics, Outcome};

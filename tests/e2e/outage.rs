@@ -2,16 +2,16 @@
 //! arrives (degraded, then filled when it is back), a destination down for part of the store deadline
 //! (retried within it), and every destination down (the key is lost, then re-rotated by recovery).
 //!
-//! "Stopped before storing": preflight would abort with a store down, so OpenBao (and moto) are stopped
-//! while the portal's regenerate is slowed down (`delay_ms`): the portal has already rotated, keyrotd is
-//! waiting for the answer, and the stores vanish before it can write.
-
-mod support;
+//! "Down before storing": preflight would abort with a store down, so a store is taken away (its gate
+//! closed, see support/gate.rs) while the portal's regenerate is slowed down (`delay_ms`): the portal
+//! has already rotated, keyrotd is waiting for the answer, and the store vanishes before it can write.
 
 use std::time::Duration;
 
 use serde_json::json;
-use support::daemon::{AWS_SECRET, Options, Stack, fp};
+
+use crate::support::daemon::Daemon;
+use crate::support::stack::{KEY, Options, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -31,18 +31,24 @@ async fn slow_regenerate(stack: &Stack) {
         .await;
 }
 
+async fn store_writes(daemon: &Daemon, store: &str, outcome: &str) -> f64 {
+    daemon.metrics().await.get(
+        "keyrotd_store_writes_total",
+        &[("key", KEY), ("store", store), ("outcome", outcome)],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn openbao_down_before_storing_degrades_then_is_filled_when_back() {
-    let mut stack = Stack::start().await;
+async fn openbao_down_before_storing_degrades_then_the_background_fill_writes_it() {
+    let stack = Stack::start().await;
+    // Reconcile is off: only the degraded rotation's own background fill can repair OpenBao.
     let o = Options {
         store_deadline: "3s".into(),
-        reconcile_interval: "2s".into(),
+        reconcile_interval: "0s".into(),
         ..Options::default()
     };
-    // Destinations start in sync so reconcile has nothing to do before the rotation.
-    stack
-        .seed_destinations(&stack.portal.current_secret().await)
-        .await;
+    let old = stack.portal.current_secret().await;
+    stack.seed_destinations(&old).await;
     let config = stack.write_config(&o);
     let daemon = stack.daemon(&config).await;
     slow_regenerate(&stack).await;
@@ -51,7 +57,7 @@ async fn openbao_down_before_storing_degrades_then_is_filled_when_back() {
     daemon
         .wait_phase("regenerating", Duration::from_secs(30))
         .await;
-    stack.bao.stop();
+    stack.bao.down();
     let record = daemon.wait_rotation(&id, LONG).await;
     assert_eq!(
         record["outcome"],
@@ -65,20 +71,44 @@ async fn openbao_down_before_storing_degrades_then_is_filled_when_back() {
         "the key is held by AWS and the file"
     );
     let new_fp = stack.portal.state().await.fingerprint;
-    let file = std::fs::read(stack.key_file()).expect("the file holds the new key");
-    assert_eq!(keyrotd::secret::fingerprint_bytes(&file), new_fp);
     assert_eq!(
-        aws_fingerprint(&stack).await.as_deref(),
-        Some(new_fp.as_str())
+        stack.destination_fingerprints().await,
+        vec![
+            Some(crate::support::stack::fp(&old)),
+            Some(new_fp.clone()),
+            Some(new_fp.clone())
+        ],
+        "OpenBao still holds the old key; AWS and the file the new one"
+    );
+
+    // Counted as what it was: a degraded rotation, failed OpenBao writes, and the hook of the
+    // OpenBao-reading dependent not sent (counted as an error) while the other one was.
+    let m = daemon.metrics().await;
+    let k = |outcome| [("key", KEY), ("outcome", outcome)];
+    assert_eq!(m.get("keyrotd_rotations_total", &k("degraded")), 1.0);
+    assert_eq!(m.get("keyrotd_rotations_total", &k("success")), 0.0);
+    assert!(store_writes(&daemon, "vault", "error").await >= 1.0, "{m}");
+    assert_eq!(store_writes(&daemon, "vault", "ok").await, 0.0, "{m}");
+    assert_eq!(store_writes(&daemon, "aws", "ok").await, 1.0, "{m}");
+    let hook = |dep, outcome| [("key", KEY), ("dependent", dep), ("outcome", outcome)];
+    assert_eq!(
+        m.get("keyrotd_reload_hooks_total", &hook("worker", "error")),
+        1.0
+    );
+    assert_eq!(
+        m.get("keyrotd_reload_hooks_total", &hook("worker", "ok")),
+        0.0
+    );
+    assert_eq!(
+        m.get("keyrotd_reload_hooks_total", &hook("edge", "ok")),
+        1.0
     );
 
     fast_regenerate(&stack).await;
-    stack.bao.start_again();
-    // Dev mode lost the data: the background fill or reconcile writes the key again and tells the
-    // dependent that reads from OpenBao.
     let reloads_before = stack.dep_vault.state().await.reloads;
+    stack.bao.up();
     stack
-        .eventually(LONG, "OpenBao holds the new key again", || async {
+        .eventually(LONG, "OpenBao holds the new key", || async {
             stack.vault_fingerprint().await.as_deref() == Some(new_fp.as_str())
         })
         .await;
@@ -93,6 +123,14 @@ async fn openbao_down_before_storing_degrades_then_is_filled_when_back() {
         )
         .await;
     stack.assert_consistent(&o).await;
+    assert_eq!(store_writes(&daemon, "vault", "ok").await, 1.0);
+    assert!(
+        daemon
+            .log_text()
+            .contains("Destination filled after the deadline."),
+        "the background fill wrote it:\n{}",
+        daemon.log_text()
+    );
     assert_eq!(
         stack.portal.state().await.fingerprint,
         new_fp,
@@ -102,7 +140,7 @@ async fn openbao_down_before_storing_degrades_then_is_filled_when_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn openbao_down_while_storing_is_retried_within_the_store_deadline() {
-    let mut stack = Stack::start().await;
+    let stack = Stack::start().await;
     let o = Options {
         store_deadline: "30s".into(),
         ..Options::default()
@@ -115,18 +153,16 @@ async fn openbao_down_while_storing_is_retried_within_the_store_deadline() {
     daemon
         .wait_phase("regenerating", Duration::from_secs(30))
         .await;
-    stack.bao.stop();
-    // Keyrotd is storing (AWS and the file confirm; OpenBao refuses connections) when OpenBao returns.
+    stack.bao.down();
+    // keyrotd is storing: AWS and the file confirm, OpenBao refuses, and keyrotd tries it again.
     stack
-        .eventually(LONG, "a destination confirmed the new key", || async {
-            let (_, r) = daemon.get(&format!("/v1/rotations/{id}")).await;
-            r["events"]
-                .as_array()
-                .is_some_and(|e| e.iter().any(|e| e["event"] == "stored"))
+        .eventually(LONG, "a second failed OpenBao write", || async {
+            store_writes(&daemon, "vault", "error").await >= 2.0
         })
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stack.bao.start_again();
+    let (_, running) = daemon.get(&format!("/v1/rotations/{id}")).await;
+    assert!(running["outcome"].is_null(), "still storing: {running:#}");
+    stack.bao.up();
     let record = daemon.wait_rotation(&id, LONG).await;
     assert_eq!(
         record["outcome"],
@@ -134,23 +170,26 @@ async fn openbao_down_while_storing_is_retried_within_the_store_deadline() {
         "{record:#}\n{}",
         daemon.log_text()
     );
-    let events: Vec<&str> = record["events"]
+    let stored: Vec<&str> = record["events"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["event"].as_str().unwrap())
+        .filter(|e| e["event"] == "stored")
+        .filter_map(|e| e["detail"].as_str())
         .collect();
+    assert_eq!(stored.len(), 3, "every destination confirmed: {stored:?}");
     assert!(
-        events.contains(&"stored"),
-        "stored events in the record: {events:?}"
+        stored.last().unwrap().starts_with("vault"),
+        "OpenBao confirmed last, after it came back: {stored:?}"
     );
+    assert_eq!(store_writes(&daemon, "vault", "ok").await, 1.0);
     fast_regenerate(&stack).await;
     stack.assert_consistent(&o).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_store_down_loses_the_key_and_recovery_rerotates_when_back() {
-    let mut stack = Stack::start().await;
+    let stack = Stack::start().await;
     let o = Options {
         store_deadline: "3s".into(),
         with_file: false,
@@ -165,8 +204,8 @@ async fn every_store_down_loses_the_key_and_recovery_rerotates_when_back() {
     daemon
         .wait_phase("regenerating", Duration::from_secs(30))
         .await;
-    stack.bao.stop();
-    stack.moto.stop();
+    stack.bao.down();
+    stack.moto.down();
     let record = daemon.wait_rotation(&id, LONG).await;
     assert_eq!(
         record["outcome"],
@@ -179,11 +218,22 @@ async fn every_store_down_loses_the_key_and_recovery_rerotates_when_back() {
     let lost_secret = stack.portal.current_secret().await;
     // The journal never holds the secret.
     assert!(!journal.to_string().contains(&lost_secret));
+    let m = daemon.metrics().await;
+    assert_eq!(
+        m.get(
+            "keyrotd_rotations_total",
+            &[("key", KEY), ("outcome", "failed")]
+        ),
+        1.0
+    );
+    for store in ["vault", "aws"] {
+        assert!(store_writes(&daemon, store, "error").await >= 1.0, "{m}");
+        assert_eq!(store_writes(&daemon, store, "ok").await, 0.0, "{m}");
+    }
 
     fast_regenerate(&stack).await;
-    stack.bao.start_again();
-    stack.moto.start_again();
-    stack.moto.create_secret(AWS_SECRET, "{}").await;
+    stack.bao.up();
+    stack.moto.up();
 
     // The recovery tick re-rotates by itself once a destination is writable.
     stack
@@ -195,7 +245,7 @@ async fn every_store_down_loses_the_key_and_recovery_rerotates_when_back() {
         })
         .await;
     stack.assert_consistent(&o).await;
-    assert!(stack.regenerations().await >= regenerations_before + 2);
+    assert_eq!(stack.regenerations().await, regenerations_before + 2);
     let audit = stack.audit();
     assert!(
         audit
@@ -203,29 +253,11 @@ async fn every_store_down_loses_the_key_and_recovery_rerotates_when_back() {
             .any(|r| r["event"] == "rerotation" && r["detail"] == "lost_before_storage"),
         "audit records a re-rotation for lost_before_storage: {audit:#?}"
     );
-    assert!(
-        daemon
-            .metric(
-                "keyrotd_rerotations_total",
-                &["reason=\"lost_before_storage\""]
-            )
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
+    assert_eq!(
+        daemon.metrics().await.get(
+            "keyrotd_rerotations_total",
+            &[("key", KEY), ("reason", "lost_before_storage")]
+        ),
+        1.0
     );
-}
-
-/// The fingerprint of the key AWS holds (without touching OpenBao, which may be down).
-async fn aws_fingerprint(stack: &Stack) -> Option<String> {
-    let out = stack
-        .moto
-        .client()
-        .await
-        .get_secret_value()
-        .secret_id(AWS_SECRET)
-        .send()
-        .await
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_str(out.secret_string()?).ok()?;
-    v["api_key"].as_str().map(fp)
 }

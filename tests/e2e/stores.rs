@@ -6,12 +6,12 @@
 //! nothing; preflight refuses with an error that says what is wrong; and no error ever carries the
 //! value.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::bao::Bao;
+use crate::support::moto::Moto;
 use chrono::{TimeZone, Utc};
 use keyrotd::config::{DestinationTarget, FileStoreConfig, VaultAuth, VaultStoreConfig};
 use keyrotd::secret::{Secret, fingerprint};
@@ -21,8 +21,6 @@ use keyrotd::store::vault::VaultStore;
 use keyrotd::store::{Store, StoreError, StoreErrorKind, WriteRequest};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
-use support::bao::Bao;
-use support::moto::Moto;
 use uuid::Uuid;
 
 /// A new key as a rotation would hold it: a distinctive value (so a leak is easy to grep for) and
@@ -418,10 +416,10 @@ async fn vault_namespace_is_sent_with_every_request() {
 
 #[tokio::test]
 async fn vault_down_is_transient_and_the_error_holds_no_secret() {
-    let mut bao = Bao::start();
+    let bao = Bao::start();
     let store = vault_store(&bao, &bao.root_token);
     let target = vault_target("apps/x", "api_key");
-    bao.stop();
+    bao.down();
     let key = NewKey::new("key_down");
     let e = store.write(&target, &key.req()).await.unwrap_err();
     assert_eq!(e.kind, StoreErrorKind::Transient, "{e}");
@@ -435,8 +433,8 @@ async fn vault_down_is_transient_and_the_error_holds_no_secret() {
     let e = store.preflight(&target).await.unwrap_err();
     assert_eq!(e.kind, StoreErrorKind::Transient, "{e}");
 
-    // Back (empty: dev mode keeps nothing), and the same client carries on.
-    bao.start_again();
+    // Back, and the same client carries on.
+    bao.up();
     store.write(&target, &key.req()).await.unwrap();
     assert_eq!(
         store.read(&target).await.unwrap().unwrap().fingerprint,
@@ -645,10 +643,10 @@ async fn aws_preflight_says_a_missing_secret_must_be_created_first() {
 
 #[tokio::test]
 async fn aws_down_is_transient_and_the_error_holds_no_secret() {
-    let mut moto = Moto::start();
+    let moto = Moto::start();
     moto.create_secret("prod/x", "old").await;
     let store = Store::Aws(moto.store("aws-main").await);
-    moto.stop();
+    moto.down();
     let key = NewKey::new("key_down");
     let e = store
         .write(&aws_target("prod/x", None), &key.req())
@@ -663,13 +661,13 @@ async fn aws_down_is_transient_and_the_error_holds_no_secret() {
     assert_eq!(e.kind, StoreErrorKind::Transient, "{e}");
     assert_no_value(&e, &key);
 
-    // moto forgets everything on restart: the secret is gone, and the store says so.
-    moto.start_again();
-    let e = store
-        .preflight(&aws_target("prod/x", None))
+    // Back, and the same client carries on.
+    moto.up();
+    store
+        .write(&aws_target("prod/x", None), &key.req())
         .await
-        .unwrap_err();
-    assert_eq!(e.kind, StoreErrorKind::NotFound, "{e}");
+        .unwrap();
+    assert_eq!(current_string(&moto, "prod/x").await, key.value());
 }
 
 #[tokio::test]
@@ -809,24 +807,30 @@ async fn file_preflight_names_a_missing_or_unusable_dir() {
 }
 
 #[tokio::test]
-async fn file_preflight_on_a_read_only_dir_agrees_with_the_os() {
+async fn file_preflight_and_write_refuse_a_directory_that_cannot_be_written() {
     let root = tempfile::tempdir().unwrap();
-    let ro = root.path().join("ro");
-    std::fs::create_dir(&ro).unwrap();
-    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o500)).unwrap();
-    // root ignores directory modes, so ask the OS first what the truth is.
-    let os_allows = std::fs::write(ro.join("probe-by-test"), "x").is_ok();
-    let _ = std::fs::remove_file(ro.join("probe-by-test"));
-    let result = file_store(&ro).preflight(&file_target("k.key")).await;
-    if os_allows {
-        eprintln!("running with privileges that ignore directory modes: preflight must pass");
-        result.expect("the OS lets us write, so preflight passes");
-    } else {
-        let e = result.unwrap_err();
-        assert_eq!(e.kind, StoreErrorKind::Auth, "{e}");
-        assert!(e.message.contains("is not writable"), "{e}");
-    }
-    // The probe left nothing behind either way.
-    assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0);
-    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let dir = root.path().join("keys");
+    std::fs::create_dir(&dir).unwrap();
+    // Read-only for root too (the tests run as root, which ignores permission bits).
+    let _ro = crate::support::ReadOnlyDir::new(&dir);
+    let store = file_store(&dir);
+
+    let e = store.preflight(&file_target("k.key")).await.unwrap_err();
+    assert_eq!(e.kind, StoreErrorKind::Auth, "{e}");
+    assert!(e.message.contains("is not writable"), "{e}");
+    assert!(e.message.contains(&dir.display().to_string()), "{e}");
+
+    // The preflight told the truth: the write is refused the same way, and shows no value.
+    let key = NewKey::new("key_ro");
+    let e = store
+        .write(&file_target("k.key"), &key.req())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, StoreErrorKind::Auth, "{e}");
+    assert_no_value(&e, &key);
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
 }

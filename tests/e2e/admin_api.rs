@@ -1,12 +1,11 @@
-//! The admin API's table (docs/admin-api.md), every status code, against the real daemon.
-
-mod support;
+//! The admin API's table (docs/admin-api.md), every status code, against the real daemon; and the
+//! memory of `GET /v1/rotations/{id}` (the last 100 rotations of each key).
 
 use std::time::Duration;
 
-use chrono::Datelike;
 use serde_json::{Value, json};
-use support::daemon::{ADMIN_TOKEN, KEY, Options, Stack};
+
+use crate::support::stack::{ADMIN_TOKEN, KEY, Options, Stack};
 
 const ROTATE: &str = "/v1/keys/billing/rotate";
 
@@ -79,7 +78,7 @@ async fn every_status_code_of_the_admin_api() {
         .portal
         .faults(json!({ "status": { "fail_next": 3 } }))
         .await;
-    let daemon = stack.spawn_daemon(&config, &[]);
+    let daemon = stack.spawn_daemon(&config, &[]).await;
     let http = reqwest::Client::new();
     let mut saw_503 = None;
     let start = std::time::Instant::now();
@@ -305,25 +304,13 @@ async fn every_status_code_of_the_admin_api() {
 #[tokio::test(flavor = "multi_thread")]
 async fn outside_its_window_a_rotation_needs_force() {
     let stack = Stack::start().await;
-    // A window open only tomorrow (UTC): now is outside it.
-    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).weekday();
+    // A window open on Tuesdays only; the daemon's clock says Monday morning.
     let o = Options {
-        key_extra: format!(
-            "window = {{ days = \"{}\", start = \"00:00\", end = \"23:59\" }}\n",
-            match tomorrow {
-                chrono::Weekday::Mon => "Mon",
-                chrono::Weekday::Tue => "Tue",
-                chrono::Weekday::Wed => "Wed",
-                chrono::Weekday::Thu => "Thu",
-                chrono::Weekday::Fri => "Fri",
-                chrono::Weekday::Sat => "Sat",
-                chrono::Weekday::Sun => "Sun",
-            }
-        ),
+        key_extra: "window = { days = \"Tue\", start = \"00:00\", end = \"23:59\" }\n".into(),
         ..Options::default()
     };
     let config = stack.write_config(&o);
-    let daemon = stack.daemon(&config).await;
+    let daemon = stack.daemon_at("2026-03-02 10:00:00", &config).await;
     let (status, body) = daemon
         .post(ROTATE, Some(ADMIN_TOKEN), json!({"reason": "outside"}))
         .await;
@@ -365,4 +352,40 @@ async fn without_an_admin_token_every_post_is_forbidden() {
     assert_eq!(daemon.get("/v1/keys").await.0, 200);
     assert_eq!(daemon.get("/metrics").await.0, 200);
     assert_eq!(stack.portal.state().await.regenerations, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_remembers_the_last_100_rotations_of_a_key() {
+    let stack = Stack::start().await;
+    let daemon = stack.daemon(&stack.write_config(&Options::default())).await;
+    // Dry runs are rotations too (recorded, preflight only) and change nothing: cheap to make many.
+    let mut ids = Vec::new();
+    for i in 0..101 {
+        let (status, body) = daemon
+            .post(
+                ROTATE,
+                Some(ADMIN_TOKEN),
+                json!({"reason": format!("dry {i}"), "dry_run": true}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        ids.push(
+            body["rotation_id"]
+                .as_str()
+                .expect("rotation_id")
+                .to_string(),
+        );
+    }
+    let (status, _) = daemon.get(&format!("/v1/rotations/{}", ids[0])).await;
+    assert_eq!(status, 404, "the 101st rotation pushed the first one out");
+    for id in &ids[1..] {
+        let (status, r) = daemon.get(&format!("/v1/rotations/{id}")).await;
+        assert_eq!(status, 200, "rotation {id} is among the last 100");
+        assert_eq!(r["rotation_id"], id.as_str());
+    }
+    assert_eq!(
+        stack.regenerations().await,
+        0,
+        "dry runs regenerate nothing"
+    );
 }

@@ -5,14 +5,12 @@
 //!
 //! `promtool` must be on PATH (`scripts/install-tools.sh` installs it); the tests fail if it is not.
 
-mod support;
-
+use crate::sample::config;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use support::sample::config;
 
 use chrono::{TimeZone, Utc};
 use keyrotd::telemetry::{CheckResult, Metrics, Outcome, RerotationReason};

@@ -2,15 +2,13 @@
 //! simulator against the portal: what the engine will see when a portal rotates, loses a key in
 //! transit, fails, rate-limits or refuses the management token.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::sim::{Dependent, DependentOptions, DependentSource, Portal};
 use keyrotd::provider::ProviderError;
 use keyrotd::secret::{Secret, fingerprint};
 use secrecy::ExposeSecret;
 use serde_json::json;
-use support::sim::{Dependent, DependentOptions, DependentSource, Portal};
 
 fn secret(s: &str) -> Secret {
     Secret::from(s.to_string())
@@ -171,12 +169,19 @@ async fn a_wrong_management_token_is_an_auth_error_and_changes_nothing() {
 }
 
 #[tokio::test]
-async fn inactive_and_foreign_account_faults_show_in_status() {
-    let portal = Portal::start();
+async fn status_reports_what_the_portal_says_active_and_account_included() {
+    // The portal's own account, different from what the provider config expects: status must report
+    // the portal's, not echo the config.
+    let portal = Portal::start_with(crate::support::sim::PortalOptions {
+        account_id: Some("acct_portal_side".into()),
+        ..Default::default()
+    });
     let p = portal.provider();
+    assert_eq!(p.expected_account(), Some("acct_42"));
     let s = p.status().await.unwrap();
     assert!(s.active);
-    assert_eq!(s.account_id.as_deref(), p.expected_account());
+    assert_eq!(s.account_id.as_deref(), Some("acct_portal_side"));
+    assert_eq!(s.key_id, portal.state().await.key_id);
 
     portal
         .faults(json!({"active": false, "account_id": "other"}))
@@ -185,10 +190,11 @@ async fn inactive_and_foreign_account_faults_show_in_status() {
     let s = p.status().await.unwrap();
     assert!(!s.active);
     assert_eq!(s.account_id.as_deref(), Some("other"));
-    assert_ne!(s.account_id.as_deref(), p.expected_account());
 
     portal.reset().await;
-    assert!(p.status().await.unwrap().active, "reset clears faults");
+    let s = p.status().await.unwrap();
+    assert!(s.active, "reset clears faults");
+    assert_eq!(s.account_id.as_deref(), Some("acct_portal_side"));
 }
 
 #[tokio::test]
@@ -206,7 +212,7 @@ async fn an_out_of_band_rotation_kills_the_key_we_knew() {
 
 #[tokio::test]
 async fn a_seeded_portal_starts_with_the_given_secret() {
-    let portal = Portal::start_with(support::sim::PortalOptions {
+    let portal = Portal::start_with(crate::support::sim::PortalOptions {
         seed_secret: Some("aos_sk_live_seeded_for_the_demo".into()),
         ..Default::default()
     });
@@ -225,10 +231,11 @@ async fn a_seeded_portal_starts_with_the_given_secret() {
 
 #[tokio::test]
 async fn a_regenerate_that_cannot_connect_is_transient() {
-    let port = support::free_port();
+    // A port held (so nothing else can take it) that refuses every connection.
+    let (refusing, _held) = crate::support::process::refusing_port();
     let portal = Portal::start();
     let mut config = portal.aos_config();
-    config.base_url = format!("http://127.0.0.1:{port}").parse().unwrap();
+    config.base_url = format!("http://{refusing}").parse().unwrap();
     let p = keyrotd::provider::aos::AosProvider::new("aos", &config).unwrap();
 
     let e = p.regenerate("scheduled").await.unwrap_err();

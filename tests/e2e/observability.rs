@@ -4,14 +4,14 @@
 //! `rotation_id` (JSON and text); the audit log has every field; the post-rotation watch exports a
 //! dependent that keeps its old key and clears it once the resent reload hook makes it reload.
 
-mod support;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::daemon::Daemon;
+use crate::support::metrics::Scrape;
+use crate::support::stack::{ADMIN_TOKEN, KEY, Options, Stack};
 use serde_json::Value;
-use support::daemon::{ADMIN_TOKEN, Daemon, KEY, Options, Stack, metric_samples, metric_value};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -39,17 +39,12 @@ fn promtool_check(text: &str) {
     );
 }
 
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(text, name, labels)
-        .unwrap_or_else(|| panic!("no series {name}{labels:?} in /metrics:\n{text}"))
-}
-
 async fn metric_eventually(
     stack: &Stack,
     daemon: &Daemon,
     what: &str,
-    check: impl Fn(&str) -> bool,
-) -> String {
+    check: impl Fn(&Scrape) -> bool,
+) -> Scrape {
     stack
         .eventually(T, what, || async { check(&daemon.metrics().await) })
         .await;
@@ -74,11 +69,10 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
 
     // Before any rotation: every label combination known from the config is there at 0.
     let before = daemon.metrics().await;
-    promtool_check(&before);
+    promtool_check(before.text());
     for outcome in ["success", "degraded", "aborted", "failed"] {
         assert_eq!(
-            value(
-                &before,
+            before.get(
                 "keyrotd_rotations_total",
                 &[("key", KEY), ("outcome", outcome)]
             ),
@@ -87,16 +81,25 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     }
     for dep in ["worker", "edge"] {
         assert_eq!(
-            value(
-                &before,
+            before.get(
                 "keyrotd_post_rotation_auth_failing",
                 &[("key", KEY), ("dependent", dep)]
             ),
             0.0
         );
     }
-    assert_eq!(value(&before, "keyrotd_drift", &[("key", KEY)]), 0.0);
+    assert_eq!(before.get("keyrotd_drift", &[("key", KEY)]), 0.0);
 
+    // The start-up look has adopted the seeded destinations: from here on, the daemon's only work is
+    // the rotation the test asks for.
+    stack
+        .eventually(T, "the destinations adopted", || async {
+            daemon.key().await["destinations"]
+                .as_array()
+                .is_some_and(|d| !d.is_empty() && d.iter().all(|d| d["in_sync"] == true))
+        })
+        .await;
+    let log_from = daemon.log_text().len();
     let record = daemon.rotate("test: observability").await;
     assert_eq!(record["outcome"], "success", "{record:#}");
     let rotation_id = record["rotation_id"].as_str().unwrap().to_string();
@@ -104,8 +107,7 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     // Wait for the watch to probe both dependents.
     let m = metric_eventually(&stack, &daemon, "watch probes of both dependents", |m| {
         ["worker", "edge"].iter().all(|d| {
-            metric_value(
-                m,
+            m.value(
                 "keyrotd_post_rotation_checks_total",
                 &[("key", KEY), ("dependent", d), ("result", "ok")],
             )
@@ -114,12 +116,11 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
         })
     })
     .await;
-    promtool_check(&m);
+    promtool_check(m.text());
 
     let k = [("key", KEY)];
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_rotations_total",
             &[("key", KEY), ("outcome", "success")]
         ),
@@ -127,51 +128,43 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     );
     for outcome in ["degraded", "aborted", "failed"] {
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_rotations_total",
                 &[("key", KEY), ("outcome", outcome)]
             ),
             0.0
         );
     }
+    assert_eq!(m.get("keyrotd_rotation_duration_seconds_count", &k), 1.0);
+    assert!(m.get("keyrotd_rotation_duration_seconds_sum", &k) > 0.0);
     assert_eq!(
-        value(&m, "keyrotd_rotation_duration_seconds_count", &k),
-        1.0
-    );
-    assert!(value(&m, "keyrotd_rotation_duration_seconds_sum", &k) > 0.0);
-    assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_rotation_duration_seconds_bucket",
             &[("key", KEY), ("le", "+Inf")]
         ),
         1.0
     );
-    assert_eq!(
-        value(&m, "keyrotd_invalidation_window_seconds_count", &k),
-        1.0
+    assert_eq!(m.get("keyrotd_invalidation_window_seconds_count", &k), 1.0);
+    assert_window_matches_the_events(
+        m.get("keyrotd_invalidation_window_seconds_sum", &k),
+        &record,
     );
-    assert!(value(&m, "keyrotd_invalidation_window_seconds_sum", &k) > 0.0);
     for store in ["vault", "aws", "local"] {
         assert!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_store_writes_total",
                 &[("key", KEY), ("store", store), ("outcome", "ok")]
             ) >= 1.0,
             "store {store} written"
         );
-        value(
-            &m,
+        m.get(
             "keyrotd_store_writes_total",
             &[("key", KEY), ("store", store), ("outcome", "error")],
         );
     }
     for dep in ["worker", "edge"] {
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_reload_hooks_total",
                 &[("key", KEY), ("dependent", dep), ("outcome", "ok")]
             ),
@@ -179,39 +172,34 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
             "reload hook of {dep}"
         );
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_reload_hooks_total",
                 &[("key", KEY), ("dependent", dep), ("outcome", "error")]
             ),
             0.0
         );
         for result in ["auth_failure", "error"] {
-            value(
-                &m,
+            m.get(
                 "keyrotd_post_rotation_checks_total",
                 &[("key", KEY), ("dependent", dep), ("result", result)],
             );
         }
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_post_rotation_checks_total",
                 &[("key", KEY), ("dependent", dep), ("result", "auth_failure")]
             ),
             0.0
         );
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_post_rotation_auth_failures_total",
                 &[("key", KEY), ("dependent", dep)]
             ),
             0.0
         );
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_post_rotation_auth_failing",
                 &[("key", KEY), ("dependent", dep)]
             ),
@@ -220,8 +208,7 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     }
     for reason in ["lost_before_storage", "crash_recovery", "drift"] {
         assert_eq!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_rerotations_total",
                 &[("key", KEY), ("reason", reason)]
             ),
@@ -234,24 +221,24 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     let finished = chrono::DateTime::parse_from_rfc3339(record["finished_at"].as_str().unwrap())
         .unwrap()
         .timestamp() as f64;
-    let attempt = value(&m, "keyrotd_rotation_last_attempt_timestamp_seconds", &k);
+    let attempt = m.get("keyrotd_rotation_last_attempt_timestamp_seconds", &k);
     assert!(
         (attempt - started).abs() < 5.0,
         "last attempt {attempt} ≈ start {started}"
     );
-    let success = value(&m, "keyrotd_rotation_last_success_timestamp_seconds", &k);
+    let success = m.get("keyrotd_rotation_last_success_timestamp_seconds", &k);
     assert!(
         (success - finished).abs() < 5.0 && success >= attempt,
         "last success {success} ≈ end {finished}"
     );
-    assert_eq!(value(&m, "keyrotd_key_active", &k), 1.0);
+    assert_eq!(m.get("keyrotd_key_active", &k), 1.0);
     let portal = stack.portal.state().await;
     let _ = portal;
     let view = daemon.key().await;
     let last_rotated = chrono::DateTime::parse_from_rfc3339(view["last_rotated"].as_str().unwrap())
         .unwrap()
         .timestamp() as f64;
-    let exported = value(&m, "keyrotd_key_last_rotation_timestamp_seconds", &k);
+    let exported = m.get("keyrotd_key_last_rotation_timestamp_seconds", &k);
     assert!(
         (exported - last_rotated).abs() < 1.0,
         "key_last_rotation {exported} = provider's Last Rotated {last_rotated}"
@@ -260,19 +247,17 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
         (exported - started).abs() < 10.0,
         "Last Rotated is this rotation's"
     );
-    assert_eq!(value(&m, "keyrotd_drift", &k), 0.0);
+    assert_eq!(m.get("keyrotd_drift", &k), 0.0);
     for op in ["status", "regenerate", "auth_check"] {
         assert!(
-            value(
-                &m,
+            m.get(
                 "keyrotd_provider_requests_total",
                 &[("provider", "portal"), ("operation", op), ("outcome", "ok")]
             ) >= 1.0,
             "provider {op} counted"
         );
         for outcome in ["auth_error", "rate_limited", "transient", "ambiguous"] {
-            value(
-                &m,
+            m.get(
                 "keyrotd_provider_requests_total",
                 &[
                     ("provider", "portal"),
@@ -283,8 +268,7 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
         }
     }
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_provider_requests_total",
             &[
                 ("provider", "portal"),
@@ -294,19 +278,27 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
         ),
         1.0
     );
-    assert_eq!(value(&m, "keyrotd_paused", &[]), 0.0);
+    assert_eq!(m.get("keyrotd_paused", &[]), 0.0);
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),
         1.0
     );
     assert_eq!(
-        value(&m, "keyrotd_config_reloads_total", &[("outcome", "ok")]),
+        m.get("keyrotd_config_reloads_total", &[("outcome", "ok")]),
         0.0
     );
+
+    // The log as it stands once the watch is over (the journal is back to idle): from the recovery
+    // scan on, everything the daemon did was this rotation and its watch.
+    stack
+        .eventually(T, "the watch over", || async {
+            stack.journal_phase() == "idle"
+        })
+        .await;
+    let rotation_log = daemon.log_text()[log_from..].to_string();
 
     // Pause and reload.
     let (status, _) = daemon
@@ -315,30 +307,30 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     assert_eq!(status, 200);
     daemon.signal("HUP");
     let m = metric_eventually(&stack, &daemon, "a counted reload", |m| {
-        metric_value(m, "keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
+        m.value("keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
     })
     .await;
-    assert_eq!(value(&m, "keyrotd_paused", &[]), 1.0);
+    assert_eq!(m.get("keyrotd_paused", &[]), 1.0);
     assert_eq!(
-        value(&m, "keyrotd_config_reloads_total", &[("outcome", "error")]),
+        m.get("keyrotd_config_reloads_total", &[("outcome", "error")]),
         0.0
     );
     // A bad config is refused and counted.
     std::fs::write(&config, "this is not toml [").unwrap();
     daemon.signal("HUP");
     let m = metric_eventually(&stack, &daemon, "a refused reload", |m| {
-        metric_value(m, "keyrotd_config_reloads_total", &[("outcome", "error")]) == Some(1.0)
+        m.value("keyrotd_config_reloads_total", &[("outcome", "error")]) == Some(1.0)
     })
     .await;
-    promtool_check(&m);
+    promtool_check(m.text());
     let (status, _) = daemon
         .post("/v1/resume", Some(ADMIN_TOKEN), Value::Null)
         .await;
     assert_eq!(status, 200);
-    assert_eq!(value(&daemon.metrics().await, "keyrotd_paused", &[]), 0.0);
+    assert_eq!(daemon.metrics().await.get("keyrotd_paused", &[]), 0.0);
 
     // No label value outside the config's names and the fixed sets.
-    for line in m.lines().filter(|l| l.starts_with("keyrotd_")) {
+    for line in m.text().lines().filter(|l| l.starts_with("keyrotd_")) {
         assert!(
             !line.contains(&rotation_id),
             "a rotation id in a label: {line}"
@@ -347,7 +339,11 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
 
     // Logs: JSON, one object per line; every line of the rotation carries key and rotation_id.
     let log = daemon.log_text();
-    assert_rotation_logs_json(&log, &rotation_id);
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<Value>(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+    }
+    assert_rotation_logs_json(&rotation_log, &rotation_id);
 
     // Audit log: every documented field on every record; the rotation's events in order.
     let audit = stack.audit();
@@ -432,43 +428,84 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
     }
 }
 
-/// Every line parses as JSON; every line logged inside a rotation (or its watch) carries `key` and
-/// `rotation_id`; the rotation's own events are among them.
+/// Every line parses as JSON and carries `key` and `rotation_id`: `log` is what the daemon logged from
+/// the moment the test asked for the rotation until its watch ended, when the daemon did nothing
+/// else, so no line is left out because it lacks the context checked for. The rotation's own events
+/// are among them.
 fn assert_rotation_logs_json(log: &str, rotation_id: &str) {
-    let mut in_rotation = 0;
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut events = Vec::new();
-    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+    for line in &lines {
         let v: Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
-        let mentions = line.contains(rotation_id);
-        let spans = v["spans"].as_array().cloned().unwrap_or_default();
-        let rotation_span = spans.iter().any(|s| {
-            matches!(
-                s["name"].as_str(),
-                Some("rotation" | "watch" | "background_fill")
-            )
-        });
-        if !(mentions || rotation_span) {
-            continue;
-        }
-        in_rotation += 1;
-        let key = field(&v, "key");
-        let id = field(&v, "rotation_id");
-        assert_eq!(key.as_deref(), Some(KEY), "line without key: {line}");
-        assert!(id.is_some(), "line without rotation_id: {line}");
-        if id.as_deref() == Some(rotation_id)
-            && let Some(e) = v["fields"]["event"].as_str()
-        {
+        assert_eq!(
+            field(&v, "key").as_deref(),
+            Some(KEY),
+            "line without key: {line}"
+        );
+        assert_eq!(
+            field(&v, "rotation_id").as_deref(),
+            Some(rotation_id),
+            "line without the rotation's id: {line}"
+        );
+        if let Some(e) = v["fields"]["event"].as_str() {
             events.push(e.to_string());
         }
     }
-    assert!(in_rotation >= 5, "too few rotation lines:\n{log}");
+    assert!(lines.len() >= 8, "too few rotation lines:\n{log}");
     for e in ["started", "regenerated", "stored", "notified", "finished"] {
         assert!(
             events.iter().any(|x| x == e),
             "no log line for event {e}: {events:?}\n{log}"
         );
     }
+}
+
+/// The invalidation window keyrotd exported lies within what the rotation's own event timestamps
+/// allow: it cannot start before the regenerate answer nor after the first confirmed store, and it
+/// ends with the last destination written or hook answered.
+fn assert_window_matches_the_events(window: f64, record: &Value) {
+    let events = record["events"].as_array().expect("events");
+    let ts = |e: &Value| {
+        chrono::DateTime::parse_from_rfc3339(e["ts"].as_str().expect("ts"))
+            .expect("RFC 3339")
+            .timestamp_micros() as f64
+            / 1e6
+    };
+    let at = |name: &str| -> Vec<f64> {
+        events
+            .iter()
+            .filter(|e| e["event"] == name)
+            .map(ts)
+            .collect()
+    };
+    let regenerated = at("regenerated")[0];
+    let stored = at("stored");
+    let notified = at("notified");
+    assert_eq!((stored.len(), notified.len()), (3, 2), "{record:#}");
+    let first_stored = stored.iter().copied().fold(f64::MAX, f64::min);
+    let last_effect = stored
+        .iter()
+        .chain(&notified)
+        .copied()
+        .fold(f64::MIN, f64::max);
+    // The daemon takes its monotonic instant and the event's wall-clock time next to each other.
+    let slack = 0.02;
+    assert!(
+        window <= last_effect - regenerated + slack,
+        "window {window}s is longer than regenerate answer to last effect ({}s)",
+        last_effect - regenerated
+    );
+    assert!(
+        window >= last_effect - first_stored - slack,
+        "window {window}s is shorter than first store to last effect ({}s)",
+        last_effect - first_stored
+    );
+    let reported = record.to_string();
+    assert!(
+        reported.contains(&format!("invalidation window {window:.3}s")),
+        "the finished event reports the same window ({window:.3}s): {record:#}"
+    );
 }
 
 /// A field of a JSON log line: top level, in its fields, or in its current span.
@@ -479,27 +516,43 @@ fn field(v: &Value, name: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn text_logs_show_the_rotation_span_on_every_line() {
+async fn text_logs_show_the_rotation_span_on_every_line_failures_included() {
     let stack = Stack::start().await;
     let o = Options::default();
     let config = stack.write_config(&o);
     let daemon = stack.daemon(&config).await;
-    let record = daemon.rotate("test: text logs").await;
+    // Lines logged deep inside the rotation, where a lost span would show: a regenerate answered 503
+    // (retried) and a reload hook failing once (retried).
+    stack
+        .portal
+        .faults(serde_json::json!({ "regenerate": { "fail_next": 1, "status": 503 } }))
+        .await;
+    stack
+        .dep_aws
+        .faults(serde_json::json!({ "fail_reload_next": 1 }))
+        .await;
+    // From here on, the daemon's only work is the rotation the test asks for.
+    let log_from = daemon.log_text().len();
+    let id = daemon.start_rotate("test: text logs").await;
+    let record = daemon.wait_rotation(&id, T).await;
     assert_eq!(record["outcome"], "success", "{record:#}");
-    let id = record["rotation_id"].as_str().unwrap();
-    let log = daemon.log_text();
+    let log = daemon.log_text()[log_from..].to_string();
     let context = format!("rotation{{key={KEY} rotation_id={id}}}");
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains(id)).collect();
-    assert!(lines.len() >= 5, "too few lines of the rotation:\n{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 10, "too few lines of the rotation:\n{log}");
     for line in &lines {
         assert!(line.contains(&context), "line without {context}: {line}");
     }
-    for event in ["started", "regenerated", "finished"] {
+    let warnings: Vec<&&str> = lines.iter().filter(|l| l.contains(" WARN ")).collect();
+    assert!(
+        warnings.iter().any(|l| l.contains("Reload hook failed.")),
+        "the failing hook's warning is among them:\n{log}"
+    );
+    for event in ["started", "regenerated", "stored", "notified", "finished"] {
         assert!(
             lines
                 .iter()
-                .any(|l| l.contains(&format!("event=\"{event}\""))
-                    || l.contains(&format!("event={event}"))),
+                .any(|l| l.contains(&format!("event=\"{event}\""))),
             "no line for {event}:\n{log}"
         );
     }
@@ -542,8 +595,9 @@ watch = "0s"
     text
 }
 
-fn other_series(text: &str) -> Vec<String> {
-    text.lines()
+fn other_series(m: &Scrape) -> Vec<String> {
+    m.text()
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.contains("\"other\"") || l.contains("other-worker") || l.contains("portal2"))
         .map(String::from)
@@ -556,66 +610,60 @@ async fn a_key_removed_by_a_reload_loses_its_series() {
     let o = Options::default();
     let config = stack.write_config(&o);
     std::fs::write(&config, config_with_other(&stack, &o)).unwrap();
-    let daemon = stack.daemon(&config).await;
+    // The daemon's clock starts on Monday 2026-03-02 at 10:00 UTC: `other` (daily at 03:00) is next
+    // due on Tuesday at 03:00, and cannot come due while the test runs.
+    let daemon = stack.daemon_at("2026-03-02 10:00:00", &config).await;
 
     let m = daemon.metrics().await;
-    promtool_check(&m);
+    promtool_check(m.text());
     let other = [("key", "other")];
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_rotations_total",
             &[("key", "other"), ("outcome", "success")]
         ),
         0.0
     );
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_store_writes_total",
             &[("key", "other"), ("store", "local"), ("outcome", "ok")]
         ),
         0.0
     );
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_post_rotation_auth_failing",
             &[("key", "other"), ("dependent", "other-worker")]
         ),
         0.0
     );
     // Its destinations are empty: no destination holds the active key, which the start-up look reports.
-    assert_eq!(value(&m, "keyrotd_drift", &other), 1.0);
+    assert_eq!(m.get("keyrotd_drift", &other), 1.0);
     // A scheduled key has its next rotation and period from the start; max_age is exported.
-    let next = value(&m, "keyrotd_key_next_rotation_timestamp_seconds", &other);
-    assert!(
-        next > chrono::Utc::now().timestamp() as f64,
-        "next rotation in the future"
+    assert_eq!(
+        m.get("keyrotd_key_next_rotation_timestamp_seconds", &other),
+        1_772_506_800.0,
+        "next rotation 2026-03-03T03:00:00Z"
     );
     assert_eq!(
-        value(&m, "keyrotd_key_schedule_period_seconds", &other),
+        m.get("keyrotd_key_schedule_period_seconds", &other),
         86400.0
     );
-    assert_eq!(
-        value(&m, "keyrotd_key_max_age_seconds", &other),
-        30.0 * 86400.0
-    );
+    assert_eq!(m.get("keyrotd_key_max_age_seconds", &other), 30.0 * 86400.0);
     // The manual-only key has no next rotation.
     assert_eq!(
-        metric_value(
-            &m,
+        m.value(
             "keyrotd_key_next_rotation_timestamp_seconds",
             &[("key", KEY)]
         ),
         None
     );
     // Recovery read both keys' status: both are active.
-    assert_eq!(value(&m, "keyrotd_key_active", &other), 1.0);
-    assert_eq!(value(&m, "keyrotd_key_active", &[("key", KEY)]), 1.0);
+    assert_eq!(m.get("keyrotd_key_active", &other), 1.0);
+    assert_eq!(m.get("keyrotd_key_active", &[("key", KEY)]), 1.0);
     assert!(
-        value(
-            &m,
+        m.get(
             "keyrotd_provider_requests_total",
             &[
                 ("provider", "portal2"),
@@ -630,10 +678,10 @@ async fn a_key_removed_by_a_reload_loses_its_series() {
     stack.write_config(&o);
     daemon.signal("HUP");
     let m = metric_eventually(&stack, &daemon, "the reload", |m| {
-        metric_value(m, "keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
+        m.value("keyrotd_config_reloads_total", &[("outcome", "ok")]) == Some(1.0)
     })
     .await;
-    promtool_check(&m);
+    promtool_check(m.text());
     assert_eq!(other_series(&m), Vec::<String>::new(), "stale series");
     for name in [
         "keyrotd_rotations_total",
@@ -643,9 +691,8 @@ async fn a_key_removed_by_a_reload_loses_its_series() {
         "keyrotd_reload_hooks_total",
     ] {
         assert!(
-            metric_samples(&m, name)
-                .iter()
-                .any(|(l, _)| l.get("key").map(String::as_str) == Some(KEY)),
+            m.samples(name)
+                .any(|s| s.labels.get("key").map(String::as_str) == Some(KEY)),
             "{name} of {KEY} kept"
         );
     }
@@ -663,13 +710,14 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
     };
     let config = stack.write_config(&o);
     let daemon = stack.daemon(&config).await;
-    // A first rotation gives both dependents a key; then the worker stops reloading.
+    // A first rotation gives both dependents a key; then the worker ignores the next rotation's hook
+    // and the first resend, and reloads on the second resend.
     let first = daemon.rotate("test: first key").await;
     assert_eq!(first["outcome"], "success", "{first:#}");
     stack.assert_consistent(&o).await;
     stack
         .dep_vault
-        .faults(serde_json::json!({ "ignore_reload": true }))
+        .faults(serde_json::json!({ "ignore_reload_next": 2 }))
         .await;
 
     let record = daemon.rotate("test: ignore reload").await;
@@ -677,13 +725,11 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
     assert_eq!(record["outcome"], "success", "{record:#}");
     let worker = [("key", KEY), ("dependent", "worker")];
     let m = metric_eventually(&stack, &daemon, "worker failing auth", |m| {
-        metric_value(m, "keyrotd_post_rotation_auth_failing", &worker) == Some(1.0)
+        m.value("keyrotd_post_rotation_auth_failing", &worker) == Some(1.0)
     })
     .await;
-    assert!(value(&m, "keyrotd_post_rotation_auth_failures_total", &worker) >= 1.0);
     assert!(
-        value(
-            &m,
+        m.get(
             "keyrotd_post_rotation_checks_total",
             &[
                 ("key", KEY),
@@ -694,49 +740,40 @@ async fn a_dependent_keeping_its_old_key_is_exported_until_the_resent_hook_reloa
     );
     // The other dependent reloaded: not failing.
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_post_rotation_auth_failing",
             &[("key", KEY), ("dependent", "edge")]
         ),
         0.0
     );
-    // After 3 failures the hook is resent (the dependent still ignores it).
-    let m = metric_eventually(&stack, &daemon, "the reload hook resent", |m| {
-        metric_value(
-            m,
-            "keyrotd_reload_hooks_total",
-            &[("key", KEY), ("dependent", "worker"), ("outcome", "ok")],
-        )
-        .unwrap_or(0.0)
-            >= 3.0
-    })
-    .await;
-    assert!(value(&m, "keyrotd_post_rotation_auth_failures_total", &worker) >= 3.0);
-    assert_eq!(
-        value(&m, "keyrotd_post_rotation_auth_failing", &worker),
-        1.0
-    );
-    assert_eq!(stack.dep_vault.verify().await, 401, "still on the old key");
 
-    // Clear the fault: the second resend makes it reload; the gauge goes back to 0.
-    stack
-        .dep_vault
-        .faults(serde_json::json!({ "ignore_reload": false }))
-        .await;
+    // Three failed probes, a resend (ignored), three more, the second resend: it reloads, and the
+    // gauge goes back to 0.
     let m = metric_eventually(&stack, &daemon, "worker authenticating again", |m| {
-        metric_value(m, "keyrotd_post_rotation_auth_failing", &worker) == Some(0.0)
+        m.value("keyrotd_post_rotation_auth_failing", &worker) == Some(0.0)
     })
     .await;
     assert_eq!(
-        value(
-            &m,
+        m.get(
             "keyrotd_reload_hooks_total",
             &[("key", KEY), ("dependent", "worker"), ("outcome", "ok")]
         ),
         4.0,
         "one call per rotation and two resends"
     );
+    assert_eq!(
+        m.get("keyrotd_post_rotation_auth_failures_total", &worker),
+        6.0,
+        "three failed probes before each resend"
+    );
+    let statuses: Vec<u16> = stack
+        .dep_vault
+        .requests()
+        .await
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200], "four reload requests");
     stack.assert_consistent(&o).await;
 }
 
@@ -749,21 +786,20 @@ async fn a_restart_remembers_the_last_successful_rotation() {
     let record = daemon.rotate("test: before restart").await;
     assert_eq!(record["outcome"], "success", "{record:#}");
     let k = [("key", KEY)];
-    let before = value(
-        &daemon.metrics().await,
-        "keyrotd_rotation_last_success_timestamp_seconds",
-        &k,
-    );
+    let before = daemon
+        .metrics()
+        .await
+        .get("keyrotd_rotation_last_success_timestamp_seconds", &k);
     daemon.terminate(Duration::from_secs(30));
 
     let daemon = stack.daemon(&config).await;
     let m = daemon.metrics().await;
-    let after = value(&m, "keyrotd_rotation_last_success_timestamp_seconds", &k);
+    let after = m.get("keyrotd_rotation_last_success_timestamp_seconds", &k);
     assert!(
         (after - before).abs() < 2.0,
         "last success {before} forgotten by the restart: {after}"
     );
     // What the provider says is read again at start.
-    assert_eq!(value(&m, "keyrotd_key_active", &k), 1.0);
-    assert!(value(&m, "keyrotd_key_last_rotation_timestamp_seconds", &k) > 0.0);
+    assert_eq!(m.get("keyrotd_key_active", &k), 1.0);
+    assert!(m.get("keyrotd_key_last_rotation_timestamp_seconds", &k) > 0.0);
 }
