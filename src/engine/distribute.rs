@@ -23,7 +23,7 @@ use super::record::{DestinationView, EventKind};
 use super::rotation::Rotation;
 use crate::config::{DependentConfig, DestinationConfig, KeyConfig};
 use crate::secret::Secret;
-use crate::store::{Store, StoreError, StoreErrorKind, WriteRequest};
+use crate::store::{Prepared, Store, StoreError, StoreErrorKind, WriteRequest};
 use crate::telemetry::{Metrics, Outcome};
 
 /// The identity of the key being distributed.
@@ -111,6 +111,7 @@ pub async fn write_and_confirm(
     store: &Store,
     d: &DestinationConfig,
     req: &WriteRequest<'_>,
+    prepared: &Prepared,
     deadline: Instant,
     count: &WriteCount<'_>,
 ) -> Result<Option<String>, String> {
@@ -122,7 +123,7 @@ pub async fn write_and_confirm(
         {
             return Err(format!("not written: {e}"));
         }
-        match tokio::time::timeout_at(deadline, write_once(store, d, req)).await {
+        match tokio::time::timeout_at(deadline, write_once(store, d, req, prepared)).await {
             Ok(Ok(version)) => {
                 count.metrics.store_write(count.key, &d.store, true);
                 return Ok(version);
@@ -151,8 +152,9 @@ async fn write_once(
     store: &Store,
     d: &DestinationConfig,
     req: &WriteRequest<'_>,
+    prepared: &Prepared,
 ) -> Result<Option<String>, StoreError> {
-    let version = store.write(&d.target, req).await?;
+    let version = store.write_prepared(&d.target, req, prepared).await?;
     let mut reads = 0;
     loop {
         match store.read_back(&d.target).await? {
@@ -173,7 +175,12 @@ async fn write_once(
 
 /// Store, notify and verify. `secret` None = every destination already holds the key (a resumed
 /// notify): only the hooks run.
-pub async fn run(r: &Rotation, secret: Option<&Secret>, ident: &Ident) -> Distribution {
+pub async fn run(
+    r: &Rotation,
+    secret: Option<&Secret>,
+    ident: &Ident,
+    prepared: &[Prepared],
+) -> Distribution {
     r.show_phase();
     let deadline = Instant::now() + r.key.store_deadline;
     // Shutdown waits for the key to reach its destinations (and the hooks a little longer).
@@ -182,10 +189,10 @@ pub async fn run(r: &Rotation, secret: Option<&Secret>, ident: &Ident) -> Distri
     let write_req = secret.map(|s| write_request(r, s, ident));
     let (verify, mut progress) = tokio::join!(
         verify(r, secret, ident),
-        store_and_notify(r, write_req.as_ref(), ident, deadline)
+        store_and_notify(r, write_req.as_ref(), ident, deadline, prepared)
     );
     if let Some(req) = &write_req {
-        after_writes(r, &progress.confirmed, req).await;
+        after_writes(r, &progress.confirmed, req, prepared).await;
     }
     progress.untold_hooks_failed(r);
     report_verify(r, verify, ident);
@@ -351,6 +358,7 @@ async fn store_and_notify(
     req: Option<&WriteRequest<'_>>,
     ident: &Ident,
     deadline: Instant,
+    prepared: &[Prepared],
 ) -> Progress {
     let n = r.key.destinations.len();
     let mut p = Progress {
@@ -367,13 +375,15 @@ async fn store_and_notify(
         key: &r.key.name,
         coordination: r.engine.coordination.as_deref(),
     };
+    let none = Prepared::none();
     let mut writes: FuturesUnordered<_> = FuturesUnordered::new();
     if let Some(req) = req {
         for (i, d) in r.key.destinations.iter().enumerate() {
             let count = &count;
+            let prepared = prepared.get(i).unwrap_or(&none);
             writes.push(async move {
                 let result = match r.rt.store(&d.store) {
-                    Ok(store) => write_and_confirm(store, d, req, deadline, count).await,
+                    Ok(store) => write_and_confirm(store, d, req, prepared, deadline, count).await,
                     Err(e) => Err(e.to_string()),
                 };
                 (i, result)
@@ -386,13 +396,18 @@ async fn store_and_notify(
         rotated_at: ident.issued_at,
     };
     let mut hooks = FuturesUnordered::new();
+    // The journal's `notify` record is written beside the hooks, not before them: a crash before it
+    // lands leaves `storing`, which recovery resolves the same way (copy from a holder, notify).
+    let mut journal = FuturesUnordered::new();
     let mut journaled = false;
     loop {
         if !journaled && p.confirmed.iter().any(|c| *c) {
             journaled = true;
-            let _ = r.engine.commit(&r.slot, |j| j.first_confirmed()).await;
-            fail::fail_point!("after_first_store");
-            r.show_phase();
+            journal.push(async {
+                let _ = r.engine.commit(&r.slot, |j| j.first_confirmed()).await;
+                fail::fail_point!("after_first_store");
+                r.show_phase();
+            });
         }
         for (di, dep) in r.key.dependents.iter().enumerate() {
             if dep.reload.is_some() && !p.hook_started[di] && can_tell(&r.key, dep, &p.confirmed) {
@@ -407,6 +422,7 @@ async fn store_and_notify(
         tokio::select! {
             Some((i, result)) = writes.next(), if !writes.is_empty() => p.record_write(r, i, result),
             Some((di, ok)) = hooks.next(), if !hooks.is_empty() => p.record_hook(r, di, ok),
+            Some(()) = journal.next(), if !journal.is_empty() => {}
             else => break,
         }
     }
@@ -415,18 +431,28 @@ async fn store_and_notify(
 
 /// Each confirmed destination's follow-up (AWS tags). A failure is logged only: the value is stored;
 /// what is missing is metadata, which the next write sets again.
-pub async fn after_writes(r: &Rotation, confirmed: &[bool], req: &WriteRequest<'_>) {
+pub async fn after_writes(
+    r: &Rotation,
+    confirmed: &[bool],
+    req: &WriteRequest<'_>,
+    prepared: &[Prepared],
+) {
+    let none = Prepared::none();
     let follow_ups = r
         .key
         .destinations
         .iter()
         .zip(confirmed)
-        .filter(|(_, ok)| **ok)
-        .map(|(d, _)| async move {
-            if let Ok(store) = r.rt.store(&d.store)
-                && let Err(e) = store.after_write(&d.target, req).await
-            {
-                tracing::warn!(store = %d.store, error = %e, "Follow-up after the write failed (value stored; metadata missing).");
+        .enumerate()
+        .filter(|(_, (_, ok))| **ok)
+        .map(|(i, (d, _))| {
+            let prepared = prepared.get(i).unwrap_or(&none);
+            async move {
+                if let Ok(store) = r.rt.store(&d.store)
+                    && let Err(e) = store.after_write(&d.target, req, prepared).await
+                {
+                    tracing::warn!(store = %d.store, error = %e, "Follow-up after the write failed (value stored; metadata missing).");
+                }
             }
         });
     futures::future::join_all(follow_ups).await;

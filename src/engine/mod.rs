@@ -507,7 +507,18 @@ impl Engine {
     async fn persist(&self, j: &KeyJournal) -> Result<(), JournalError> {
         match &self.coordination {
             Some(c) => c.write_journal(&j.key, j).await,
-            None => self.journal.store(j, self.clock.now()),
+            // The fsyncs run on the blocking pool, so a rotation's other work goes on meanwhile.
+            None => {
+                let (journal, j, now) = (self.journal.clone(), j.clone(), self.clock.now());
+                tokio::task::spawn_blocking(move || journal.store(&j, now))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(JournalError::Io {
+                            path: "journal".into(),
+                            reason: e.to_string(),
+                        })
+                    })
+            }
         }
     }
 

@@ -153,8 +153,9 @@ impl Rotation {
         if let Some(resume) = self.req.resume.take() {
             return self.resume(resume).await;
         }
-        let pre = preflight::run(&self).await;
+        let mut pre = preflight::run(&self).await;
         lock(&self.record).preflight = pre.findings.clone();
+        let prepared = std::mem::take(&mut pre.prepared);
         if self.req.dry_run {
             return self.dry_run(pre);
         }
@@ -178,8 +179,9 @@ impl Rotation {
                 }
                 other => return self.not_issued(other, cause.is_some(), before).await,
             };
-            let dist = distribute::run(&self, Some(&issued.secret), &issued.ident).await;
+            let dist = distribute::run(&self, Some(&issued.secret), &issued.ident, &prepared).await;
             let old_key_id = before.as_ref().map(|s| s.key_id.as_str());
+            self.audit_regenerated(&issued.ident, old_key_id);
             self.audit_distribution(&dist, &issued.ident, old_key_id);
             match judge(&dist) {
                 Next::Done(outcome) => return self.conclude(outcome, issued.ident, dist).await,
@@ -344,7 +346,7 @@ impl Rotation {
             issued_at: self.engine.clock.now(),
             responded: Instant::now(),
         };
-        let dist = distribute::run(&self, secret.as_ref(), &ident).await;
+        let dist = distribute::run(&self, secret.as_ref(), &ident, &[]).await;
         let outcome = dist.outcome();
         let end = End::Concluded {
             outcome,
@@ -402,6 +404,20 @@ impl Rotation {
             AuditRecord::drift(&self.key.name, Some(self.meta.rotation_id), keys, why, now);
         record.trigger = Some(self.meta.trigger);
         self.engine.audit(record);
+    }
+
+    /// The `regenerated` audit record, written once the window is over (every audit record is fsynced).
+    fn audit_regenerated(&self, ident: &Ident, old_key_id: Option<&str>) {
+        self.engine.audit(AuditRecord::regenerated(
+            &self.key.name,
+            &self.meta,
+            Keys {
+                old_key_id,
+                new_key_id: Some(&ident.key_id),
+                fingerprint: Some(&ident.fingerprint),
+            },
+            ident.issued_at,
+        ));
     }
 
     /// The audit trail of a distribution: `stored` per confirmed destination, `notified` per hook that

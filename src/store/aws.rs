@@ -30,7 +30,7 @@ use aws_sdk_secretsmanager::types::Tag;
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value};
 
-use super::{StoreError, StoreErrorKind, StoredValue, WriteRequest};
+use super::{Prepared, PreparedInner, StoreError, StoreErrorKind, StoredValue, WriteRequest};
 use crate::config::{AwsStoreConfig, DestinationTarget};
 use crate::secret::{Secret, fingerprint_bytes};
 
@@ -295,72 +295,179 @@ impl AwsStore {
         }
     }
 
-    /// `PutSecretValue` of the value (or of the JSON object with the field set). Returns the new
-    /// VersionId. The same request twice yields the same version (request token); in JSON mode, a
-    /// field that already holds the value is not written again.
+    /// Reads ahead, in preflight, the JSON object a field will be set in (nothing for a whole-value
+    /// destination): the write on the outage path is then one `PutSecretValue`.
+    pub async fn prepare(&self, t: &DestinationTarget) -> Result<Prepared, StoreError> {
+        let label = t.to_string();
+        let (secret_id, field) = self.target(t)?;
+        if field.is_none() {
+            return Ok(Prepared::none());
+        }
+        Ok(match self.get_current(&label, secret_id).await? {
+            Some((whole, version_id)) => Prepared {
+                inner: Some(PreparedInner::Aws { whole, version_id }),
+            },
+            None => Prepared::none(),
+        })
+    }
+
+    /// `PutSecretValue` of the value (or of the JSON object with the field set: the object read
+    /// ahead when there is one, else read now). Returns the new VersionId. The same request twice
+    /// yields the same version (request token); in JSON mode, a field that already holds the value
+    /// is not written again.
     pub async fn write(
         &self,
         t: &DestinationTarget,
         r: &WriteRequest<'_>,
+        prepared: &Prepared,
     ) -> Result<Option<String>, StoreError> {
         let label = t.to_string();
         let (secret_id, field) = self.target(t)?;
-        let value = r.secret.expose_secret();
         let new_string: Secret = match field {
             None => r.secret.clone(),
             Some(field) => {
-                let current = self.get_current(&label, secret_id).await?;
-                let mut obj = match &current {
-                    None => Map::new(),
-                    Some((s, _)) => parse_object(s).map_err(|why| {
-                        self.err(
-                            StoreErrorKind::Permanent,
-                            &label,
-                            format!(
-                                "secret {secret_id} holds {why}, so field {field} cannot be set; \
-                                 fix the secret or drop `field` to store the key as the whole value"
-                            ),
-                        )
-                    })?,
+                let current = match &prepared.inner {
+                    Some(PreparedInner::Aws { whole, version_id }) => {
+                        Some((whole.clone(), version_id.clone()))
+                    }
+                    _ => self.get_current(&label, secret_id).await?,
                 };
-                if obj.get(field).and_then(Value::as_str) == Some(value) {
-                    wipe_object(obj);
-                    return Ok(current.and_then(|(_, v)| v));
+                match self.merged(&label, secret_id, field, current.as_ref(), r.secret)? {
+                    Merged::Already => return Ok(current.and_then(|(_, v)| v)),
+                    Merged::Write(text) => text,
                 }
-                obj.insert(field.to_string(), Value::String(value.to_string()));
-                let text = serde_json::to_string(&obj);
-                wipe_object(obj);
-                let text = text.map_err(|e| {
-                    self.err(
-                        StoreErrorKind::Permanent,
-                        &label,
-                        format!("cannot encode JSON: {e}"),
-                    )
-                })?;
-                Secret::from(text)
             }
         };
+        self.put(&label, secret_id, &new_string, r.idempotency_token())
+            .await
+    }
+
+    /// The JSON object `current` (or a new one) with `field` set to `value`.
+    fn merged(
+        &self,
+        label: &str,
+        secret_id: &str,
+        field: &str,
+        current: Option<&(Secret, Option<String>)>,
+        value: &Secret,
+    ) -> Result<Merged, StoreError> {
+        let mut obj = match current {
+            None => Map::new(),
+            Some((s, _)) => parse_object(s).map_err(|why| {
+                self.err(
+                    StoreErrorKind::Permanent,
+                    label,
+                    format!(
+                        "secret {secret_id} holds {why}, so field {field} cannot be set; \
+                         fix the secret or drop `field` to store the key as the whole value"
+                    ),
+                )
+            })?,
+        };
+        if obj.get(field).and_then(Value::as_str) == Some(value.expose_secret()) {
+            wipe_object(obj);
+            return Ok(Merged::Already);
+        }
+        obj.insert(
+            field.to_string(),
+            Value::String(value.expose_secret().to_string()),
+        );
+        let text = serde_json::to_string(&obj);
+        wipe_object(obj);
+        let text = text.map_err(|e| {
+            self.err(
+                StoreErrorKind::Permanent,
+                label,
+                format!("cannot encode JSON: {e}"),
+            )
+        })?;
+        Ok(Merged::Write(Secret::from(text)))
+    }
+
+    async fn put(
+        &self,
+        label: &str,
+        secret_id: &str,
+        value: &Secret,
+        token: uuid::Uuid,
+    ) -> Result<Option<String>, StoreError> {
         let out = self
             .client
             .put_secret_value()
             .secret_id(secret_id)
-            .secret_string(new_string.expose_secret())
-            .client_request_token(r.idempotency_token().to_string())
+            .secret_string(value.expose_secret())
+            .client_request_token(token.to_string())
             .send()
             .await
-            .map_err(|e| self.classify(&label, secret_id, "PutSecretValue", &e))?;
+            .map_err(|e| self.classify(label, secret_id, "PutSecretValue", &e))?;
         Ok(out.version_id().map(str::to_string))
     }
 
-    /// Tags the secret with the key id, fingerprint and rotation time (replacing keyrotd's previous
-    /// tags, leaving others alone).
+    /// After the hooks: when a JSON field was set in an object read ahead, checks that no one wrote
+    /// the secret between that read and our write (the version our write replaced is the one read
+    /// ahead); if someone did, sets the field again in their object, so no field of theirs is lost.
+    /// Then tags the secret with the key id, fingerprint, rotation time and fence (replacing
+    /// keyrotd's previous tags, leaving others alone).
     pub async fn after_write(
         &self,
         t: &DestinationTarget,
         r: &WriteRequest<'_>,
+        prepared: &Prepared,
     ) -> Result<(), StoreError> {
         let label = t.to_string();
-        let (secret_id, _) = self.target(t)?;
+        let (secret_id, field) = self.target(t)?;
+        if let (Some(field), Some(PreparedInner::Aws { version_id, .. })) = (field, &prepared.inner)
+        {
+            self.keep_concurrent_fields(&label, secret_id, field, version_id.as_deref(), r)
+                .await?;
+        }
+        self.tag(&label, secret_id, r).await
+    }
+
+    async fn keep_concurrent_fields(
+        &self,
+        label: &str,
+        secret_id: &str,
+        field: &str,
+        read_ahead: Option<&str>,
+        r: &WriteRequest<'_>,
+    ) -> Result<(), StoreError> {
+        let previous = self
+            .client
+            .get_secret_value()
+            .secret_id(secret_id)
+            .version_stage("AWSPREVIOUS")
+            .send()
+            .await;
+        let Ok(mut previous) = previous else {
+            return Ok(()); // no previous version: nothing came in between
+        };
+        if previous.version_id() == read_ahead {
+            return Ok(());
+        }
+        tracing::warn!(
+            secret_id,
+            "The secret was written between keyrotd's read-ahead and its write: setting the field again in that version."
+        );
+        let theirs = previous
+            .secret_string
+            .take()
+            .map(|s| (Secret::from(s), previous.version_id().map(str::to_string)));
+        if let Merged::Write(text) =
+            self.merged(label, secret_id, field, theirs.as_ref(), r.secret)?
+        {
+            let token = uuid::Uuid::new_v5(&r.idempotency_token(), b"merge");
+            self.put(label, secret_id, &text, token).await?;
+        }
+        Ok(())
+    }
+
+    async fn tag(
+        &self,
+        label: &str,
+        secret_id: &str,
+        r: &WriteRequest<'_>,
+    ) -> Result<(), StoreError> {
         let tag = |k: &str, v: String| Tag::builder().key(k).value(v).build();
         let mut tags = vec![
             tag(TAG_KEY_ID, r.key_id.to_string()),
@@ -376,7 +483,7 @@ impl AwsStore {
             .set_tags(Some(tags))
             .send()
             .await
-            .map_err(|e| self.classify(&label, secret_id, "TagResource", &e))?;
+            .map_err(|e| self.classify(label, secret_id, "TagResource", &e))?;
         Ok(())
     }
 
@@ -493,6 +600,12 @@ fn https_client_trusting(
         ))
         .tls_context(context)
         .build_https())
+}
+
+/// The object to write, or nothing to write (the field already holds the value).
+enum Merged {
+    Already,
+    Write(Secret),
 }
 
 /// Wipes the values of a secret's JSON object (other keys' secrets may be among them) as it is freed.
