@@ -423,14 +423,13 @@ impl VaultStore {
     ) -> Result<Option<String>, StoreError> {
         let label = t.to_string();
         let (path, field) = self.target(t)?;
-        if let Some(PreparedInner::Vault { version, data }) = &prepared.inner {
-            match self
+        // When the check-and-set on what was read ahead loses (the path moved since), read again.
+        if let Some(PreparedInner::Vault { version, data }) = &prepared.inner
+            && let Some(version) = self
                 .set_field(&label, path, field, r, data, *version)
                 .await?
-            {
-                Some(version) => return Ok(Some(version.to_string())),
-                None => {} // check-and-set lost: the path moved since it was read ahead
-            }
+        {
+            return Ok(Some(version.to_string()));
         }
         for attempt in 0..CAS_ATTEMPTS {
             let cur = self.read_current(&label, path).await?;
