@@ -21,4 +21,5 @@ mod rotation;
 mod signals;
 mod stores;
 mod systemd;
+mod tls;
 mod triggers;
