@@ -23,3 +23,4 @@ mod stores;
 mod systemd;
 mod tls;
 mod triggers;
+mod vault_leak;
