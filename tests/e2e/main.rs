@@ -24,3 +24,4 @@ mod systemd;
 mod tls;
 mod triggers;
 mod vault_leak;
+mod vault_lifetime;
