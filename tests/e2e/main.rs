@@ -9,6 +9,8 @@ mod cli;
 mod compose;
 mod crash;
 mod drift;
+mod faults_cli;
+mod faults_startup;
 mod hooks;
 mod leak;
 mod observability;
