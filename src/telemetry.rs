@@ -1102,6 +1102,7 @@ mod tests {
             stores,
             keys,
             coordination: None,
+            limits: Default::default(),
             warnings: vec![],
         }
     }

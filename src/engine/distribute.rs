@@ -22,6 +22,7 @@ use super::fill;
 use super::record::{DestinationView, EventKind};
 use super::rotation::Rotation;
 use crate::config::{DependentConfig, DestinationConfig, KeyConfig};
+use crate::limits::Limited;
 use crate::secret::Secret;
 use crate::store::{Prepared, Store, StoreError, StoreErrorKind, WriteRequest};
 use crate::telemetry::{Metrics, Outcome};
@@ -108,7 +109,7 @@ pub struct WriteCount<'a> {
 /// eventually consistent: a dependent must never reload into the old value), retrying with backoff
 /// until `deadline`. Every attempt is counted. Returns the store's version of the value.
 pub async fn write_and_confirm(
-    store: &Store,
+    store: &Limited<Store>,
     d: &DestinationConfig,
     req: &WriteRequest<'_>,
     prepared: &Prepared,
@@ -123,7 +124,11 @@ pub async fn write_and_confirm(
         {
             return Err(format!("not written: {e}"));
         }
-        match tokio::time::timeout_at(deadline, write_once(store, d, req, prepared)).await {
+        let attempt_once = async {
+            let _permit = store.enter().await;
+            write_once(store, d, req, prepared).await
+        };
+        match tokio::time::timeout_at(deadline, attempt_once).await {
             Ok(Ok(version)) => {
                 count.metrics.store_write(count.key, &d.store, true);
                 return Ok(version);
@@ -448,8 +453,9 @@ pub async fn after_writes(
         .map(|(i, (d, _))| {
             let prepared = prepared.get(i).unwrap_or(&none);
             async move {
-                if let Ok(store) = r.rt.store(&d.store)
-                    && let Err(e) = store.after_write(&d.target, req, prepared).await
+                let Ok(store) = r.rt.store(&d.store) else { return };
+                let _permit = store.enter().await;
+                if let Err(e) = store.after_write(&d.target, req, prepared).await
                 {
                     tracing::warn!(store = %d.store, error = %e, "Follow-up after the write failed (value stored; metadata missing).");
                 }

@@ -87,13 +87,19 @@ async fn check_destinations(r: &Rotation) -> Vec<(&DestinationConfig, Checked)> 
     let now = r.engine.clock.now();
     futures::future::join_all(r.key.destinations.iter().map(|d| async move {
         let result = match r.rt.store(&d.store) {
-            Ok(s) => match s.preflight(&d.target).await {
+            Ok(s) => match async {
+                let _permit = s.enter().await;
+                s.preflight(&d.target).await
+            }
+            .await
+            {
                 Ok(()) => {
                     let credential = s
                         .credential_status()
                         .map(|c| format!(", {}", c.summary(now)))
                         .unwrap_or_default();
                     // A read-ahead that fails is no problem: the write then reads for itself.
+                    let _permit = s.enter().await;
                     let prepared = s.prepare(&d.target).await.unwrap_or_default();
                     Ok((credential, prepared))
                 }

@@ -21,6 +21,7 @@ use super::{
 };
 use crate::config::KeyConfig;
 use crate::journal::{AuditEvent, AuditRecord, Failure, Keys, RotationMeta};
+use crate::limits::Limited;
 use crate::provider::Provider;
 use crate::secret::{Secret, fingerprint};
 use crate::telemetry::{Outcome, RerotationReason};
@@ -40,7 +41,7 @@ pub struct Rotation {
     pub engine: Arc<Engine>,
     pub rt: Arc<Runtime>,
     pub key: Arc<KeyConfig>,
-    pub provider: Arc<Provider>,
+    pub provider: Arc<Limited<Provider>>,
     pub req: RotationRequest,
     pub meta: RotationMeta,
     pub slot: Arc<KeySlot>,
@@ -294,6 +295,7 @@ impl Rotation {
                 self.key.max_regenerations_per_day
             ));
         }
+        self.respect_write_rates().await;
         self.engine.metrics.rerotation(&self.key.name, reason);
         self.engine.audit(AuditRecord::rerotation(
             &self.key.name,
@@ -304,6 +306,30 @@ impl Rotation {
         ));
         self.event(EventKind::Rerotation, format!("reason {reason}"));
         Ok(())
+    }
+
+    /// A re-rotation loop must not hammer a store that asks for few writes per secret (AWS): wait
+    /// until every destination may take another value, saying why. Shutdown ends the wait.
+    async fn respect_write_rates(&self) {
+        let wait = self
+            .key
+            .destinations
+            .iter()
+            .filter_map(|d| Some(self.rt.store(&d.store).ok()?.wait_before_write(&d.target)))
+            .max()
+            .unwrap_or_default();
+        if wait.is_zero() {
+            return;
+        }
+        tracing::warn!(wait = ?wait, "Re-rotation waits: a destination has had several new values in the last 10 minutes (AWS advises at most one PutSecretValue per secret per 10 minutes).");
+        self.event(
+            EventKind::Retry,
+            format!("waiting {wait:?} before re-rotating: a destination's write rate limit"),
+        );
+        tokio::select! {
+            _ = self.engine.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 
     /// Recovery or reconcile resumes at notify with a key a destination holds.

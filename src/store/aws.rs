@@ -30,6 +30,8 @@ use aws_sdk_secretsmanager::types::Tag;
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value};
 
+use tokio::time::Instant;
+
 use super::{Prepared, PreparedInner, StoreError, StoreErrorKind, StoredValue, WriteRequest};
 use crate::config::{AwsStoreConfig, DestinationTarget};
 use crate::secret::{Secret, fingerprint_bytes};
@@ -43,7 +45,15 @@ pub const TAG_FENCE: &str = "keyrotd:fence";
 pub struct AwsStore {
     name: String,
     client: Client,
+    /// When each secret was last given a new value by keyrotd (the most recent few).
+    writes:
+        std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Instant>>>,
 }
+
+/// AWS advises about one `PutSecretValue` per secret per 10 minutes at most: keyrotd allows a few
+/// (a rotation and a re-rotation or two) before a re-rotation waits.
+pub const WRITES_PER_WINDOW: usize = 3;
+pub const WRITE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The largest response accepted from Secrets Manager. A secret value is at most 64 KiB; with its
 /// JSON envelope an answer stays far below this.
@@ -124,6 +134,7 @@ impl AwsStore {
         Ok(Self {
             name: name.into(),
             client: Client::from_conf(conf),
+            writes: Default::default(),
         })
     }
 
@@ -384,6 +395,31 @@ impl AwsStore {
         Ok(Merged::Write(Secret::from(text)))
     }
 
+    /// How long a re-rotation should wait before giving `t` yet another value, so that keyrotd
+    /// writes a secret at most [`WRITES_PER_WINDOW`] times per [`WRITE_WINDOW`]. Zero most of the time.
+    pub fn wait_before_write(&self, t: &DestinationTarget) -> std::time::Duration {
+        let Ok((secret_id, _)) = self.target(t) else {
+            return std::time::Duration::ZERO;
+        };
+        let writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        match writes.get(secret_id) {
+            Some(w) if w.len() >= WRITES_PER_WINDOW => {
+                let oldest = w[w.len() - WRITES_PER_WINDOW];
+                (oldest + WRITE_WINDOW).saturating_duration_since(Instant::now())
+            }
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
+    fn record_write(&self, secret_id: &str) {
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let w = writes.entry(secret_id.to_string()).or_default();
+        w.push_back(Instant::now());
+        while w.len() > WRITES_PER_WINDOW {
+            w.pop_front();
+        }
+    }
+
     async fn put(
         &self,
         label: &str,
@@ -391,6 +427,7 @@ impl AwsStore {
         value: &Secret,
         token: uuid::Uuid,
     ) -> Result<Option<String>, StoreError> {
+        self.record_write(secret_id);
         let out = self
             .client
             .put_secret_value()
@@ -693,5 +730,47 @@ mod tests {
         let (secret, version) = s.read_value(&target()).await.unwrap().unwrap();
         assert_eq!(secret.expose_secret(), "k".repeat(40));
         assert_eq!(version.as_deref(), Some("v1"));
+    }
+}
+
+#[cfg(test)]
+mod write_rate {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_secret_takes_a_few_new_values_then_asks_re_rotations_to_wait() {
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
+                "AKIDTEST", "secret", None, None, "test",
+            ))
+            .region(Region::new("us-east-1"))
+            .load()
+            .await;
+        let c = AwsStoreConfig {
+            region: None,
+            endpoint_url: Some("http://127.0.0.1:1".parse().unwrap()),
+            timeout: std::time::Duration::from_secs(1),
+            ca_file: None,
+        };
+        let store = AwsStore::with_sdk_config("aws", &c, &sdk).unwrap();
+        let target = |id: &str| DestinationTarget::Aws {
+            secret_id: id.into(),
+            field: None,
+        };
+        for _ in 0..WRITES_PER_WINDOW {
+            assert!(store.wait_before_write(&target("a")).is_zero());
+            store.record_write("a");
+        }
+        let wait = store.wait_before_write(&target("a"));
+        assert!(
+            wait > WRITE_WINDOW - std::time::Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(
+            store.wait_before_write(&target("b")).is_zero(),
+            "per secret"
+        );
+        tokio::time::advance(WRITE_WINDOW).await;
+        assert!(store.wait_before_write(&target("a")).is_zero());
     }
 }

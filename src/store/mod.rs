@@ -306,6 +306,15 @@ impl Store {
         }
     }
 
+    /// How long a re-rotation should wait before writing `target` again: AWS advises against
+    /// giving a secret a new value more often than every few minutes (see `aws::WRITES_PER_WINDOW`).
+    pub fn wait_before_write(&self, target: &DestinationTarget) -> std::time::Duration {
+        match self {
+            Store::Aws(s) => s.wait_before_write(target),
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
     /// Work that follows a write, off the hooks' path: Vault's custom metadata, AWS tags and the
     /// check that no other write came between an AWS field's read-ahead and ours.
     pub async fn after_write(

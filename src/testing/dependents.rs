@@ -8,6 +8,7 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 
 use crate::config::{DestinationTarget, ReloadHook, VerifyConfig};
+use crate::limits::Limited;
 use crate::notify::{HookError, Probe, ReloadNotice};
 use crate::provider::Provider;
 use crate::store::Store;
@@ -27,15 +28,19 @@ struct State {
 
 /// One scripted dependent.
 pub struct DependentScript {
-    reads: Option<(Arc<Store>, DestinationTarget)>,
-    checks: Option<Arc<Provider>>,
+    reads: Option<(Arc<Limited<Store>>, DestinationTarget)>,
+    checks: Option<Arc<Limited<Provider>>>,
     state: Mutex<State>,
 }
 
 impl DependentScript {
     /// Reads `target` of `store` on reload; probes authenticate its key at `provider` (a scripted
     /// one). It starts holding the provider's current key.
-    pub fn new(store: Arc<Store>, target: DestinationTarget, provider: Arc<Provider>) -> Self {
+    pub fn new(
+        store: Arc<Limited<Store>>,
+        target: DestinationTarget,
+        provider: Arc<Limited<Provider>>,
+    ) -> Self {
         let held = active_secret(&provider);
         DependentScript {
             reads: Some((store, target)),
