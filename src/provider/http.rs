@@ -365,6 +365,8 @@ pub mod wire {
         Incomplete(String),
     }
 
+    impl std::error::Error for BodyError {}
+
     impl std::fmt::Display for BodyError {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             match self {
