@@ -9,6 +9,7 @@ mod cli;
 mod compose;
 mod crash;
 mod drift;
+mod faults;
 mod hooks;
 mod leak;
 mod observability;
