@@ -1,6 +1,7 @@
-//! How the Vault store talks to Vault: vaultrs's endpoint and response types, sent through
-//! rustify's reqwest client with keyrotd's own request decoration, and the one function that turns
-//! any failure into a [`StoreError`].
+//! How the Vault store talks to Vault: vaultrs's endpoint and response types, sent with keyrotd's own
+//! request decoration through keyrotd's reqwest client, whose answers are read up to [`MAX_ANSWER`]
+//! (rustify's own client reads every body whole), and the one function that turns any failure into a
+//! [`StoreError`].
 //!
 //! Why not vaultrs's `VaultClient` and its `api::exec_*` helpers: its middleware adds the token as
 //! an ordinary header (`HeaderValue::from_str(token).unwrap()`, which also panics on a token holding
@@ -83,7 +84,7 @@ impl Wire {
         Ok(EndpointResult::new(resp, E::RESPONSE_BODY_TYPE))
     }
 
-    /// What rustify's reqwest client does, with the answer's body read up to [`MAX_ANSWER`]: Vault's
+    /// What rustify's reqwest client does, but with the answer's body read up to [`MAX_ANSWER`]: Vault's
     /// answers are small, and a server (or something in front of it) that sends more gets an error,
     /// not all of keyrotd's memory. Any non-2xx status is `Err(ServerResponseError)`.
     async fn execute(

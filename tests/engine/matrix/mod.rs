@@ -115,6 +115,8 @@ fn expected_kind(c: Component, f: Fault, op: Op) -> &'static str {
         (C::PortalAuthCheck, _, _) => "transient",
         (C::Vault | C::Aws, Unauthorized, _) => "auth",
         // An AWS answer that is not AWS's JSON, or a redirect: the same request will fail again.
+        // A cut-off JSON answer may be a cut connection: Vault is asked again.
+        (C::Vault, MalformedJson, _) => "transient",
         (C::Vault | C::Aws, MalformedJson | Redirect, _) => "permanent",
         (C::Vault | C::Aws, _, _) => "transient",
         (C::File, DiskFull, Op::StoreWrite) => "transient",
@@ -156,6 +158,7 @@ fn shown(met: &Met) -> String {
         m = m.replace(&met.server, "{server}");
     }
     let m: String = m
+        .replace(env!("CARGO_PKG_VERSION"), "{version}")
         .replace('|', "\\|")
         .chars()
         .filter(|c| !c.is_control())

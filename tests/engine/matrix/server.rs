@@ -125,7 +125,11 @@ async fn serve(
                 headers,
                 body,
             } => {
-                let body = body.replace(ECHO, &String::from_utf8_lossy(&request));
+                // Escaped as a JSON string's content: an error body that parses, so that clients
+                // which quote an excerpt of `{"error": ...}` get to see the credentials in it.
+                let echo =
+                    serde_json::to_string(&String::from_utf8_lossy(&request)).unwrap_or_default();
+                let body = body.replace(ECHO, echo.trim_matches('"'));
                 let mut head = format!(
                     "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
                     reason(*status),
