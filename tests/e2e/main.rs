@@ -9,6 +9,7 @@ mod cli;
 mod compose;
 mod crash;
 mod drift;
+mod faults;
 mod faults_cli;
 mod faults_startup;
 mod hooks;
