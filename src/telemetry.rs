@@ -442,6 +442,7 @@ impl Metrics {
         // the old one after its values were copied.
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         let mut keys = BTreeMap::new();
+        let mut names = keyed::Names::default();
         for key in &config.keys {
             let shape = keyed::Shape {
                 stores: key.destinations.iter().map(|d| d.store.clone()).collect(),
@@ -449,7 +450,7 @@ impl Metrics {
                 verified: names_of(key, |d| d.verify.is_some()),
                 coordinated: config.coordination.is_some(),
             };
-            let series = KeySeries::new(&shape, table.keys.get(key.name.as_str()));
+            let series = KeySeries::new(&shape, &mut names, table.keys.get(key.name.as_str()));
             series.set(Gauge::MaxAge, key.max_age.map(|m| m.as_secs_f64()));
             let runs = if key.schedule.is_some() {
                 next_runs(key, now, PERIOD_RUNS)
@@ -1418,6 +1419,54 @@ mod tests {
         );
         // A family without series (no key is coordinated) writes nothing, not even its HELP line.
         assert!(!text.contains("keyrotd_lease_held"));
+    }
+
+    #[test]
+    fn a_reload_that_changes_a_keys_stores_and_dependents_keeps_the_values_of_those_that_stay() {
+        let m = Metrics::new();
+        let before = key(
+            "billing",
+            &["a", "b"],
+            vec![dependent("api", true, true), dependent("old", true, true)],
+        );
+        m.apply_config_with(&config(vec![before]), t0(), weekday_runs);
+        m.store_write("billing", "b", false);
+        m.store_write("billing", "a", true);
+        m.post_rotation_check("billing", "api", CheckResult::AuthFailure);
+        m.reload_hook("billing", "api", true);
+        m.rotation_finished("billing", Outcome::Success, Duration::from_millis(70), t0());
+
+        let after = key(
+            "billing",
+            &["b", "c"],
+            vec![dependent("new", true, true), dependent("api", true, true)],
+        );
+        m.apply_config_with(&config(vec![after]), t0(), weekday_runs);
+        let text = m.encode();
+        let v = |name: &str, labels: &[(&str, &str)]| value(&text, name, labels);
+        let k = ("key", "billing");
+        let writes = "keyrotd_store_writes_total";
+        assert_eq!(
+            v(writes, &[k, ("store", "b"), ("outcome", "error")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            v(writes, &[k, ("store", "c"), ("outcome", "error")]),
+            Some(0.0)
+        );
+        assert_eq!(v(writes, &[k, ("store", "a"), ("outcome", "ok")]), None);
+        let failing = "keyrotd_post_rotation_auth_failing";
+        assert_eq!(v(failing, &[k, ("dependent", "api")]), Some(1.0));
+        assert_eq!(v(failing, &[k, ("dependent", "new")]), Some(0.0));
+        assert_eq!(v(failing, &[k, ("dependent", "old")]), None);
+        let hooks = "keyrotd_reload_hooks_total";
+        assert_eq!(
+            v(hooks, &[k, ("dependent", "api"), ("outcome", "ok")]),
+            Some(1.0)
+        );
+        let duration = "keyrotd_rotation_duration_seconds_bucket";
+        assert_eq!(v(duration, &[k, ("le", "0.1")]), Some(1.0));
+        assert_eq!(v(duration, &[k, ("le", "0.05")]), Some(0.0));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 
 use super::{
     CheckResult, INVALIDATION_WINDOW_BUCKETS, Outcome, ProviderOperation, ProviderOutcome,
@@ -40,27 +41,6 @@ pub(super) enum Gauge {
 }
 
 const GAUGES: usize = Gauge::LeaseHeld as usize + 1;
-
-/// A cell holding an `f64` (as its bits) or [`ABSENT`].
-#[derive(Debug)]
-struct Cell(AtomicU64);
-
-impl Cell {
-    fn absent() -> Cell {
-        Cell(AtomicU64::new(ABSENT))
-    }
-
-    fn get(&self) -> Option<f64> {
-        match self.0.load(Relaxed) {
-            ABSENT => None,
-            bits => Some(f64::from_bits(bits)),
-        }
-    }
-
-    fn set(&self, value: Option<f64>) {
-        self.0.store(value.map_or(ABSENT, f64::to_bits), Relaxed);
-    }
-}
 
 fn zeros(n: usize) -> Box<[AtomicU64]> {
     (0..n).map(|_| AtomicU64::new(0)).collect()
@@ -109,34 +89,50 @@ impl Histogram {
     }
 }
 
-/// Counters under one extra label value (a store, a dependent).
+/// A key's two histograms, allocated at its first rotation: until then both are all zeros, and most
+/// keys of a large fleet are idle most of the time.
 #[derive(Debug)]
-struct Labelled {
-    name: Box<str>,
-    values: Box<[AtomicU64]>,
-}
-
-/// Where in [`Labelled::values`] of a verified dependent its two extra series live, after one cell
-/// per [`CheckResult`].
-const AUTH_FAILURES: usize = 0;
-const AUTH_FAILING: usize = 1;
-
-/// Every series of one key.
-#[derive(Debug)]
-pub(super) struct KeySeries {
-    rotations: Box<[AtomicU64]>,
-    rerotations: Box<[AtomicU64]>,
+struct Histograms {
     duration: Histogram,
     window: Histogram,
-    gauges: [Cell; GAUGES],
-    /// `keyrotd_lease_takeovers_total`; [`ABSENT`] without `[coordination]`.
-    lease_takeovers: AtomicU64,
-    /// Stores the key has a destination on: ok, error.
-    stores: Box<[Labelled]>,
-    /// Dependents with a reload hook: ok, error.
-    hooked: Box<[Labelled]>,
-    /// Dependents with a verify: one per [`CheckResult`], then auth failures and the failing gauge.
-    verified: Box<[Labelled]>,
+}
+
+impl Histograms {
+    fn new() -> Box<Histograms> {
+        Box::new(Histograms {
+            duration: Histogram::new(ROTATION_DURATION_BUCKETS),
+            window: Histogram::new(INVALIDATION_WINDOW_BUCKETS),
+        })
+    }
+}
+
+/// Where the extra series of a verified dependent live, after one cell per [`CheckResult`].
+const AUTH_FAILURES: usize = 0;
+const AUTH_FAILING: usize = 1;
+const PER_VERIFIED: usize = CheckResult::ALL.len() + 2;
+
+/// Cells of a key before its per-store and per-dependent ones: its rotations by outcome, re-rotations
+/// by reason, gauges, and lease take-overs.
+fn fixed_cells() -> usize {
+    Outcome::ALL.len() + RerotationReason::ALL.len() + GAUGES + 1
+}
+
+/// Every series of one key: one run of atomic cells and, from its first rotation, two histograms.
+///
+/// Cells, in order: rotations by [`Outcome`], re-rotations by [`RerotationReason`], the [`Gauge`]s
+/// (`f64` bits, or [`ABSENT`]), lease take-overs ([`ABSENT`] without `[coordination]`), then ok/error
+/// per store, ok/error per hooked dependent, and per verified dependent one cell per [`CheckResult`],
+/// its auth failures and its failing gauge (0/1).
+#[derive(Debug)]
+pub(super) struct KeySeries {
+    cells: Box<[AtomicU64]>,
+    /// Stores the key has a destination on.
+    stores: Box<[Arc<str>]>,
+    /// Dependents with a reload hook.
+    hooked: Box<[Arc<str>]>,
+    /// Dependents with a verify.
+    verified: Box<[Arc<str>]>,
+    histograms: OnceLock<Box<Histograms>>,
 }
 
 /// What one key's series look like, from its `[[keys]]` entry.
@@ -148,121 +144,193 @@ pub(super) struct Shape {
     pub coordinated: bool,
 }
 
-fn labelled(names: &BTreeSet<String>, width: usize, old: Option<&[Labelled]>) -> Box<[Labelled]> {
-    names
-        .iter()
-        .map(|name| {
-            let l = Labelled {
-                name: name.as_str().into(),
-                values: zeros(width),
-            };
-            if let Some(prev) = old.and_then(|o| o.iter().find(|p| &*p.name == name)) {
-                copy(&prev.values, &l.values);
-            }
-            l
-        })
-        .collect()
+/// One shared copy of each store and dependent name, for every key that uses it.
+#[derive(Debug, Default)]
+pub(super) struct Names(BTreeSet<Arc<str>>);
+
+impl Names {
+    fn all(&mut self, names: &BTreeSet<String>) -> Box<[Arc<str>]> {
+        names
+            .iter()
+            .map(|n| match self.0.get(n.as_str()) {
+                Some(shared) => shared.clone(),
+                None => {
+                    let shared: Arc<str> = n.as_str().into();
+                    self.0.insert(shared.clone());
+                    shared
+                }
+            })
+            .collect()
+    }
 }
 
 impl KeySeries {
     /// The series of a key of `shape`, with the values of `old` (the same key before a reload) for
     /// every series both have.
-    pub(super) fn new(shape: &Shape, old: Option<&KeySeries>) -> KeySeries {
-        let checks = CheckResult::ALL.len() + 2;
+    pub(super) fn new(shape: &Shape, names: &mut Names, old: Option<&KeySeries>) -> KeySeries {
+        let (stores, hooked, verified) = (
+            names.all(&shape.stores),
+            names.all(&shape.hooked),
+            names.all(&shape.verified),
+        );
+        let len = fixed_cells() + 2 * (stores.len() + hooked.len()) + PER_VERIFIED * verified.len();
         let k = KeySeries {
-            rotations: zeros(Outcome::ALL.len()),
-            rerotations: zeros(RerotationReason::ALL.len()),
-            duration: Histogram::new(ROTATION_DURATION_BUCKETS),
-            window: Histogram::new(INVALIDATION_WINDOW_BUCKETS),
-            gauges: std::array::from_fn(|_| Cell::absent()),
-            lease_takeovers: AtomicU64::new(ABSENT),
-            stores: labelled(&shape.stores, 2, old.map(|o| &*o.stores)),
-            hooked: labelled(&shape.hooked, 2, old.map(|o| &*o.hooked)),
-            verified: labelled(&shape.verified, checks, old.map(|o| &*o.verified)),
+            cells: zeros(len),
+            stores,
+            hooked,
+            verified,
+            histograms: OnceLock::new(),
         };
+        for g in 0..GAUGES {
+            k.cells[Self::gauge_cell(g)].store(ABSENT, Relaxed);
+        }
+        k.cells[Self::takeovers_cell()].store(ABSENT, Relaxed);
         if let Some(old) = old {
-            copy(&old.rotations, &k.rotations);
-            copy(&old.rerotations, &k.rerotations);
-            k.duration.copy_from(&old.duration);
-            k.window.copy_from(&old.window);
-            for (o, n) in old.gauges.iter().zip(&k.gauges) {
-                n.0.store(o.0.load(Relaxed), Relaxed);
-            }
-            k.lease_takeovers
-                .store(old.lease_takeovers.load(Relaxed), Relaxed);
+            k.copy_from(old);
         }
         for always in [Gauge::Drift, Gauge::JournalBlocked] {
             if k.gauge(always).is_none() {
                 k.set(always, Some(0.0));
             }
         }
+        let takeovers = &k.cells[Self::takeovers_cell()];
         if shape.coordinated {
             if k.gauge(Gauge::LeaseHeld).is_none() {
                 k.set(Gauge::LeaseHeld, Some(0.0));
             }
-            if k.lease_takeovers.load(Relaxed) == ABSENT {
-                k.lease_takeovers.store(0, Relaxed);
-            }
+            let _ = takeovers.compare_exchange(ABSENT, 0, Relaxed, Relaxed);
         } else {
             k.set(Gauge::LeaseHeld, None);
-            k.lease_takeovers.store(ABSENT, Relaxed);
+            takeovers.store(ABSENT, Relaxed);
         }
         k
     }
 
+    /// Takes `old`'s values for every series this key still has.
+    fn copy_from(&self, old: &KeySeries) {
+        copy(&old.cells[..fixed_cells()], &self.cells[..fixed_cells()]);
+        let pairs = [
+            (
+                &old.stores,
+                &self.stores,
+                old.store_cells(),
+                self.store_cells(),
+                2,
+            ),
+            (
+                &old.hooked,
+                &self.hooked,
+                old.hook_cells(),
+                self.hook_cells(),
+                2,
+            ),
+            (
+                &old.verified,
+                &self.verified,
+                old.verified_cells(),
+                self.verified_cells(),
+                PER_VERIFIED,
+            ),
+        ];
+        for (old_names, new_names, old_at, new_at, width) in pairs {
+            for (i, name) in new_names.iter().enumerate() {
+                if let Some(j) = old_names.iter().position(|n| n == name) {
+                    let from = &old.cells[old_at + width * j..][..width];
+                    copy(from, &self.cells[new_at + width * i..][..width]);
+                }
+            }
+        }
+        if let Some(h) = old.histograms.get() {
+            self.histograms().duration.copy_from(&h.duration);
+            self.histograms().window.copy_from(&h.window);
+        }
+    }
+
+    fn gauge_cell(g: usize) -> usize {
+        Outcome::ALL.len() + RerotationReason::ALL.len() + g
+    }
+
+    fn takeovers_cell() -> usize {
+        fixed_cells() - 1
+    }
+
+    fn store_cells(&self) -> usize {
+        fixed_cells()
+    }
+
+    fn hook_cells(&self) -> usize {
+        self.store_cells() + 2 * self.stores.len()
+    }
+
+    fn verified_cells(&self) -> usize {
+        self.hook_cells() + 2 * self.hooked.len()
+    }
+
+    fn histograms(&self) -> &Histograms {
+        self.histograms.get_or_init(Histograms::new)
+    }
+
     pub(super) fn gauge(&self, g: Gauge) -> Option<f64> {
-        self.gauges[g as usize].get()
+        match self.cells[Self::gauge_cell(g as usize)].load(Relaxed) {
+            ABSENT => None,
+            bits => Some(f64::from_bits(bits)),
+        }
     }
 
     pub(super) fn set(&self, g: Gauge, value: Option<f64>) {
-        self.gauges[g as usize].set(value);
+        self.cells[Self::gauge_cell(g as usize)].store(value.map_or(ABSENT, f64::to_bits), Relaxed);
     }
 
     pub(super) fn rotation(&self, outcome: Outcome, duration: f64) {
-        self.rotations[outcome.index()].fetch_add(1, Relaxed);
-        self.duration.observe(duration);
+        self.cells[outcome.index()].fetch_add(1, Relaxed);
+        self.histograms().duration.observe(duration);
     }
 
     pub(super) fn window(&self, seconds: f64) {
-        self.window.observe(seconds);
+        self.histograms().window.observe(seconds);
     }
 
     pub(super) fn rerotation(&self, reason: RerotationReason) {
-        self.rerotations[reason.index()].fetch_add(1, Relaxed);
+        self.cells[Outcome::ALL.len() + reason.index()].fetch_add(1, Relaxed);
     }
 
     pub(super) fn lease_takeover(&self) {
-        let _ = self
-            .lease_takeovers
+        let _ = self.cells[Self::takeovers_cell()]
             .fetch_update(Relaxed, Relaxed, |v| (v != ABSENT).then_some(v + 1));
     }
 
     pub(super) fn store_write(&self, store: &str, outcome: StoreOutcome) {
-        if let Some(s) = self.stores.iter().find(|s| &*s.name == store) {
-            s.values[outcome.index()].fetch_add(1, Relaxed);
+        if let Some(i) = self.stores.iter().position(|s| &**s == store) {
+            self.cells[self.store_cells() + 2 * i + outcome.index()].fetch_add(1, Relaxed);
         }
     }
 
     pub(super) fn reload_hook(&self, dependent: &str, outcome: StoreOutcome) {
-        if let Some(d) = self.hooked.iter().find(|d| &*d.name == dependent) {
-            d.values[outcome.index()].fetch_add(1, Relaxed);
+        if let Some(i) = self.hooked.iter().position(|d| &**d == dependent) {
+            self.cells[self.hook_cells() + 2 * i + outcome.index()].fetch_add(1, Relaxed);
         }
     }
 
     pub(super) fn check(&self, dependent: &str, result: CheckResult) {
-        let Some(d) = self.verified.iter().find(|d| &*d.name == dependent) else {
+        let Some(i) = self.verified.iter().position(|d| &**d == dependent) else {
             return;
         };
+        let cells = &self.cells[self.verified_cells() + PER_VERIFIED * i..][..PER_VERIFIED];
         let extra = CheckResult::ALL.len();
-        d.values[result.index()].fetch_add(1, Relaxed);
+        cells[result.index()].fetch_add(1, Relaxed);
         match result {
             CheckResult::AuthFailure => {
-                d.values[extra + AUTH_FAILURES].fetch_add(1, Relaxed);
-                d.values[extra + AUTH_FAILING].store(1, Relaxed);
+                cells[extra + AUTH_FAILURES].fetch_add(1, Relaxed);
+                cells[extra + AUTH_FAILING].store(1, Relaxed);
             }
-            CheckResult::Ok => d.values[extra + AUTH_FAILING].store(0, Relaxed),
+            CheckResult::Ok => cells[extra + AUTH_FAILING].store(0, Relaxed),
             CheckResult::Error => {}
         }
+    }
+
+    /// The cells of verified dependent `i`.
+    fn verified_of(&self, i: usize) -> &[AtomicU64] {
+        &self.cells[self.verified_cells() + PER_VERIFIED * i..][..PER_VERIFIED]
     }
 }
 
@@ -451,7 +519,7 @@ impl Family {
         match self {
             Family::Rotations => {
                 for o in Outcome::ALL {
-                    let v = s.rotations[o.index()].load(Relaxed);
+                    let v = s.cells[o.index()].load(Relaxed);
                     sample(
                         out,
                         name,
@@ -461,19 +529,27 @@ impl Family {
                     );
                 }
             }
-            Family::Duration => write_histogram(out, name, key, &s.duration),
-            Family::Window => write_histogram(out, name, key, &s.window),
-            Family::StoreWrites => write_labelled(out, name, key, "store", &s.stores),
-            Family::ReloadHooks => write_labelled(out, name, key, "dependent", &s.hooked),
+            Family::Duration => {
+                let h = s.histograms.get().map(|h| &h.duration);
+                write_histogram(out, name, key, ROTATION_DURATION_BUCKETS, h);
+            }
+            Family::Window => {
+                let h = s.histograms.get().map(|h| &h.window);
+                write_histogram(out, name, key, INVALIDATION_WINDOW_BUCKETS, h);
+            }
+            Family::StoreWrites => {
+                let cells = &s.cells[s.store_cells()..s.hook_cells()];
+                write_labelled(out, name, key, "store", &s.stores, cells);
+            }
+            Family::ReloadHooks => {
+                let cells = &s.cells[s.hook_cells()..s.verified_cells()];
+                write_labelled(out, name, key, "dependent", &s.hooked, cells);
+            }
             Family::Checks => {
-                for d in &s.verified {
+                for (i, d) in s.verified.iter().enumerate() {
                     for r in CheckResult::ALL {
-                        let v = d.values[r.index()].load(Relaxed) as f64;
-                        let labels = [
-                            ("key", key),
-                            ("dependent", &*d.name),
-                            ("result", r.as_str()),
-                        ];
+                        let v = s.verified_of(i)[r.index()].load(Relaxed) as f64;
+                        let labels = [("key", key), ("dependent", &**d), ("result", r.as_str())];
                         sample(out, name, "", &labels, v);
                     }
                 }
@@ -485,18 +561,18 @@ impl Family {
                     } else {
                         AUTH_FAILING
                     };
-                for d in &s.verified {
-                    let v = d.values[at].load(Relaxed) as f64;
-                    sample(out, name, "", &[("key", key), ("dependent", &d.name)], v);
+                for (i, d) in s.verified.iter().enumerate() {
+                    let v = s.verified_of(i)[at].load(Relaxed) as f64;
+                    sample(out, name, "", &[("key", key), ("dependent", d)], v);
                 }
             }
             Family::Rerotations => {
                 for r in RerotationReason::ALL {
-                    let v = s.rerotations[r.index()].load(Relaxed) as f64;
+                    let v = s.cells[Outcome::ALL.len() + r.index()].load(Relaxed) as f64;
                     sample(out, name, "", &[("key", key), ("reason", r.as_str())], v);
                 }
             }
-            Family::LeaseTakeovers => match s.lease_takeovers.load(Relaxed) {
+            Family::LeaseTakeovers => match s.cells[KeySeries::takeovers_cell()].load(Relaxed) {
                 ABSENT => {}
                 v => sample(out, name, "", &[("key", key)], v as f64),
             },
@@ -556,20 +632,28 @@ fn gauge_description(g: Gauge) -> (&'static str, &'static str, &'static str) {
     (name, "gauge", help)
 }
 
-fn write_labelled(out: &mut String, name: &str, key: &str, label: &str, series: &[Labelled]) {
-    for l in series {
+fn write_labelled(
+    out: &mut String,
+    name: &str,
+    key: &str,
+    label: &str,
+    names: &[Arc<str>],
+    cells: &[AtomicU64],
+) {
+    for (i, n) in names.iter().enumerate() {
         for o in StoreOutcome::ALL {
-            let v = l.values[o.index()].load(Relaxed) as f64;
-            let labels = [("key", key), (label, &*l.name), ("outcome", o.as_str())];
+            let v = cells[2 * i + o.index()].load(Relaxed) as f64;
+            let labels = [("key", key), (label, &**n), ("outcome", o.as_str())];
             sample(out, name, "", &labels, v);
         }
     }
 }
 
-fn write_histogram(out: &mut String, name: &str, key: &str, h: &Histogram) {
+/// A histogram's series; `None` (no rotation yet) writes zeros.
+fn write_histogram(out: &mut String, name: &str, key: &str, bounds: &[f64], h: Option<&Histogram>) {
     let mut cumulative = 0;
-    for (bound, count) in h.bounds.iter().zip(&h.buckets) {
-        cumulative += count.load(Relaxed);
+    for (i, bound) in bounds.iter().enumerate() {
+        cumulative += h.map_or(0, |h| h.buckets[i].load(Relaxed));
         let le = bound.to_string();
         sample(
             out,
@@ -580,7 +664,7 @@ fn write_histogram(out: &mut String, name: &str, key: &str, h: &Histogram) {
         );
     }
     // Read after the buckets: a concurrent observation may have counted in a bucket already.
-    let count = h.count.load(Relaxed).max(cumulative);
+    let count = h.map_or(0, |h| h.count.load(Relaxed)).max(cumulative);
     sample(
         out,
         name,
@@ -588,7 +672,7 @@ fn write_histogram(out: &mut String, name: &str, key: &str, h: &Histogram) {
         &[("key", key), ("le", "+Inf")],
         count as f64,
     );
-    let sum = f64::from_bits(h.sum.load(Relaxed));
+    let sum = h.map_or(0.0, |h| f64::from_bits(h.sum.load(Relaxed)));
     sample(out, name, "_sum", &[("key", key)], sum);
     sample(out, name, "_count", &[("key", key)], count as f64);
 }
