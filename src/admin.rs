@@ -1,5 +1,5 @@
 //! The admin HTTP API on `daemon.listen` (docs/admin-api.md): metrics, health, readiness, the
-//! keys' live view, rotation records, and the few POSTs (rotate, pause, resume).
+//! keys' live view, rotation records, and the few POSTs (rotate, approve, pause, resume).
 //!
 //! GET endpoints never change state and never show a secret. POSTs need `Authorization: Bearer
 //! <admin_token>`, compared in constant time; without a configured token every POST answers 403.
@@ -66,6 +66,7 @@ fn router_with(engine: Arc<Engine>, limits: Limits) -> axum::Router {
         .route("/v1/keys", get(keys))
         .route("/v1/keys/{name}", get(key))
         .route("/v1/keys/{name}/rotate", post(rotate))
+        .route("/v1/keys/{name}/approve", post(approve))
         .route("/v1/rotations/{id}", get(rotation))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
@@ -331,13 +332,51 @@ async fn rotate(
     }
 }
 
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ApproveBody {
+    reason: Option<String>,
+    requested_by: Option<String>,
+}
+
+/// `POST /v1/keys/{name}/approve`: the rotation of the key that waits for an approval runs now;
+/// `requested_by` (the approver) and `reason` go into the audit log.
+async fn approve(
+    State(engine): State<Arc<Engine>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refusal) = authorize(&engine, &headers) {
+        return refusal;
+    }
+    let body: ApproveBody = if body.is_empty() {
+        ApproveBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
+        }
+    };
+    let by = body.requested_by.unwrap_or_else(|| "admin-api".into());
+    let reason = body.reason.unwrap_or_else(|| "approved".into());
+    match engine.approve(&name, by, reason).await {
+        Ok(id) => (StatusCode::ACCEPTED, Json(json!({ "rotation_id": id }))).into_response(),
+        Err(e) => trigger_error(e),
+    }
+}
+
 fn trigger_error(e: TriggerError) -> Response {
     let status = match e {
         TriggerError::UnknownKey(_) => StatusCode::NOT_FOUND,
-        TriggerError::Busy(_) | TriggerError::HeldElsewhere { .. } => StatusCode::CONFLICT,
-        TriggerError::Paused | TriggerError::OutsideWindow(_) | TriggerError::Blocked { .. } => {
-            StatusCode::LOCKED
-        }
+        TriggerError::Busy(_)
+        | TriggerError::HeldElsewhere { .. }
+        | TriggerError::NothingToApprove(_)
+        | TriggerError::ApprovalTooLate { .. } => StatusCode::CONFLICT,
+        TriggerError::Paused
+        | TriggerError::OutsideWindow(_)
+        | TriggerError::Blocked { .. }
+        | TriggerError::FirstContact { .. } => StatusCode::LOCKED,
         TriggerError::ShuttingDown | TriggerError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())

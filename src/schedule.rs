@@ -876,6 +876,10 @@ mod tests {
             auto_recover: true,
             max_rerotations: 3,
             max_regenerations_per_day: 6,
+            owner: None,
+            approval: None,
+            notify: Vec::new(),
+            on_first_contact: Default::default(),
             destinations: Vec::new(),
             dependents: Vec::new(),
         }
@@ -1729,6 +1733,7 @@ mod tests {
             stores: BTreeMap::new(),
             keys: vec![scheduled, manual],
             coordination: None,
+            notify: BTreeMap::new(),
             warnings: Vec::new(),
         };
         let table = plan_table(&config, utc("2027-03-24T00:00:00Z"), 2);

@@ -98,6 +98,19 @@ label_set! {
         Aborted => "aborted",
         /// Regenerate refused, or the key was lost and could not be re-rotated yet.
         Failed => "failed",
+        /// A rotation that needed an operator's approval got none in time (or another rotation of
+        /// the key overtook it): nothing changed, the next due time follows the schedule.
+        Skipped => "skipped",
+    }
+}
+
+label_set! {
+    /// How a notification to a `[notify.NAME]` target ended, after its retries.
+    NotifyOutcome {
+        /// Delivered (a 2xx answer, or the command exited 0), possibly after retries.
+        Ok => "ok",
+        /// Every attempt failed: the notification was dropped (the rotation was not affected).
+        Failed => "failed",
     }
 }
 
@@ -162,6 +175,8 @@ struct Known {
     providers: BTreeSet<String>,
     /// Every `[stores.*]` name, used by a key or not.
     stores: BTreeSet<String>,
+    /// Every `[notify.*]` target name.
+    notify_targets: BTreeSet<String>,
 }
 
 /// The names one key's series may carry, from its `[[keys]]` entry.
@@ -175,6 +190,8 @@ struct KeyShape {
     verified: BTreeSet<String>,
     /// Has a schedule or a max age, so it can have a next rotation.
     scheduled: bool,
+    /// The owner's name (`""` when the key has none), the `owner` label of `keyrotd_key_info`.
+    owner: String,
 }
 
 /// The registry and every keyrotd metric. Share it behind an `Arc`; every method takes `&self`.
@@ -208,6 +225,9 @@ pub struct Metrics {
     lease_held: IntGaugeVec,
     lease_takeovers: IntCounterVec,
     lease_renew_failures: prometheus::IntCounter,
+    key_info: IntGaugeVec,
+    rotation_pending: IntGaugeVec,
+    notifications: IntCounterVec,
     paused: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -483,6 +503,24 @@ impl Metrics {
                     .expect("metric registered once");
                 c
             },
+            key_info: int_gauge(
+                &r,
+                "keyrotd_key_info",
+                "Always 1; the owner label names the key's owner (empty when it has none), for joining onto alerts.",
+                &["key", "owner"],
+            ),
+            rotation_pending: int_gauge(
+                &r,
+                "keyrotd_rotation_pending",
+                "1 while a due rotation of the key waits for an operator's approval.",
+                k,
+            ),
+            notifications: counter(
+                &r,
+                "keyrotd_notifications_total",
+                "Notifications to [notify.*] targets by outcome after retries (ok, failed).",
+                &["target", "outcome"],
+            ),
             paused: {
                 let g = IntGauge::new("keyrotd_paused", "1 while scheduled rotations are paused.")
                     .expect("valid gauge definition");
@@ -566,6 +604,7 @@ impl Metrics {
         let mut new_known = Known {
             providers: config.providers.keys().cloned().collect(),
             stores: config.stores.keys().cloned().collect(),
+            notify_targets: config.notify.keys().cloned().collect(),
             ..Known::default()
         };
         for key in &config.keys {
@@ -584,6 +623,7 @@ impl Metrics {
                     .map(|d| d.name.clone())
                     .collect(),
                 scheduled: !key.is_manual_only(),
+                owner: key.owner_name().unwrap_or_default().to_string(),
             };
             new_known.keys.insert(key.name.clone(), shape);
         }
@@ -630,6 +670,11 @@ impl Metrics {
             }
             self.drift.with_label_values(&[name]);
             self.journal_blocked.with_label_values(&[name]);
+            self.key_info
+                .with_label_values(&[name, &shape.owner])
+                .set(1);
+            // `with_label_values` keeps a current value: a reload does not clear a pending approval.
+            self.rotation_pending.with_label_values(&[name]);
             if config.coordination.is_some() {
                 self.lease_held.with_label_values(&[name]);
                 self.lease_takeovers.with_label_values(&[name]);
@@ -656,6 +701,12 @@ impl Metrics {
                 self.key_next_rotation
                     .with_label_values(&[name])
                     .set(unix_seconds(*first));
+            }
+        }
+        for target in &known.notify_targets {
+            for outcome in NotifyOutcome::ALL {
+                self.notifications
+                    .with_label_values(&[target, outcome.as_str()]);
             }
         }
         for provider in &known.providers {
@@ -693,6 +744,21 @@ impl Metrics {
         prune(&self.key_last_rotation, key_known);
         prune(&self.drift, key_known);
         prune(&self.journal_blocked, key_known);
+        prune(&self.rotation_pending, key_known);
+        // A key whose owner changed keeps one info series, with the new owner.
+        prune(&self.key_info, |l| {
+            match (
+                l.get("key").and_then(|k| known.keys.get(*k)),
+                l.get("owner"),
+            ) {
+                (Some(shape), Some(owner)) => shape.owner == *owner,
+                _ => false,
+            }
+        });
+        prune(&self.notifications, |l| {
+            l.get("target")
+                .is_some_and(|t| known.notify_targets.contains(*t))
+        });
         prune(&self.lease_held, key_known);
         prune(&self.lease_takeovers, key_known);
         // For known keys, apply_config sets or removes these two from the key's config.
@@ -746,8 +812,9 @@ impl Metrics {
     }
 
     /// A rotation of `key` finished with `outcome` after `duration` (preflight start to notify end),
-    /// at `finished_at`: counts it, observes the duration, and for success/degraded sets
-    /// `keyrotd_rotation_last_success_timestamp_seconds`.
+    /// at `finished_at`: counts it, observes the duration (not for `skipped`: it waited for an
+    /// approval that never came, which says nothing about how long rotating takes), and for
+    /// success/degraded sets `keyrotd_rotation_last_success_timestamp_seconds`.
     pub fn rotation_finished(
         &self,
         key: &str,
@@ -759,9 +826,11 @@ impl Metrics {
             self.rotations
                 .with_label_values(&[key, outcome.as_str()])
                 .inc();
-            self.rotation_duration
-                .with_label_values(&[key])
-                .observe(duration.as_secs_f64());
+            if outcome != Outcome::Skipped {
+                self.rotation_duration
+                    .with_label_values(&[key])
+                    .observe(duration.as_secs_f64());
+            }
             if matches!(outcome, Outcome::Success | Outcome::Degraded) {
                 self.last_success
                     .with_label_values(&[key])
@@ -1001,6 +1070,25 @@ impl Metrics {
         self.lease_renew_failures.inc();
     }
 
+    /// Whether a due rotation of `key` waits for an operator's approval.
+    pub fn rotation_pending(&self, key: &str, pending: bool) {
+        self.with_key(key, |_| {
+            self.rotation_pending
+                .with_label_values(&[key])
+                .set(i64::from(pending))
+        });
+    }
+
+    /// A notification to `target` (a `[notify.*]` name) ended with `outcome`.
+    pub fn notification(&self, target: &str, outcome: NotifyOutcome) {
+        let known = self.known();
+        if known.notify_targets.contains(target) {
+            self.notifications
+                .with_label_values(&[target, outcome.as_str()])
+                .inc();
+        }
+    }
+
     /// Whether scheduled rotations are paused.
     pub fn paused(&self, paused: bool) {
         self.paused.set(i64::from(paused));
@@ -1053,6 +1141,10 @@ mod tests {
             auto_recover: true,
             max_rerotations: 3,
             max_regenerations_per_day: 6,
+            owner: None,
+            approval: None,
+            notify: Vec::new(),
+            on_first_contact: Default::default(),
             destinations: stores
                 .iter()
                 .map(|s| DestinationConfig {
@@ -1102,6 +1194,7 @@ mod tests {
             stores,
             keys,
             coordination: None,
+            notify: BTreeMap::new(),
             warnings: vec![],
         }
     }

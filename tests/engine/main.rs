@@ -4,7 +4,10 @@
 //! the end-to-end tests (tests/README.md).
 #![cfg(feature = "testing")]
 
+mod approval;
+mod first_contact;
 mod fixture;
+mod notices;
 mod races;
 mod rules;
 mod table;

@@ -48,6 +48,10 @@ pub fn config() -> Config {
         auto_recover: true,
         max_rerotations: 3,
         max_regenerations_per_day: 6,
+        owner: None,
+        approval: None,
+        notify: Vec::new(),
+        on_first_contact: Default::default(),
         destinations: vec![DestinationConfig {
             store: "files".into(),
             target: DestinationTarget::File {
@@ -85,6 +89,7 @@ pub fn config() -> Config {
         )]),
         keys: vec![key],
         coordination: None,
+        notify: BTreeMap::new(),
         warnings: vec![],
     }
 }
