@@ -13,7 +13,7 @@
 //! a secret): never a secret.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -216,19 +216,23 @@ impl Notice {
     }
 }
 
-/// Where notifications go: out to the targets, or (the engine's tests) into a list.
+/// Where notifications go: out to the targets, or (the engine's tests, feature `testing`) into a
+/// list.
 #[derive(Clone, Default)]
 pub enum Sink {
     #[default]
     Real,
     /// Every (target, notice) is kept instead of being sent.
-    Recorded(Arc<Mutex<Vec<(String, Notice)>>>),
+    #[cfg(feature = "testing")]
+    Recorded(Arc<std::sync::Mutex<Vec<(String, Notice)>>>),
 }
 
 /// Sends notices to targets in the background. Cheap to clone.
 #[derive(Clone)]
 pub struct Notifications {
     metrics: Arc<Metrics>,
+    // Read only by the engine's tests' recording sink (feature `testing`).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     sink: Sink,
     http: reqwest::Client,
     permits: Arc<tokio::sync::Semaphore>,
@@ -264,6 +268,7 @@ impl Notifications {
             if !target.events.is_empty() && !target.events.contains(&notice.event) {
                 continue;
             }
+            #[cfg(feature = "testing")]
             if let Sink::Recorded(list) = &self.sink {
                 let mut list = list.lock().unwrap_or_else(|p| p.into_inner());
                 list.push((name.clone(), (*notice).clone()));
