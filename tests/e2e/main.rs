@@ -13,6 +13,7 @@ mod hooks;
 mod leak;
 mod observability;
 mod outage;
+mod owner;
 mod pause;
 mod preflight;
 mod prometheus;
