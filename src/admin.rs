@@ -410,7 +410,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = dir.path().join("tok");
         std::fs::write(&tok, "t").unwrap();
-        let config = crate::config::load_str(&format!(
+        let text = format!(
             r#"
 [daemon]
 state_dir = "{state}"
@@ -430,11 +430,12 @@ provider = "p"
 "#,
             state = dir.path().display(),
             tok = tok.display()
-        ))
-        .unwrap();
+        );
+        let config = crate::config::load_str(&text).unwrap();
         let engine = Engine::new(Arc::new(config), Arc::new(Metrics::new()))
             .await
             .unwrap();
+        std::fs::write(dir.path().join("keyrotd.toml"), &text).unwrap();
         (engine, dir)
     }
 
@@ -454,6 +455,54 @@ provider = "p"
         let mut out = Vec::new();
         let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn approve_needs_the_token_a_known_key_and_a_rotation_that_waits() {
+        let (engine, dir) = engine().await;
+        let tok = dir.path().join("admin");
+        std::fs::write(&tok, "admin-token-approve").unwrap();
+        let text = std::fs::read_to_string(dir.path().join("keyrotd.toml")).unwrap();
+        let text = text.replace(
+            "[daemon]\n",
+            &format!(
+                "[daemon]\nadmin_token = {{ file = \"{}\" }}\n",
+                tok.display()
+            ),
+        );
+        let config = crate::config::load_str(&text).unwrap();
+        engine.replace_runtime(
+            crate::engine::Runtime::build(Arc::new(config))
+                .await
+                .unwrap(),
+        );
+        engine.mark_ready();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, engine.clone()));
+        let post = |path: &str, token: Option<&str>| {
+            let mut req = reqwest::Client::new()
+                .post(format!("http://{addr}{path}"))
+                .json(&json!({ "reason": "owner present", "requested_by": "alice" }));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            async move {
+                let r = req.send().await.unwrap();
+                let status = r.status().as_u16();
+                (
+                    status,
+                    r.json::<serde_json::Value>().await.unwrap_or_default(),
+                )
+            }
+        };
+        assert_eq!(post("/v1/keys/k/approve", None).await.0, 401);
+        assert_eq!(post("/v1/keys/k/approve", Some("wrong")).await.0, 401);
+        let good = Some("admin-token-approve");
+        assert_eq!(post("/v1/keys/nope/approve", good).await.0, 404);
+        let (status, body) = post("/v1/keys/k/approve", good).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"], "no rotation of k waits for an approval");
     }
 
     #[tokio::test]

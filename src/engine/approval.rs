@@ -192,6 +192,10 @@ impl Engine {
     /// (journal, audit, metrics, record, notification), and the scheduler computes the next due time.
     /// A timeout that has not passed yet (an approval came first) changes nothing.
     pub(crate) async fn end_pending(self: &Arc<Self>, key: &str, how: PendingEnd) {
+        // Only the replica holding the key decides about its wait (the journal is its lease's).
+        if !self.acts_on(key) {
+            return;
+        }
         let Some(slot) = self.slot(key) else { return };
         let now = self.clock.now();
         let ended = {

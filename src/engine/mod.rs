@@ -708,6 +708,8 @@ impl Engine {
                 self.slot(&k.name).map(|s| {
                     let mut view = key_view(k, &s);
                     view.holder = self.coordination.as_ref().map(|c| c.holder(&k.name));
+                    // Another replica's key: its journal lives with the holder, which knows.
+                    view.first_contact &= self.acts_on(&k.name);
                     view
                 })
             })

@@ -249,7 +249,8 @@ pub async fn reconcile_key(engine: &Arc<Engine>, key: &KeyConfig, act: bool) -> 
     let drift = repair.drift(&obs.views);
     let was_drifting = slot.live().drift;
     engine.set_destinations(&slot, obs.views.clone(), drift);
-    if drift && !was_drifting {
+    // The replica holding the key tells its owner; the others only show it.
+    if drift && !was_drifting && engine.acts_on(&key.name) {
         drift_found(engine, key, &repair, &obs);
     }
     let acts = act && matches!(repair, Repair::Copy { .. } | Repair::Rerotate);

@@ -104,3 +104,24 @@ async fn a_dependent_failing_authentication_is_told_once_per_run_of_failures() {
     assert_eq!(told[0].dependent.as_deref(), Some("api"));
     assert_eq!(told[0].new_key_id, Some(fx.portal().key_id()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn preflight_findings_read_as_values_not_as_rust_debug() {
+    let fx = Fx::new(Spec::default()).start();
+    let mut req = fx.request();
+    req.dry_run = true;
+    let RunResult::DryRun { findings, .. } = fx.rotate_with(req).await else {
+        panic!("a dry run reports its findings")
+    };
+    let lines = findings.join("\n");
+    assert!(
+        lines.contains(&format!(
+            "provider: key {} Active account acct",
+            fx.portal().key_id()
+        )),
+        "{lines}"
+    );
+    for debug in ["Some(", "None", "\\\""] {
+        assert!(!lines.contains(debug), "{debug} in the findings:\n{lines}");
+    }
+}
