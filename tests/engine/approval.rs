@@ -325,3 +325,52 @@ async fn re_rotations_of_a_lost_key_and_drift_repairs_never_wait() {
     );
     assert!(fx.journal().pending_approval.is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_approval_for_a_key_another_replica_holds_answers_naming_the_holder() {
+    use keyrotd::coordination::kv::{Kv, memory::MemoryKv};
+    use keyrotd::coordination::{Coordinator, Replica};
+    use std::sync::Arc;
+
+    let fx = Fx::new(gated());
+    let kv = Arc::new(MemoryKv::default());
+    let config = keyrotd::config::CoordinationConfig {
+        store: "a".into(),
+        path: "keyrotd/leases".into(),
+        ttl: Duration::from_secs(30),
+    };
+    let replica = |name: &str| {
+        Arc::new(Coordinator::new(
+            Replica::named(name, 1, t0()),
+            Kv::Memory(kv.clone()),
+            &config,
+            fx.clock.clone(),
+            Arc::new(keyrotd::telemetry::Metrics::new()),
+        ))
+    };
+    let (x, y) = (replica("host-x"), replica("host-y"));
+    let keys = vec![KEY.to_string()];
+    for _ in 0..3 {
+        x.tick(&keys, |_| false).await;
+        y.tick(&keys, |_| false).await;
+    }
+    let (holder, follower) = if x.holds(KEY) { (x, y) } else { (y, x) };
+    assert!(holder.holds(KEY) && !follower.holds(KEY));
+    let fx = fx.start_replica(follower);
+    let refused = fx
+        .engine()
+        .approve(KEY, "alice".into(), "wrong host".into())
+        .await;
+    // Refused as a rotation request would be, naming the holder as this replica knows it.
+    let rotate = fx.engine().check_trigger(KEY, &fx.request());
+    match (refused, rotate) {
+        (
+            Err(TriggerError::HeldElsewhere { holder: named, .. }),
+            Err(TriggerError::HeldElsewhere {
+                holder: by_rotate, ..
+            }),
+        ) => assert_eq!(named, by_rotate),
+        other => panic!("expected both refused as held elsewhere: {other:?}"),
+    }
+    assert_eq!(fx.portal().regenerations(), 0);
+}

@@ -99,6 +99,7 @@ pub struct Fx {
     /// The portal's key before the test did anything.
     pub original: String,
     engine: Option<Arc<Engine>>,
+    coordinator: Option<Arc<keyrotd::coordination::Coordinator>>,
 }
 
 /// What a destination holds, relative to the portal.
@@ -137,6 +138,7 @@ impl Fx {
             notices: Arc::default(),
             original,
             engine: None,
+            coordinator: None,
         };
         if fx.spec.known {
             for s in STORES {
@@ -155,6 +157,12 @@ impl Fx {
         self.build_engine();
         self.engine().mark_ready();
         self
+    }
+
+    /// [`Fx::start`] as one of several replicas, coordinated by `coordinator`.
+    pub fn start_replica(mut self, coordinator: Arc<keyrotd::coordination::Coordinator>) -> Fx {
+        self.coordinator = Some(coordinator);
+        self.start()
     }
 
     /// Builds the engine without marking it ready (a test of the recovery scan).
@@ -185,7 +193,7 @@ impl Fx {
             clock: self.clock.clone(),
             dependents: Dependents::Scripted(self.deps.clone()),
             notices: Sink::Recorded(self.notices.clone()),
-            coordination: None,
+            coordination: self.coordinator.clone(),
         };
         let engine = Engine::with_runtime(runtime, self.metrics.clone(), options)
             .unwrap_or_else(|e| panic!("engine: {e:#}"));
