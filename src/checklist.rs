@@ -212,85 +212,107 @@ fn after(config: &Config, key: &KeyConfig) -> After {
     }
 }
 
-/// The alert rules of prometheus/alerts.yml that can fire for this key (a test checks each exists).
+/// The alert rules of prometheus/alerts.yml, what each catches, and whether it can fire for a key
+/// (a test checks that each exists).
+type Rule = (
+    &'static str,
+    &'static str,
+    fn(&Config, &KeyConfig, bool) -> bool,
+);
+
+const ALERTS: &[Rule] = &[
+    (
+        "KeyrotdRotationFailed",
+        "a rotation ended failed",
+        |_, _, _| true,
+    ),
+    (
+        "KeyrotdRotationDegraded",
+        "a destination or a reload hook lagged",
+        |_, _, _| true,
+    ),
+    (
+        "KeyrotdKeyLost",
+        "the old key is gone and re-rotation fails",
+        |_, _, _| true,
+    ),
+    (
+        "KeyrotdDrift",
+        "no destination holds the portal's active key (first contact included)",
+        |_, _, _| true,
+    ),
+    (
+        "KeyrotdKeyNotActive",
+        "the portal says the key is not Active",
+        |_, _, _| true,
+    ),
+    (
+        "KeyrotdJournalBlocked",
+        "the key's journal was unreadable at start",
+        |_, _, _| true,
+    ),
+    (
+        "KeyrotdPostRotationAuthFailures",
+        "a dependent still fails authentication after the rotation",
+        |_, _, probed| probed,
+    ),
+    (
+        "KeyrotdPostRotationAuthFailuresSeen",
+        "a dependent failed authentication and recovered",
+        |_, _, probed| probed,
+    ),
+    (
+        "KeyrotdKeyOlderThanMaxAge",
+        "the key outlived its max_age",
+        |_, k, _| k.max_age.is_some(),
+    ),
+    (
+        "KeyrotdNoRecentSuccess",
+        "no success in twice the schedule period",
+        |_, k, _| k.schedule.is_some(),
+    ),
+    (
+        "KeyrotdRotationAwaitingApproval",
+        "a due rotation waits for `keyrotd approve`",
+        |_, k, _| k.approval.is_some(),
+    ),
+    (
+        "KeyrotdRotationSkipped",
+        "a due rotation got no approval in time",
+        |_, k, _| k.approval.is_some(),
+    ),
+    (
+        "KeyrotdNotificationsFailing",
+        "notifications to the owner cannot be delivered",
+        |_, k, _| !k.notify.is_empty(),
+    ),
+    (
+        "KeyrotdKeyWithoutHolder",
+        "no replica holds the key's lease",
+        |c, _, _| c.coordination.is_some(),
+    ),
+];
+
+/// The alert rules that can fire for `key` (`probed`: a dependent of it has a `verify`).
 pub fn alerts(config: &Config, key: &KeyConfig, probed: bool) -> Vec<Alert> {
-    let mut out = vec![
-        Alert {
-            name: "KeyrotdRotationFailed",
-            catches: "a rotation ended failed",
-        },
-        Alert {
-            name: "KeyrotdRotationDegraded",
-            catches: "a destination or a reload hook lagged",
-        },
-        Alert {
-            name: "KeyrotdKeyLost",
-            catches: "the old key is gone and re-rotation fails",
-        },
-        Alert {
-            name: "KeyrotdDrift",
-            catches: "no destination holds the portal's active key (first contact included)",
-        },
-        Alert {
-            name: "KeyrotdKeyNotActive",
-            catches: "the portal says the key is not Active",
-        },
-        Alert {
-            name: "KeyrotdJournalBlocked",
-            catches: "the key's journal was unreadable at start",
-        },
-    ];
-    if probed {
-        out.push(Alert {
-            name: "KeyrotdPostRotationAuthFailures",
-            catches: "a dependent still fails authentication after the rotation",
-        });
-        out.push(Alert {
-            name: "KeyrotdPostRotationAuthFailuresSeen",
-            catches: "a dependent failed authentication and recovered",
-        });
-    }
-    if key.max_age.is_some() {
-        out.push(Alert {
-            name: "KeyrotdKeyOlderThanMaxAge",
-            catches: "the key outlived its max_age",
-        });
-    }
-    if key.schedule.is_some() {
-        out.push(Alert {
-            name: "KeyrotdNoRecentSuccess",
-            catches: "no success in twice the schedule period",
-        });
-    }
-    if key.approval.is_some() {
-        out.push(Alert {
-            name: "KeyrotdRotationAwaitingApproval",
-            catches: "a due rotation waits for `keyrotd approve`",
-        });
-        out.push(Alert {
-            name: "KeyrotdRotationSkipped",
-            catches: "a due rotation got no approval in time",
-        });
-    }
-    if !key.notify.is_empty() {
-        out.push(Alert {
-            name: "KeyrotdNotificationsFailing",
-            catches: "notifications to the owner cannot be delivered",
-        });
-    }
-    if config.coordination.is_some() {
-        out.push(Alert {
-            name: "KeyrotdKeyWithoutHolder",
-            catches: "no replica holds the key's lease",
-        });
-    }
-    out
+    ALERTS
+        .iter()
+        .filter(|(_, _, applies)| applies(config, key, probed))
+        .map(|(name, catches, _)| Alert { name, catches })
+        .collect()
 }
 
 /// The checklist for people.
 pub fn text(c: &Checklist, config: &Config) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Checklist for {} (provider {})", c.key, c.provider);
+    before_text(&mut out, c);
+    during_text(&mut out, &c.during);
+    after_text(&mut out, &c.after, config);
+    out
+}
+
+fn before_text(out: &mut String, c: &Checklist) {
     let _ = writeln!(out, "\nBefore: identify every service that uses the key");
     match &c.before.owner {
         Some(o) => {
@@ -345,11 +367,14 @@ pub fn text(c: &Checklist, config: &Config) -> String {
             d.verify.as_deref().unwrap_or("none"),
         );
     }
+}
+
+fn during_text(out: &mut String, d: &During) {
     let _ = writeln!(
         out,
         "\nDuring: regenerate and update every destination in the same window"
     );
-    match &c.during.expected_window {
+    match &d.expected_window {
         Some(w) => {
             let _ = writeln!(
                 out,
@@ -364,13 +389,16 @@ pub fn text(c: &Checklist, config: &Config) -> String {
     let _ = writeln!(
         out,
         "  at most {:.0}s (store_deadline, then the slowest reload hook with its retries)",
-        c.during.window_bound_seconds
+        d.window_bound_seconds
     );
+}
+
+fn after_text(out: &mut String, a: &After, config: &Config) {
     let _ = writeln!(
         out,
         "\nAfter: restart dependents and monitor authentication failures"
     );
-    match &c.after.watch {
+    match &a.watch {
         Some(w) => {
             let _ = writeln!(
                 out,
@@ -390,15 +418,14 @@ pub fn text(c: &Checklist, config: &Config) -> String {
     let _ = writeln!(
         out,
         "  reconcile:   {}",
-        c.after
-            .reconcile_every
+        a.reconcile_every
             .as_deref()
             .map_or("off".to_string(), |e| format!("every {e}"))
     );
-    for a in &c.after.alerts {
-        let _ = writeln!(out, "  alert:       {}: {}", a.name, a.catches);
+    for alert in &a.alerts {
+        let _ = writeln!(out, "  alert:       {}: {}", alert.name, alert.catches);
     }
-    for n in &c.after.notify {
+    for n in &a.notify {
         let kind = match config.notify.get(n).map(|t| &t.kind) {
             Some(NotifyKind::Webhook { .. }) => "webhook",
             Some(NotifyKind::Command { .. }) => "command",
@@ -406,7 +433,6 @@ pub fn text(c: &Checklist, config: &Config) -> String {
         };
         let _ = writeln!(out, "  notify:      {n} ({kind})");
     }
-    out
 }
 
 #[cfg(test)]

@@ -430,27 +430,7 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
                 dep.reads_from.join(", ")
             );
         }
-        if let Some(a) = &k.approval {
-            let _ = writeln!(
-                out,
-                "    approval:     scheduled rotations wait up to {} for `keyrotd approve`{}",
-                human(a.timeout),
-                if a.notify.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (asking {})", a.notify.join(", "))
-                }
-            );
-        }
-        if !k.notify.is_empty() {
-            let _ = writeln!(out, "    notify:       {}", k.notify.join(", "));
-        }
-        if k.on_first_contact == config::FirstContact::Rotate {
-            let _ = writeln!(
-                out,
-                "    first contact: rotated by itself (on_first_contact = \"rotate\")"
-            );
-        }
+        key_people(&mut out, k);
         let _ = writeln!(
             out,
             "    watch {}, auto-recover {}, at most {} regenerations/day",
@@ -509,6 +489,64 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
         let _ = writeln!(out, "  {name}  {detail}");
     }
 
+    notify_targets(&mut out, config);
+
+    match &config.coordination {
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "\nCoordination: several replicas share the keys through leases on vault store {} \
+                 at {} (ttl {}, renewed every {}); each replica needs its own state_dir",
+                c.store,
+                c.path,
+                human(c.ttl),
+                human(c.ttl / 3)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "\nCoordination: none (single process; the state_dir lock keeps a second one out)"
+            );
+        }
+    }
+
+    if !config.warnings.is_empty() {
+        let _ = writeln!(out, "\nWarnings ({}):", config.warnings.len());
+        for w in &config.warnings {
+            let _ = writeln!(out, "  warning: {w}");
+        }
+    }
+    out
+}
+
+/// A key's approval, notify targets and first-contact choice, in `check-config`'s summary.
+fn key_people(out: &mut String, k: &config::KeyConfig) {
+    if let Some(a) = &k.approval {
+        let _ = writeln!(
+            out,
+            "    approval:     scheduled rotations wait up to {} for `keyrotd approve`{}",
+            human(a.timeout),
+            if a.notify.is_empty() {
+                String::new()
+            } else {
+                format!(" (asking {})", a.notify.join(", "))
+            }
+        );
+    }
+    if !k.notify.is_empty() {
+        let _ = writeln!(out, "    notify:       {}", k.notify.join(", "));
+    }
+    if k.on_first_contact == config::FirstContact::Rotate {
+        let _ = writeln!(
+            out,
+            "    first contact: rotated by itself (on_first_contact = \"rotate\")"
+        );
+    }
+}
+
+/// The `[notify.*]` targets of `check-config`'s summary.
+fn notify_targets(out: &mut String, config: &Config) {
     if !config.notify.is_empty() {
         let _ = writeln!(out, "\nNotify targets ({}):", config.notify.len());
         for (name, t) in &config.notify {
@@ -539,32 +577,4 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
             let _ = writeln!(out, "  {name}  {how}; {events}; {} retries", t.retries);
         }
     }
-
-    match &config.coordination {
-        Some(c) => {
-            let _ = writeln!(
-                out,
-                "\nCoordination: several replicas share the keys through leases on vault store {} \
-                 at {} (ttl {}, renewed every {}); each replica needs its own state_dir",
-                c.store,
-                c.path,
-                human(c.ttl),
-                human(c.ttl / 3)
-            );
-        }
-        None => {
-            let _ = writeln!(
-                out,
-                "\nCoordination: none (single process; the state_dir lock keeps a second one out)"
-            );
-        }
-    }
-
-    if !config.warnings.is_empty() {
-        let _ = writeln!(out, "\nWarnings ({}):", config.warnings.len());
-        for w in &config.warnings {
-            let _ = writeln!(out, "  warning: {w}");
-        }
-    }
-    out
 }
