@@ -704,6 +704,26 @@ mod tests {
     }
 
     #[test]
+    fn every_outcome_has_its_exit_code() {
+        let table = [
+            (Some(Outcome::Success), Exit::Success),
+            (Some(Outcome::Degraded), Exit::Degraded),
+            (Some(Outcome::Aborted), Exit::Failed),
+            (Some(Outcome::Failed), Exit::Failed),
+            (Some(Outcome::Skipped), Exit::Failed),
+            (None, Exit::Failed),
+        ];
+        for (outcome, exit) in table {
+            assert_eq!(outcome_exit(outcome), exit, "{outcome:?}");
+        }
+        assert_eq!(
+            Outcome::ALL.len(),
+            5,
+            "a new outcome needs its exit code here"
+        );
+    }
+
+    #[test]
     fn a_destination_error_goes_below_the_table_not_into_it() {
         let long = format!(
             "vault: request failed: error sending request: {}",
