@@ -1,5 +1,5 @@
 //! The admin HTTP API on `daemon.listen` (docs/admin-api.md): metrics, health, readiness, the
-//! keys' live view, rotation records, and the few POSTs (rotate, pause, resume).
+//! keys' live view, rotation records, and the few POSTs (rotate, approve, pause, resume).
 //!
 //! GET endpoints never change state and never show a secret. POSTs need `Authorization: Bearer
 //! <admin_token>`, compared in constant time; without a configured token every POST answers 403.
@@ -66,6 +66,7 @@ fn router_with(engine: Arc<Engine>, limits: Limits) -> axum::Router {
         .route("/v1/keys", get(keys))
         .route("/v1/keys/{name}", get(key))
         .route("/v1/keys/{name}/rotate", post(rotate))
+        .route("/v1/keys/{name}/approve", post(approve))
         .route("/v1/rotations/{id}", get(rotation))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
@@ -340,13 +341,51 @@ async fn rotate(
     }
 }
 
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ApproveBody {
+    reason: Option<String>,
+    requested_by: Option<String>,
+}
+
+/// `POST /v1/keys/{name}/approve`: the rotation of the key that waits for an approval runs now;
+/// `requested_by` (the approver) and `reason` go into the audit log.
+async fn approve(
+    State(engine): State<Arc<Engine>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refusal) = authorize(&engine, &headers) {
+        return refusal;
+    }
+    let body: ApproveBody = if body.is_empty() {
+        ApproveBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
+        }
+    };
+    let by = body.requested_by.unwrap_or_else(|| "admin-api".into());
+    let reason = body.reason.unwrap_or_else(|| "approved".into());
+    match engine.approve(&name, by, reason).await {
+        Ok(id) => (StatusCode::ACCEPTED, Json(json!({ "rotation_id": id }))).into_response(),
+        Err(e) => trigger_error(e),
+    }
+}
+
 fn trigger_error(e: TriggerError) -> Response {
     let status = match e {
         TriggerError::UnknownKey(_) => StatusCode::NOT_FOUND,
-        TriggerError::Busy(_) | TriggerError::HeldElsewhere { .. } => StatusCode::CONFLICT,
-        TriggerError::Paused | TriggerError::OutsideWindow(_) | TriggerError::Blocked { .. } => {
-            StatusCode::LOCKED
-        }
+        TriggerError::Busy(_)
+        | TriggerError::HeldElsewhere { .. }
+        | TriggerError::NothingToApprove(_)
+        | TriggerError::ApprovalTooLate { .. } => StatusCode::CONFLICT,
+        TriggerError::Paused
+        | TriggerError::OutsideWindow(_)
+        | TriggerError::Blocked { .. }
+        | TriggerError::FirstContact { .. } => StatusCode::LOCKED,
         TriggerError::ShuttingDown | TriggerError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())
@@ -380,7 +419,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = dir.path().join("tok");
         std::fs::write(&tok, "t").unwrap();
-        let config = crate::config::load_str(&format!(
+        let text = format!(
             r#"
 [daemon]
 state_dir = "{state}"
@@ -400,11 +439,12 @@ provider = "p"
 "#,
             state = dir.path().display(),
             tok = tok.display()
-        ))
-        .unwrap();
+        );
+        let config = crate::config::load_str(&text).unwrap();
         let engine = Engine::new(Arc::new(config), Arc::new(Metrics::new()))
             .await
             .unwrap();
+        std::fs::write(dir.path().join("keyrotd.toml"), &text).unwrap();
         (engine, dir)
     }
 
@@ -424,6 +464,54 @@ provider = "p"
         let mut out = Vec::new();
         let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn approve_needs_the_token_a_known_key_and_a_rotation_that_waits() {
+        let (engine, dir) = engine().await;
+        let tok = dir.path().join("admin");
+        std::fs::write(&tok, "admin-token-approve").unwrap();
+        let text = std::fs::read_to_string(dir.path().join("keyrotd.toml")).unwrap();
+        let text = text.replace(
+            "[daemon]\n",
+            &format!(
+                "[daemon]\nadmin_token = {{ file = \"{}\" }}\n",
+                tok.display()
+            ),
+        );
+        let config = crate::config::load_str(&text).unwrap();
+        engine.replace_runtime(
+            crate::engine::Runtime::build(Arc::new(config))
+                .await
+                .unwrap(),
+        );
+        engine.mark_ready();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, engine.clone()));
+        let post = |path: &str, token: Option<&str>| {
+            let mut req = reqwest::Client::new()
+                .post(format!("http://{addr}{path}"))
+                .json(&json!({ "reason": "owner present", "requested_by": "alice" }));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            async move {
+                let r = req.send().await.unwrap();
+                let status = r.status().as_u16();
+                (
+                    status,
+                    r.json::<serde_json::Value>().await.unwrap_or_default(),
+                )
+            }
+        };
+        assert_eq!(post("/v1/keys/k/approve", None).await.0, 401);
+        assert_eq!(post("/v1/keys/k/approve", Some("wrong")).await.0, 401);
+        let good = Some("admin-token-approve");
+        assert_eq!(post("/v1/keys/nope/approve", good).await.0, 404);
+        let (status, body) = post("/v1/keys/k/approve", good).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"], "no rotation of k waits for an approval");
     }
 
     #[tokio::test]

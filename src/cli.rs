@@ -25,7 +25,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/keyrotd/keyrotd.toml";
     name = "keyrotd",
     version,
     about = "Rotates production API keys without outages: regenerate at the portal, write every destination, reload dependents, watch.",
-    after_help = "Examples:\n  keyrotd -c /etc/keyrotd/keyrotd.toml check-config\n  keyrotd plan --count 5\n  keyrotd rotate billing-api --reason \"key exposed in a log\"\n\nExit codes: 0 success, 1 operation failed, 2 usage or configuration error, 3 rotation degraded."
+    after_help = "Examples:\n  keyrotd -c /etc/keyrotd/keyrotd.toml check-config\n  keyrotd plan --count 5\n  keyrotd plan billing-api --checklist\n  keyrotd rotate billing-api --reason \"key exposed in a log\"\n  keyrotd approve billing-api --reason \"change window open\"\n\nExit codes: 0 success, 1 operation failed, 2 usage or configuration error, 3 rotation degraded."
 )]
 pub struct Cli {
     /// The configuration file. `KEYROTD__SECTION__FIELD` variables override its fields.
@@ -57,12 +57,23 @@ pub enum Command {
     )]
     CheckConfig,
 
-    /// Print the next rotation times of each key (window and time zone applied).
-    #[command(after_help = "Example:\n  keyrotd plan --count 5")]
+    /// Print the next rotation times of each key (window and time zone applied), its owner and
+    /// whether it needs approval; with --checklist, one key's rotation checklist.
+    #[command(
+        after_help = "Examples:\n  keyrotd plan --count 5\n  keyrotd plan billing-api --checklist\n  keyrotd plan billing-api --checklist --json\n\nThe checklist: before (destinations, dependents with their reload and verify, owner, approval),\nduring (the invalidation window of the last rotations), after (probes, reconcile, alerts, notifications)."
+    )]
     Plan {
         /// How many upcoming rotations per key.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
         count: u32,
+        /// Only this key (required with --checklist).
+        key: Option<String>,
+        /// The key's before/during/after rotation checklist, from the configuration and its journal.
+        #[arg(long, requires = "key")]
+        checklist: bool,
+        /// The checklist as JSON.
+        #[arg(long, requires = "checklist")]
+        json: bool,
     },
 
     /// Per key: the portal's metadata, what each destination holds, drift, last outcome, next rotation.
@@ -99,6 +110,22 @@ pub enum Command {
         /// Stay through the watch period and print each probe.
         #[arg(long)]
         watch: bool,
+    },
+
+    /// Approve the rotation of a key that waits for an approval: it runs now (through the running
+    /// daemon if one answers, else in this process).
+    #[command(
+        after_help = "Examples:\n  keyrotd approve billing-api --reason \"change window open, owner present\"\n  keyrotd approve billing-api --as alice@ops\n\nThe approver (--as, default user@host) and the reason go into the audit log. Exits with the\nrotation's outcome, like `keyrotd rotate`; 1 when nothing waits or its time is up."
+    )]
+    Approve {
+        /// The key's name, as in `[[keys]] name`.
+        key: String,
+        /// Why; recorded in the audit log.
+        #[arg(long, default_value = "approved")]
+        reason: String,
+        /// Who approves (default: $SUDO_USER or $USER @ the host name).
+        #[arg(long = "as", value_name = "NAME")]
+        approver: Option<String>,
     },
 }
 
@@ -148,8 +175,25 @@ pub fn execute(cli: Cli, init_tracing: fn(LogFormat)) -> Exit {
             match command {
                 Command::Run => unreachable!("handled above"),
                 Command::CheckConfig => check_config(&cli.config),
-                Command::Plan { count } => plan(&cli.config, count as usize),
+                Command::Plan {
+                    count,
+                    key,
+                    checklist,
+                    json,
+                } => plan(&cli.config, count as usize, key.as_deref(), checklist, json),
                 Command::Status { json, key } => status(&cli.config, json, key.as_deref()),
+                Command::Approve {
+                    key,
+                    reason,
+                    approver,
+                } => approve(
+                    &cli.config,
+                    crate::commands::ApproveArgs {
+                        key,
+                        reason,
+                        by: approver,
+                    },
+                ),
                 Command::Rotate {
                     key,
                     reason,
@@ -229,11 +273,40 @@ pub fn check_config(config_path: &Path) -> anyhow::Result<Exit> {
     Ok(Exit::Success)
 }
 
-/// `keyrotd plan`.
-pub fn plan(config_path: &Path, count: usize) -> anyhow::Result<Exit> {
-    let config = load_config(config_path)?;
+/// `keyrotd plan`: the next runs of every key (or one); with `checklist`, one key's checklist.
+pub fn plan(
+    config_path: &Path,
+    count: usize,
+    key: Option<&str>,
+    checklist: bool,
+    json: bool,
+) -> anyhow::Result<Exit> {
+    let mut config = load_config(config_path)?;
+    if let Some(k) = key {
+        known_key(&config, k)?;
+    }
+    if checklist {
+        let key = key.unwrap_or_default();
+        let list = runtime()?.block_on(crate::commands::checklist(config.clone(), key))?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        } else {
+            print!("{}", crate::checklist::text(&list, &config));
+        }
+        return Ok(Exit::Success);
+    }
+    if let Some(k) = key {
+        config.keys.retain(|c| c.name == k);
+    }
     print!("{}", schedule::plan_table(&config, Utc::now(), count));
     Ok(Exit::Success)
+}
+
+/// `keyrotd approve`: the rotation waiting for an approval runs now.
+pub fn approve(config_path: &Path, args: crate::commands::ApproveArgs) -> anyhow::Result<Exit> {
+    let config = load_config(config_path)?;
+    known_key(&config, &args.key)?;
+    runtime()?.block_on(crate::commands::approve(config, args))
 }
 
 /// `keyrotd status`: the providers and stores, read live, side by side.
@@ -301,6 +374,13 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
     let _ = writeln!(out, "\nKeys ({}):", config.keys.len());
     for k in &config.keys {
         let _ = writeln!(out, "  {}  (provider {})", k.name, k.provider);
+        let _ = writeln!(
+            out,
+            "    owner:        {}",
+            k.owner
+                .as_ref()
+                .map_or("none".to_string(), |o| o.to_string())
+        );
         let mut when = Vec::new();
         if let Some(s) = &k.schedule {
             when.push(format!("schedule \"{}\" {}", s.text, k.timezone));
@@ -350,6 +430,7 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
                 dep.reads_from.join(", ")
             );
         }
+        key_people(&mut out, k);
         let _ = writeln!(
             out,
             "    watch {}, auto-recover {}, at most {} regenerations/day",
@@ -408,6 +489,8 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
         let _ = writeln!(out, "  {name}  {detail}");
     }
 
+    notify_targets(&mut out, config);
+
     match &config.coordination {
         Some(c) => {
             let _ = writeln!(
@@ -435,4 +518,63 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
         }
     }
     out
+}
+
+/// A key's approval, notify targets and first-contact choice, in `check-config`'s summary.
+fn key_people(out: &mut String, k: &config::KeyConfig) {
+    if let Some(a) = &k.approval {
+        let _ = writeln!(
+            out,
+            "    approval:     scheduled rotations wait up to {} for `keyrotd approve`{}",
+            human(a.timeout),
+            if a.notify.is_empty() {
+                String::new()
+            } else {
+                format!(" (asking {})", a.notify.join(", "))
+            }
+        );
+    }
+    if !k.notify.is_empty() {
+        let _ = writeln!(out, "    notify:       {}", k.notify.join(", "));
+    }
+    if k.on_first_contact == config::FirstContact::Rotate {
+        let _ = writeln!(
+            out,
+            "    first contact: rotated by itself (on_first_contact = \"rotate\")"
+        );
+    }
+}
+
+/// The `[notify.*]` targets of `check-config`'s summary.
+fn notify_targets(out: &mut String, config: &Config) {
+    if !config.notify.is_empty() {
+        let _ = writeln!(out, "\nNotify targets ({}):", config.notify.len());
+        for (name, t) in &config.notify {
+            let how = match &t.kind {
+                config::NotifyKind::Webhook {
+                    url, signing_key, ..
+                } => format!(
+                    "webhook POST {url}{}",
+                    if signing_key.is_some() {
+                        ", signed"
+                    } else {
+                        ""
+                    }
+                ),
+                config::NotifyKind::Command { command, .. } => {
+                    format!("command `{}`", command.join(" "))
+                }
+            };
+            let events = if t.events.is_empty() {
+                "every event".to_string()
+            } else {
+                t.events
+                    .iter()
+                    .map(|e| e.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(out, "  {name}  {how}; {events}; {} retries", t.retries);
+        }
+    }
 }

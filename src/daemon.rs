@@ -107,6 +107,8 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    // Notifications of the last endings get a moment to go out; they never hold shutdown long.
+    engine.notices.flush(DRAIN_GRACE).await;
     admin.abort();
     Ok(())
 }

@@ -113,7 +113,42 @@ pub struct RotationMeta {
     pub reason: String,
     pub requested_by: String,
     pub started_at: DateTime<Utc>,
+    /// Who approved it, for a rotation that waited for an approval.
+    pub approved_by: Option<String>,
 }
+
+/// A due rotation waiting for an operator's approval (docs/lifecycle.md, "Approval"). Preflight
+/// passed when it was asked for; nothing has been destroyed. Kept in the journal so that a restart
+/// neither forgets it nor rotates without it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PendingApproval {
+    pub rotation_id: Uuid,
+    pub trigger: Trigger,
+    pub reason: String,
+    pub requested_by: String,
+    pub started_at: DateTime<Utc>,
+    /// When preflight passed and the approval was asked for.
+    pub asked_at: DateTime<Utc>,
+    /// When the rotation is skipped if nobody approved it.
+    pub until: DateTime<Utc>,
+}
+
+impl PendingApproval {
+    /// The rotation it belongs to, approved by `by` when it is.
+    pub fn meta(&self, approved_by: Option<String>) -> RotationMeta {
+        RotationMeta {
+            rotation_id: self.rotation_id,
+            trigger: self.trigger,
+            reason: self.reason.clone(),
+            requested_by: self.requested_by.clone(),
+            started_at: self.started_at,
+            approved_by,
+        }
+    }
+}
+
+/// How many invalidation windows the journal remembers (`keyrotd plan --checklist`'s "during").
+pub const WINDOWS_KEPT: usize = 10;
 
 /// How a rotation that distributed nothing usable left the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +199,11 @@ pub struct KeyJournal {
     pub rerotations_in_row: u32,
     /// The key was lost (no destination confirmed it): a re-rotation is owed once a store is writable.
     pub lost: bool,
+    /// A due rotation waiting for an operator's approval.
+    pub pending_approval: Option<PendingApproval>,
+    /// The invalidation windows of the last rotations that distributed a key, in milliseconds,
+    /// oldest first (at most [`WINDOWS_KEPT`]).
+    pub windows_ms: Vec<u64>,
 }
 
 impl Default for KeyJournal {
@@ -189,6 +229,8 @@ impl Default for KeyJournal {
             regenerations: Vec::new(),
             rerotations_in_row: 0,
             lost: false,
+            pending_approval: None,
+            windows_ms: Vec::new(),
         }
     }
 }
@@ -333,6 +375,54 @@ impl KeyJournal {
     pub fn adopted(&mut self, key_id: Option<String>, fingerprint: &str) {
         self.active_key_id = key_id;
         self.active_fingerprint = Some(fingerprint.to_string());
+    }
+
+    /// A due rotation of `meta` passed preflight at `asked_at` and waits for approval until `until`.
+    pub fn awaiting_approval(
+        &mut self,
+        meta: &RotationMeta,
+        asked_at: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) {
+        self.pending_approval = Some(PendingApproval {
+            rotation_id: meta.rotation_id,
+            trigger: meta.trigger,
+            reason: meta.reason.clone(),
+            requested_by: meta.requested_by.clone(),
+            started_at: meta.started_at,
+            asked_at,
+            until,
+        });
+    }
+
+    /// The pending rotation was approved: it runs now (its records name the approver).
+    pub fn approved(&mut self) {
+        self.pending_approval = None;
+    }
+
+    /// The pending rotation ended without rotating at `at`, outcome `skipped`: nobody approved it in
+    /// time, or another rotation of the key overtook it. The schedule moves on from it.
+    pub fn approval_ended(&mut self, at: DateTime<Utc>) {
+        if let Some(p) = self.pending_approval.take() {
+            self.finished(Outcome::Skipped, Some(p.trigger), at);
+        }
+    }
+
+    /// A rotation's invalidation window, remembered for the next rotation's checklist.
+    pub fn window_observed(&mut self, window: std::time::Duration) {
+        let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        self.windows_ms.push(ms);
+        let excess = self.windows_ms.len().saturating_sub(WINDOWS_KEPT);
+        self.windows_ms.drain(..excess);
+    }
+
+    /// keyrotd has never issued nor adopted this key (first contact): no active key known, none
+    /// issued, nothing owed, nothing in flight.
+    pub fn is_first_contact(&self) -> bool {
+        self.active_fingerprint.is_none()
+            && self.new_key_id.is_none()
+            && !self.lost
+            && self.phase == Phase::Idle
     }
 
     /// Why recovery owes this key a re-rotation, if it does: the key was lost.
@@ -546,6 +636,8 @@ pub enum AuditEvent {
     Rerotation,
     Drift,
     Recovered,
+    PendingApproval,
+    Approved,
 }
 
 /// One line of `audit.jsonl`. No secret: `fingerprint` is the 12-hex-digit prefix. Built only by the
@@ -564,6 +656,10 @@ pub struct AuditRecord {
     pub new_key_id: Option<String>,
     pub fingerprint: Option<String>,
     pub detail: Option<String>,
+    /// The key's owner (its `owner.name`), on every record of a key that has one.
+    pub owner: Option<String>,
+    /// Who approved the rotation, for a rotation that waited for an approval.
+    pub approved_by: Option<String>,
 }
 
 /// The key ids and fingerprint a record names.
@@ -589,6 +685,8 @@ impl AuditRecord {
             new_key_id: None,
             fingerprint: None,
             detail: None,
+            owner: None,
+            approved_by: meta.and_then(|m| m.approved_by.clone()),
         }
     }
 
@@ -687,6 +785,30 @@ impl AuditRecord {
             .detail(summary);
         r.outcome = Some(outcome);
         r
+    }
+
+    /// A due rotation passed preflight and waits for an operator's approval until `until`.
+    pub fn pending_approval(
+        key: &str,
+        meta: &RotationMeta,
+        old_key_id: Option<&str>,
+        until: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self::of(key, Some(meta), AuditEvent::PendingApproval, at)
+            .keys(Keys {
+                old_key_id,
+                ..Keys::default()
+            })
+            .detail(format!(
+                "preflight passed; waiting for an approval until {}",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ))
+    }
+
+    /// An operator approved the pending rotation (`meta.approved_by`), for `why`.
+    pub fn approved(key: &str, meta: &RotationMeta, why: &str, at: DateTime<Utc>) -> Self {
+        Self::of(key, Some(meta), AuditEvent::Approved, at).detail(why)
     }
 
     /// Recovery found that a journaled rotation's new key died with the process.
@@ -790,6 +912,7 @@ mod tests {
             reason: trigger.as_str().into(),
             requested_by: "test".into(),
             started_at: Utc::now(),
+            approved_by: None,
         }
     }
 

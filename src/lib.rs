@@ -10,8 +10,8 @@
 //! - [`provider`]: the issuing portals (`aos`, `http`), errors that know if they are retryable/ambiguous;
 //! - [`store`]: destinations (`vault` KV v2, `aws` Secrets Manager, `file`);
 //! - [`http_client`]: every HTTP client, built one way and shared between identical settings;
-//! - [`notify`]: dependents' reload hooks (HTTP, command) and verify probes;
 //! - [`limits`]: at most N requests at once per provider and per store, and a provider's cool-down;
+//! - [`notify`]: dependents' reload hooks (HTTP, command) and verify probes; notifications to owners;
 //! - [`journal`]: crash-safe per-key state, the state-dir lock, the audit log;
 //! - [`coordination`]: several replicas on a Vault lease (membership, rendezvous, fencing);
 //! - [`engine`]: one owner per key; the rotation as a pipeline of phases; recovery and reconcile
@@ -20,7 +20,8 @@
 //! - [`admin`]: the HTTP API (metrics, health, status, the few POSTs);
 //! - [`daemon`]: `keyrotd run`: wires it all, signals, the calls to [`systemd`];
 //! - [`systemd`]: the sd_notify protocol (READY, WATCHDOG, RELOADING, STOPPING);
-//! - [`cli`]: the commands, parsed and printed; [`commands`]: the async bodies of `status` and `rotate`;
+//! - [`cli`]: the commands, parsed and printed; [`commands`]: the async bodies of `status`, `rotate`
+//!   and `approve`; [`checklist`]: the rotation checklist of one key as data (`plan --checklist`);
 //! - [`sim`]: the portal and dependent simulators used by the tests and the demo;
 //! - [`testing`] (feature `testing`): the in-process seam — an in-memory store, a scripted provider
 //!   and scripted dependents — that the engine's tests run on.
@@ -30,6 +31,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod checklist;
 pub mod cli;
 pub mod clock;
 pub mod commands;

@@ -758,7 +758,16 @@ fn format_run(t: DateTime<Utc>, tz: Tz) -> String {
 }
 
 fn key_notes(key: &KeyConfig) -> Vec<String> {
-    let mut notes = Vec::new();
+    let mut notes = vec![match &key.owner {
+        Some(o) => format!("owner {o}"),
+        None => "owner: none named".to_string(),
+    }];
+    if let Some(a) = &key.approval {
+        notes.push(format!(
+            "needs approval: each run waits up to {} for `keyrotd approve`, else it is skipped",
+            humantime::format_duration(a.timeout)
+        ));
+    }
     if key.is_manual_only() {
         notes.push("manual only: no schedule and no max_age; rotate with `keyrotd rotate`".into());
         return notes;
@@ -878,6 +887,10 @@ mod tests {
             auto_recover: true,
             max_rerotations: 3,
             max_regenerations_per_day: 6,
+            owner: None,
+            approval: None,
+            notify: Vec::new(),
+            on_first_contact: Default::default(),
             destinations: Vec::new(),
             dependents: Vec::new(),
         }
@@ -1711,6 +1724,15 @@ mod tests {
             jitter: Duration::from_secs(600),
             max_age: Some(Duration::from_secs(30 * 86_400)),
             window: Some(window("Mon-Fri", "08:00", "17:00")),
+            owner: Some(crate::config::OwnerConfig {
+                name: "team-payments".into(),
+                contact: Some("#payments".into()),
+                runbook: None,
+            }),
+            approval: Some(crate::config::ApprovalConfig {
+                timeout: Duration::from_secs(1800),
+                notify: Vec::new(),
+            }),
             ..key(Some("0 9 * * Mon"))
         };
         let manual = KeyConfig {
@@ -1732,6 +1754,7 @@ mod tests {
             keys: vec![scheduled, manual],
             coordination: None,
             limits: Default::default(),
+            notify: BTreeMap::new(),
             warnings: Vec::new(),
         };
         let table = plan_table(&config, utc("2027-03-24T00:00:00Z"), 2);
@@ -1763,7 +1786,16 @@ mod tests {
             .iter()
             .position(|l| l.starts_with("legacy"))
             .unwrap_or_else(|| panic!("no legacy row: {table}"));
-        assert!(lines[legacy + 1].contains("manual only"), "{table}");
+        assert!(lines[legacy + 1].contains("owner: none named"), "{table}");
+        assert!(lines[legacy + 2].contains("manual only"), "{table}");
+        assert!(
+            lines[3].contains("note: owner team-payments <#payments>"),
+            "{table}"
+        );
+        assert!(
+            table.contains("needs approval: each run waits up to 30m for `keyrotd approve`"),
+            "{table}"
+        );
         // The NEXT RUNS column lines up under its header.
         let column = lines[0].find("NEXT RUNS").unwrap_or(0);
         assert_eq!(lines[1].find("Mon 2027-03-29"), Some(column), "{table}");

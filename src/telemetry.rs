@@ -106,6 +106,19 @@ label_set! {
         Aborted => "aborted",
         /// Regenerate refused, or the key was lost and could not be re-rotated yet.
         Failed => "failed",
+        /// A rotation that needed an operator's approval got none in time (or another rotation of
+        /// the key overtook it): nothing changed, the next due time follows the schedule.
+        Skipped => "skipped",
+    }
+}
+
+label_set! {
+    /// How a notification to a `[notify.NAME]` target ended, after its retries.
+    NotifyOutcome {
+        /// Delivered (a 2xx answer, or the command exited 0), possibly after retries.
+        Ok => "ok",
+        /// Every attempt failed: the notification was dropped (the rotation was not affected).
+        Failed => "failed",
     }
 }
 
@@ -163,6 +176,15 @@ label_set! {
     }
 }
 
+/// The names of the current config that the registry's labelled families may carry.
+#[derive(Debug, Default)]
+struct Known {
+    /// Every `[stores.*]` name, used by a key or not.
+    stores: BTreeSet<String>,
+    /// Every `[notify.*]` target name.
+    notify_targets: BTreeSet<String>,
+}
+
 /// The registry, the per-key table and every keyrotd metric. Share it behind an `Arc`; every method
 /// takes `&self`.
 pub struct Metrics {
@@ -170,14 +192,15 @@ pub struct Metrics {
     /// Every per-key and per-provider series ([`keyed`]); its key and provider names are the ones the
     /// current config has, and recording calls for other names are ignored.
     table: RwLock<Table>,
-    /// Every `[stores.*]` name, used by a key or not.
-    stores: RwLock<BTreeSet<String>>,
+    /// The `[stores.*]` and `[notify.*]` names of the current config.
+    known: RwLock<Known>,
 
     store_credential_expiry: GaugeVec,
     store_credential_renewal_failing: IntGaugeVec,
     config_reloads: IntCounterVec,
     journal_write_failures: prometheus::IntCounter,
     lease_renew_failures: prometheus::IntCounter,
+    notifications: IntCounterVec,
     paused: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -322,8 +345,14 @@ impl Metrics {
                 "Always 1; the version label tells which keyrotd runs.",
                 &["version"],
             ),
+            notifications: counter(
+                &r,
+                "keyrotd_notifications_total",
+                "Notifications to [notify.*] targets by outcome after retries (ok, failed).",
+                &["target", "outcome"],
+            ),
             table: RwLock::new(Table::default()),
-            stores: RwLock::new(BTreeSet::new()),
+            known: RwLock::new(Known::default()),
             registry: r,
         };
         metrics
@@ -405,6 +434,10 @@ impl Metrics {
         Some(out)
     }
 
+    fn known(&self) -> RwLockReadGuard<'_, Known> {
+        self.known.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn table(&self) -> RwLockReadGuard<'_, Table> {
         self.table.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -449,6 +482,7 @@ impl Metrics {
                 hooked: names_of(key, |d| d.reload.is_some()),
                 verified: names_of(key, |d| d.verify.is_some()),
                 coordinated: config.coordination.is_some(),
+                owner: key.owner_name().unwrap_or_default().to_string(),
             };
             let series = KeySeries::new(&shape, &mut names, table.keys.get(key.name.as_str()));
             series.set(Gauge::MaxAge, key.max_age.map(|m| m.as_secs_f64()));
@@ -480,12 +514,25 @@ impl Metrics {
             .collect();
         *table = Table { keys, providers };
 
-        let stores: BTreeSet<String> = config.stores.keys().cloned().collect();
+        let known = Known {
+            stores: config.stores.keys().cloned().collect(),
+            notify_targets: config.notify.keys().cloned().collect(),
+        };
         let store_known =
-            |l: &HashMap<&str, &str>| l.get("store").is_some_and(|s| stores.contains(*s));
+            |l: &HashMap<&str, &str>| l.get("store").is_some_and(|s| known.stores.contains(*s));
         prune(&self.store_credential_expiry, store_known);
         prune(&self.store_credential_renewal_failing, store_known);
-        *self.stores.write().unwrap_or_else(PoisonError::into_inner) = stores;
+        prune(&self.notifications, |l| {
+            l.get("target")
+                .is_some_and(|t| known.notify_targets.contains(*t))
+        });
+        for target in &known.notify_targets {
+            for outcome in NotifyOutcome::ALL {
+                self.notifications
+                    .with_label_values(&[target, outcome.as_str()]);
+            }
+        }
+        *self.known.write().unwrap_or_else(PoisonError::into_inner) = known;
     }
 
     /// Runs `f` on `key`'s series under the read lock when the current config has `key`; ignores the
@@ -502,8 +549,9 @@ impl Metrics {
     }
 
     /// A rotation of `key` finished with `outcome` after `duration` (preflight start to notify end),
-    /// at `finished_at`: counts it, observes the duration, and for success/degraded sets
-    /// `keyrotd_rotation_last_success_timestamp_seconds`.
+    /// at `finished_at`: counts it, observes the duration (not for `skipped`: it waited for an
+    /// approval that never came, which says nothing about how long rotating takes), and for
+    /// success/degraded sets `keyrotd_rotation_last_success_timestamp_seconds`.
     pub fn rotation_finished(
         &self,
         key: &str,
@@ -512,7 +560,10 @@ impl Metrics {
         finished_at: DateTime<Utc>,
     ) {
         self.with_key(key, |s| {
-            s.rotation(outcome, duration.as_secs_f64());
+            // A skipped rotation waited for an approval that never came, which says nothing about how
+            // long rotating takes.
+            let ran = (outcome != Outcome::Skipped).then_some(duration.as_secs_f64());
+            s.rotation(outcome, ran);
             if matches!(outcome, Outcome::Success | Outcome::Degraded) {
                 s.set(Gauge::LastSuccess, Some(unix_seconds(finished_at)));
             }
@@ -599,8 +650,7 @@ impl Metrics {
     /// ([`crate::store::Store::credential_status`]); `None` removes its series (a store whose
     /// credential does not expire, or one that has not looked yet).
     pub fn store_credential(&self, store: &str, status: Option<&CredentialStatus>) {
-        let stores = self.stores.read().unwrap_or_else(PoisonError::into_inner);
-        if !stores.contains(store) {
+        if !self.known().stores.contains(store) {
             return;
         }
         match status {
@@ -658,6 +708,22 @@ impl Metrics {
     /// A membership renewal failed.
     pub fn lease_renew_failure(&self) {
         self.lease_renew_failures.inc();
+    }
+
+    /// Whether a due rotation of `key` waits for an operator's approval.
+    pub fn rotation_pending(&self, key: &str, pending: bool) {
+        self.with_key(key, |s| {
+            s.set(Gauge::Pending, Some(f64::from(u8::from(pending))))
+        });
+    }
+
+    /// A notification to `target` (a `[notify.*]` name) ended with `outcome`.
+    pub fn notification(&self, target: &str, outcome: NotifyOutcome) {
+        if self.known().notify_targets.contains(target) {
+            self.notifications
+                .with_label_values(&[target, outcome.as_str()])
+                .inc();
+        }
     }
 
     /// Whether scheduled rotations are paused.
@@ -734,6 +800,10 @@ mod tests {
             auto_recover: true,
             max_rerotations: 3,
             max_regenerations_per_day: 6,
+            owner: None,
+            approval: None,
+            notify: Vec::new(),
+            on_first_contact: Default::default(),
             destinations: stores
                 .iter()
                 .map(|s| DestinationConfig {
@@ -784,6 +854,7 @@ mod tests {
             keys,
             coordination: None,
             limits: Default::default(),
+            notify: BTreeMap::new(),
             warnings: vec![],
         }
     }

@@ -27,7 +27,11 @@ use super::{
     HttpAuthCheck, HttpProviderConfig, HttpRegenerate, HttpStatus, KeyConfig, LogFormat,
     ProviderConfig, ReloadHook, StoreConfig, TlsConfig, VaultAuth, VaultStoreConfig, VerifyConfig,
 };
+use super::{
+    ApprovalConfig, FirstContact, NotifyKind, NotifyTargetConfig, OwnerConfig, WebhookUrl,
+};
 use crate::http_client::ClientError;
+use crate::notify::targets::NoticeEvent;
 use crate::schedule::{self, Schedule, Window};
 use crate::secret::Secret;
 use crate::secret::SecretRef;
@@ -391,6 +395,7 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         key_indices,
         provider_names,
         store_kinds,
+        notify_names,
         problems,
     } = parsed;
     let mut c = Check {
@@ -431,6 +436,19 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
             Some((name, built))
         })
         .collect();
+    let notify: BTreeMap<String, NotifyTargetConfig> = raw
+        .notify
+        .into_iter()
+        .filter_map(|(name, t)| {
+            let built = notify_target(&mut c, &name, t)?;
+            Some((name, built))
+        })
+        .collect();
+    let names = Names {
+        providers: &provider_names,
+        store_kinds: &store_kinds,
+        notify: &notify_names,
+    };
     let mut keys = Vec::new();
     let mut seen_names: HashMap<String, usize> = HashMap::new();
     // Who writes each destination, to find two keys writing the same place. File destinations are
@@ -457,7 +475,7 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         } else {
             seen_names.insert(k.name.clone(), i);
         }
-        let Some(built) = key(&mut c, &path, k, &provider_names, &store_kinds) else {
+        let Some(built) = key(&mut c, &path, k, &names) else {
             continue;
         };
         // An `aos` account has exactly one active key: two keys on one such provider would each
@@ -536,6 +554,15 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
                 .push(format!("stores.{name}: not used by any key"));
         }
     }
+    for name in notify.keys() {
+        let used = keys.iter().any(|k| {
+            k.notify.contains(name) || k.approval.as_ref().is_some_and(|a| a.notify.contains(name))
+        });
+        if !used {
+            c.warnings
+                .push(format!("notify.{name}: not used by any key"));
+        }
+    }
     if keys.is_empty() && c.problems.is_empty() {
         c.warnings
             .push("no [[keys]] configured: keyrotd has nothing to rotate".into());
@@ -544,6 +571,18 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         if k.is_manual_only() {
             c.warnings.push(format!(
                 "key {:?}: neither schedule nor max_age: manual-only, rotated only by `keyrotd rotate`",
+                k.name
+            ));
+        }
+        if k.owner.is_none() {
+            c.warnings.push(format!(
+                "key {:?}: no owner: set owner = {{ name = \"...\" }} so that status, alerts and notifications say whose key it is",
+                k.name
+            ));
+        }
+        if k.approval.is_some() && k.is_manual_only() {
+            c.warnings.push(format!(
+                "key {:?}: approval applies to scheduled and max_age rotations, and this key has neither",
                 k.name
             ));
         }
@@ -566,6 +605,7 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         keys,
         coordination,
         limits,
+        notify,
         warnings: c.warnings,
     })
 }
@@ -588,6 +628,14 @@ fn limit(
         }
         None => {}
     }
+}
+
+/// The names a key may refer to: every provider, store and notify target of the file, well-formed
+/// or not (a broken one has its own problem; it is not also "unknown").
+struct Names<'a> {
+    providers: &'a BTreeSet<String>,
+    store_kinds: &'a BTreeMap<String, Option<&'static str>>,
+    notify: &'a BTreeSet<String>,
 }
 
 /// True when every one of the next runs had to be moved into the window: the runs with and without
@@ -989,13 +1037,8 @@ fn coordination(
     })
 }
 
-fn key(
-    c: &mut Check,
-    path: &str,
-    k: raw::RawKey,
-    providers: &BTreeSet<String>,
-    store_kinds: &BTreeMap<String, Option<&'static str>>,
-) -> Option<KeyConfig> {
+fn key(c: &mut Check, path: &str, k: raw::RawKey, names: &Names<'_>) -> Option<KeyConfig> {
+    let (providers, store_kinds) = (names.providers, names.store_kinds);
     let before = c.problems.len();
     if !providers.contains(&k.provider) {
         c.problem(
@@ -1078,6 +1121,24 @@ fn key(
         6,
         1,
     );
+
+    let owner = k.owner.and_then(|o| owner(c, path, o));
+    let approval = k
+        .approval
+        .and_then(|a| approval(c, &format!("{path}.approval"), a, names.notify));
+    let notify = k.notify.unwrap_or_default();
+    notify_refs(c, &format!("{path}.notify"), &notify, names.notify);
+    let on_first_contact = match k.on_first_contact.as_deref().map(str::trim) {
+        None | Some("report") => FirstContact::Report,
+        Some("rotate") => FirstContact::Rotate,
+        Some(other) => {
+            c.problem(
+                format!("{path}.on_first_contact"),
+                format!("unknown value {other:?} (expected report or rotate)"),
+            );
+            FirstContact::Report
+        }
+    };
 
     if k.destinations.is_empty() {
         c.problem(
@@ -1189,9 +1250,199 @@ fn key(
         auto_recover: k.auto_recover.is_none_or(|f| f.0),
         max_rerotations,
         max_regenerations_per_day,
+        owner,
+        approval,
+        notify,
+        on_first_contact,
         destinations,
         dependents,
     })
+}
+
+fn owner(c: &mut Check, path: &str, o: raw::RawOwner) -> Option<OwnerConfig> {
+    let base = format!("{path}.owner");
+    c.non_empty(&format!("{base}.name"), &o.name);
+    if let Some(contact) = &o.contact {
+        c.non_empty(&format!("{base}.contact"), contact);
+    }
+    let runbook = match &o.runbook {
+        Some(u) => Some(c.url(&format!("{base}.runbook"), u)?),
+        None => None,
+    };
+    Some(OwnerConfig {
+        name: o.name.trim().to_string(),
+        contact: o.contact,
+        runbook,
+    })
+}
+
+/// `approval`: `required` (default true: the table is there to ask for it), `timeout` (default
+/// 30m) and the targets told about a pending approval. `None` when approval is not required.
+fn approval(
+    c: &mut Check,
+    base: &str,
+    a: raw::RawApproval,
+    known_targets: &BTreeSet<String>,
+) -> Option<ApprovalConfig> {
+    let timeout = c.duration(
+        &format!("{base}.timeout"),
+        a.timeout.as_ref(),
+        Duration::from_secs(30 * 60),
+        false,
+    );
+    let notify = a.notify.unwrap_or_default();
+    notify_refs(c, &format!("{base}.notify"), &notify, known_targets);
+    a.required
+        .is_none_or(|f| f.0)
+        .then_some(ApprovalConfig { timeout, notify })
+}
+
+/// Every name in `list` is a `[notify.NAME]` target, each named once.
+fn notify_refs(c: &mut Check, path: &str, list: &[String], known_targets: &BTreeSet<String>) {
+    let mut seen = BTreeSet::new();
+    for (n, name) in list.iter().enumerate() {
+        if !known_targets.contains(name) {
+            c.problem(
+                format!("{path}[{n}]"),
+                format!(
+                    "unknown notify target {name:?} ({})",
+                    known(known_targets.iter())
+                ),
+            );
+        } else if !seen.insert(name) {
+            c.problem(format!("{path}[{n}]"), format!("{name:?} is listed twice"));
+        }
+    }
+}
+
+/// A `[notify.NAME]` target.
+fn notify_target(c: &mut Check, name: &str, t: raw::RawNotifyTarget) -> Option<NotifyTargetConfig> {
+    let base = format!("notify.{name}");
+    let (events, retries) = match &t {
+        raw::RawNotifyTarget::Webhook(w) => (&w.events, w.retries),
+        raw::RawNotifyTarget::Command(cmd) => (&cmd.events, cmd.retries),
+    };
+    let events = notice_events(c, &format!("{base}.events"), events.as_deref());
+    let retries = c.count(&format!("{base}.retries"), retries, 3, 0);
+    let kind = match t {
+        raw::RawNotifyTarget::Webhook(w) => {
+            let url = webhook_url(c, &base, &w.url, w.allow_insecure_http.is_some_and(|f| f.0));
+            let timeout = c.duration(
+                &format!("{base}.timeout"),
+                w.timeout.as_ref(),
+                Duration::from_secs(5),
+                false,
+            );
+            let signing_key = w
+                .signing_key
+                .as_ref()
+                .and_then(|s| c.secret(&format!("{base}.signing_key"), s));
+            let tls = c.tls(&base, w.ca_file, w.client_cert, w.client_key);
+            NotifyKind::Webhook {
+                url: url?,
+                timeout,
+                signing_key,
+                tls,
+            }
+        }
+        raw::RawNotifyTarget::Command(cmd) => {
+            if cmd.command.first().is_none_or(|p| p.trim().is_empty()) {
+                c.problem(
+                    format!("{base}.command"),
+                    "must name a program: command = [\"program\", \"arg\", ...]",
+                );
+            }
+            let env = cmd.env.unwrap_or_default();
+            for var in env.keys() {
+                if var.is_empty() || var.contains('=') {
+                    c.problem(
+                        format!("{base}.env"),
+                        format!("{var:?} is not a valid variable name"),
+                    );
+                }
+            }
+            let timeout = c.duration(
+                &format!("{base}.timeout"),
+                cmd.timeout.as_ref(),
+                Duration::from_secs(30),
+                false,
+            );
+            NotifyKind::Command {
+                command: cmd.command,
+                timeout,
+                env,
+            }
+        }
+    };
+    Some(NotifyTargetConfig {
+        events,
+        retries,
+        kind,
+    })
+}
+
+/// `events = [...]`: known event names; absent or empty means every event.
+fn notice_events(c: &mut Check, path: &str, names: Option<&[String]>) -> BTreeSet<NoticeEvent> {
+    let mut events = BTreeSet::new();
+    for (n, name) in names.unwrap_or_default().iter().enumerate() {
+        match NoticeEvent::ALL.iter().find(|e| e.as_str() == name.trim()) {
+            Some(e) => {
+                events.insert(*e);
+            }
+            None => {
+                let all: Vec<&str> = NoticeEvent::ALL.iter().map(|e| e.as_str()).collect();
+                c.problem(
+                    format!("{path}[{n}]"),
+                    format!(
+                        "unknown event {name:?} (expected one of {})",
+                        all.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    events
+}
+
+/// A webhook's `url`: text, or a credential reference whose value is the URL (never echoed).
+fn webhook_url(
+    c: &mut Check,
+    base: &str,
+    raw: &raw::RawUrl,
+    insecure_ok: bool,
+) -> Option<WebhookUrl> {
+    let path = format!("{base}.url");
+    match raw {
+        raw::RawUrl::Text(text) => c.url(&path, text).map(WebhookUrl::Plain),
+        raw::RawUrl::Secret(r) => {
+            let from = match r {
+                crate::secret::SecretRef::Env(name) => format!("env {name}"),
+                crate::secret::SecretRef::File(p) => format!("file {}", p.display()),
+            };
+            let secret = c.secret(&path, &RawSecret(r.clone()))?;
+            use secrecy::ExposeSecret;
+            let parsed = Url::parse(secret.expose_secret().trim())
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            let Some(parsed) = parsed else {
+                c.problem(
+                    &path,
+                    format!("the value read from {from} is not an http:// or https:// URL"),
+                );
+                return None;
+            };
+            // The URL carries a token: it must not travel in plain text off this machine.
+            if parsed.scheme() == "http" && !is_loopback_host(&parsed) && !insecure_ok {
+                c.problem(
+                    &path,
+                    format!(
+                        "the URL read from {from} is http:// and would send its token in plain text: use https://, or set `allow_insecure_http = true` in [{base}] if the network is trusted"
+                    ),
+                );
+            }
+            Some(WebhookUrl::Secret { url: secret, from })
+        }
+    }
 }
 
 fn destination(

@@ -30,6 +30,8 @@ pub struct Config {
     /// `max_concurrent_requests` of the providers and stores that set it, by name; the others get
     /// the defaults of `crate::limits`.
     pub limits: BTreeMap<String, usize>,
+    /// `[notify.NAME]`: where notifications about keys are sent (each key names its own).
+    pub notify: BTreeMap<String, NotifyTargetConfig>,
     /// Things worth saying that do not make the config invalid (manual-only keys, a schedule whose runs
     /// all fall outside the window, an `http` provider without `status`...). `check-config` prints them.
     pub warnings: Vec<String>,
@@ -250,6 +252,15 @@ pub struct KeyConfig {
     pub auto_recover: bool,
     pub max_rerotations: u32,
     pub max_regenerations_per_day: u32,
+    /// Who the key belongs to: shown by `status`, `/v1/keys`, `check-config` and `plan`, written into
+    /// every audit record of the key and joined onto its alerts (`keyrotd_key_info`).
+    pub owner: Option<OwnerConfig>,
+    /// Scheduled rotations wait for an operator's approval (`None`: they run when due).
+    pub approval: Option<ApprovalConfig>,
+    /// `[notify.NAME]` targets told about this key's events.
+    pub notify: Vec<String>,
+    /// What a key keyrotd has never issued nor adopted gets when no destination holds its active key.
+    pub on_first_contact: FirstContact,
     pub destinations: Vec<DestinationConfig>,
     pub dependents: Vec<DependentConfig>,
 }
@@ -258,6 +269,134 @@ impl KeyConfig {
     /// Neither a schedule nor a max age: rotated only on demand.
     pub fn is_manual_only(&self) -> bool {
         self.schedule.is_none() && self.max_age.is_none()
+    }
+
+    /// The owner's name, as exported in `keyrotd_key_info` and written into audit records.
+    pub fn owner_name(&self) -> Option<&str> {
+        self.owner.as_ref().map(|o| o.name.as_str())
+    }
+}
+
+/// `owner = { name, contact, runbook }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerConfig {
+    /// A person or a team.
+    pub name: String,
+    /// How to reach them (an address, a chat channel, a pager handle).
+    pub contact: Option<String>,
+    /// Where the key's runbook lives.
+    pub runbook: Option<Url>,
+}
+
+impl OwnerConfig {
+    /// The owner as `/v1/keys`, `status --json`, `plan --checklist --json` and notifications show it.
+    pub fn view(&self) -> OwnerView {
+        OwnerView {
+            name: self.name.clone(),
+            contact: self.contact.clone(),
+            runbook: self.runbook.as_ref().map(|u| u.to_string()),
+        }
+    }
+}
+
+/// A key's owner in JSON: `{"name", "contact", "runbook"}` (the last two `null` when not set).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OwnerView {
+    pub name: String,
+    pub contact: Option<String>,
+    pub runbook: Option<String>,
+}
+
+impl std::fmt::Display for OwnerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.name)?;
+        if let Some(c) = &self.contact {
+            write!(f, " <{c}>")?;
+        }
+        if let Some(r) = &self.runbook {
+            write!(f, ", runbook {r}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `approval = { required = true, timeout = "30m", notify = [...] }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalConfig {
+    /// How long a due rotation waits for approval before it is skipped. Default 30m.
+    pub timeout: Duration,
+    /// Targets told that a rotation awaits approval, besides the key's own `notify`.
+    pub notify: Vec<String>,
+}
+
+/// `on_first_contact`: what happens to a key keyrotd has never issued nor adopted, when no
+/// destination holds the portal's active key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FirstContact {
+    /// Report it (drift, status, notification, alert) and regenerate nothing until an operator
+    /// rotates it. The default: the key in use today may live outside every destination.
+    #[default]
+    Report,
+    /// Rotate it like any drifting key: scheduled rotations and reconcile populate it.
+    Rotate,
+}
+
+impl FirstContact {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FirstContact::Report => "report",
+            FirstContact::Rotate => "rotate",
+        }
+    }
+}
+
+/// A `[notify.NAME]` target.
+#[derive(Debug, Clone)]
+pub struct NotifyTargetConfig {
+    /// Events sent to it; empty = every event.
+    pub events: std::collections::BTreeSet<crate::notify::targets::NoticeEvent>,
+    /// Attempts after the first. Default 3.
+    pub retries: u32,
+    pub kind: NotifyKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum NotifyKind {
+    /// JSON POST of the notice, optionally signed like reload hooks.
+    Webhook {
+        url: WebhookUrl,
+        /// Default 5s.
+        timeout: Duration,
+        signing_key: Option<Secret>,
+        tls: TlsConfig,
+    },
+    /// A program given the notice as JSON on stdin and as `KEYROTD_*` variables.
+    Command {
+        command: Vec<String>,
+        /// Default 30s.
+        timeout: Duration,
+        env: BTreeMap<String, String>,
+    },
+}
+
+/// A webhook's URL: written in the config, or read from a credential reference (a chat incoming
+/// webhook's URL carries its token, so it is treated as a secret and never shown).
+#[derive(Debug, Clone)]
+pub enum WebhookUrl {
+    Plain(Url),
+    Secret {
+        url: Secret,
+        /// Where it was read from, for `check-config` (`env CHAT_URL`, `file /run/...`).
+        from: String,
+    },
+}
+
+impl std::fmt::Display for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WebhookUrl::Plain(u) => write!(f, "{u}"),
+            WebhookUrl::Secret { from, .. } => write!(f, "(URL from {from})"),
+        }
     }
 }
 

@@ -41,6 +41,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub keys: Vec<RawKey>,
     pub coordination: Option<RawCoordination>,
+    #[serde(default)]
+    pub notify: BTreeMap<String, RawNotifyTarget>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -240,10 +242,92 @@ pub struct RawKey {
     pub auto_recover: Option<Flag>,
     pub max_rerotations: Option<Num>,
     pub max_regenerations_per_day: Option<Num>,
+    pub owner: Option<RawOwner>,
+    pub approval: Option<RawApproval>,
+    pub notify: Option<Vec<String>>,
+    pub on_first_contact: Option<String>,
     #[serde(default)]
     pub destinations: Vec<RawDestination>,
     #[serde(default)]
     pub dependents: Vec<RawDependent>,
+}
+
+/// `owner = { name, contact, runbook }`: who a key belongs to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOwner {
+    pub name: String,
+    pub contact: Option<String>,
+    pub runbook: Option<String>,
+}
+
+/// `approval = { required, timeout, notify }`: scheduled rotations wait for an operator's approval.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApproval {
+    pub required: Option<Flag>,
+    pub timeout: Option<String>,
+    pub notify: Option<Vec<String>>,
+}
+
+/// A `[notify.NAME]` table, chosen by `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawNotifyTarget {
+    Webhook(RawWebhook),
+    Command(RawNotifyCommand),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: RawUrl,
+    pub timeout: Option<String>,
+    pub signing_key: Option<RawSecret>,
+    pub retries: Option<Num>,
+    pub events: Option<Vec<String>>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub allow_insecure_http: Option<Flag>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotifyCommand {
+    pub command: Vec<String>,
+    pub timeout: Option<String>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub retries: Option<Num>,
+    pub events: Option<Vec<String>>,
+}
+
+/// A URL written as text, or read from a credential reference when the URL itself carries a token
+/// (chat incoming webhooks put theirs in the path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawUrl {
+    Text(String),
+    Secret(SecretRef),
+}
+
+impl<'de> Deserialize<'de> for RawUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawUrl;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a URL, or a reference { env = \"NAME\" } or { file = \"/path\" }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawUrl, E> {
+                Ok(RawUrl::Text(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawUrl, A::Error> {
+                SecretRef::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawUrl::Secret)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -420,6 +504,8 @@ pub struct Parsed {
     pub provider_names: BTreeSet<String>,
     /// Every `[stores.NAME]` in the file, with its kind when that could be read.
     pub store_kinds: BTreeMap<String, Option<&'static str>>,
+    /// Every `[notify.NAME]` in the file, well-formed or not.
+    pub notify_names: BTreeSet<String>,
     pub problems: Vec<Problem>,
 }
 
@@ -443,10 +529,19 @@ pub fn read(root: &Value) -> Parsed {
         return out;
     };
     for field in table.keys() {
-        if !["daemon", "providers", "stores", "keys", "coordination"].contains(&field.as_str()) {
+        if ![
+            "daemon",
+            "providers",
+            "stores",
+            "keys",
+            "coordination",
+            "notify",
+        ]
+        .contains(&field.as_str())
+        {
             problems.push(Problem::new(
                 field,
-                "unknown field (expected one of daemon, providers, stores, keys, coordination)",
+                "unknown field (expected one of daemon, providers, stores, keys, coordination, notify)",
             ));
         }
     }
@@ -503,6 +598,22 @@ pub fn read(root: &Value) -> Parsed {
     }
     if let Some(v) = table.get("coordination") {
         raw.coordination = piece(v, "coordination", problems);
+    }
+    if let Some(v) = table.get("notify") {
+        for (name, v) in entries(v, "notify", problems) {
+            out.notify_names.insert(name.clone());
+            let path = format!("notify.{name}");
+            let target = match kind_and_rest(v, &path, &["webhook", "command"], problems) {
+                Some(("webhook", rest)) => {
+                    piece(&rest, &path, problems).map(RawNotifyTarget::Webhook)
+                }
+                Some((_, rest)) => piece(&rest, &path, problems).map(RawNotifyTarget::Command),
+                None => None,
+            };
+            if let Some(t) = target {
+                raw.notify.insert(name.clone(), t);
+            }
+        }
     }
     out
 }

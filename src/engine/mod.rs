@@ -2,6 +2,7 @@
 //!
 //! - [`rotation`]: one rotation as a pipeline of phases around one [`rotation::Rotation`] context:
 //!   [`preflight`], [`regenerate`], [`distribute`] (store + notify + verify), then [`watch`];
+//! - [`approval`]: the gate between "due" and "rotating" for keys that need an operator's approval;
 //! - [`recovery`]: what a journal left by a crash means, and the re-rotation owed for a lost key;
 //! - [`reconcile`]: comparing the provider's active key with every destination (drift);
 //! - [`scheduler`]: one timer for every key's next due time;
@@ -13,6 +14,7 @@
 //! key's journal mutex by [`Engine::commit`] or [`Engine::commit_strict`]; the journal is written before
 //! each destructive step; no secret is ever put into a record, an event, a log line or a metric label.
 
+pub mod approval;
 pub mod calls;
 pub mod distribute;
 pub mod fill;
@@ -38,16 +40,18 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 pub use crate::journal::Trigger;
+pub use approval::Approval;
 pub use calls::Dependents;
 pub use record::{DestinationView, EventKind, LivePhase, RecordEvent, RotationRecord};
 pub use rotation::Resume;
 
 use crate::clock::Clock;
-use crate::config::{Config, KeyConfig};
+use crate::config::{Config, FirstContact, KeyConfig, OwnerView};
 use crate::coordination::kv::Kv;
 use crate::coordination::{Coordinator, Replica};
 use crate::journal::{AuditEvent, AuditLog, AuditRecord, Journal, JournalError, KeyJournal};
 use crate::limits::{DEFAULT_PROVIDER_REQUESTS, DEFAULT_STORE_REQUESTS, Limited};
+use crate::notify::targets::{Notice, NoticeEvent, Notifications, Sink};
 use crate::provider::{KeyStatus, Provider};
 use crate::store::Store;
 use crate::telemetry::{Metrics, Outcome, RerotationReason};
@@ -75,6 +79,8 @@ pub struct RotationRequest {
     pub rerotation: Option<RerotationReason>,
     /// Set when recovery or reconcile resumes at notify instead of regenerating.
     pub resume: Option<Resume>,
+    /// Set when an operator approved a rotation that waited for it: this continues it.
+    pub approval: Option<Approval>,
 }
 
 impl RotationRequest {
@@ -93,6 +99,7 @@ impl RotationRequest {
             watch: true,
             rerotation: None,
             resume: None,
+            approval: None,
         }
     }
 
@@ -119,6 +126,9 @@ pub enum RunResult {
         problems: Vec<String>,
     },
     Finished(Outcome),
+    /// Preflight passed and the rotation waits for an operator's approval (the key's claim is free
+    /// meanwhile); an approval continues it, a timeout ends it `skipped`.
+    AwaitingApproval,
     /// The rotation's task panicked (a bug): its journal says where it stopped, and recovery picks it
     /// up as after a crash.
     Panicked,
@@ -175,6 +185,15 @@ pub enum TriggerError {
     Blocked { key: String, why: String },
     #[error("{key} is held by replica {holder}; send the request there")]
     HeldElsewhere { key: String, holder: String },
+    #[error(
+        "{key}: first contact: keyrotd has never issued nor adopted this key, so it is not rotated by itself \
+         until an operator rotates it (or the key sets on_first_contact = \"rotate\")"
+    )]
+    FirstContact { key: String },
+    #[error("no rotation of {0} waits for an approval")]
+    NothingToApprove(String),
+    #[error("{key}: too late: the rotation waited for an approval until {until} and is skipped")]
+    ApprovalTooLate { key: String, until: DateTime<Utc> },
 }
 
 /// The configuration in force with the clients built from it. Swapped whole on reload; a running
@@ -235,8 +254,17 @@ pub struct KeyView {
     pub next_rotation: Option<DateTime<Utc>>,
     pub last_outcome: Option<Outcome>,
     pub phase: LivePhase,
-    pub destinations: Vec<DestinationView>,
+    pub destinations: Vec<ObservedDestination>,
     pub drift: bool,
+    /// Who the key belongs to (`null` when the configuration names nobody).
+    pub owner: Option<OwnerView>,
+    /// Whether scheduled rotations of the key wait for an operator's approval.
+    pub approval_required: bool,
+    /// A due rotation waiting for an approval, if one does.
+    pub pending_approval: Option<PendingView>,
+    /// keyrotd has never issued nor adopted this key, and with `on_first_contact = "report"` it
+    /// regenerates nothing by itself until an operator rotates it.
+    pub first_contact: bool,
     /// No observation of the provider and destinations has completed since start.
     pub observing: bool,
     /// Why the key is blocked from automatic rotation, if it is.
@@ -247,11 +275,33 @@ pub struct KeyView {
     pub holder: Option<Option<String>>,
 }
 
+/// A destination in `/v1/keys`: what it held when last looked at, and when that was (a stale
+/// observation shows as stale).
+#[derive(Debug, Clone, Serialize)]
+pub struct ObservedDestination {
+    #[serde(flatten)]
+    pub view: DestinationView,
+    pub observed_at: Option<DateTime<Utc>>,
+}
+
+/// A rotation waiting for an approval, as `/v1/keys` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingView {
+    pub rotation_id: Uuid,
+    pub trigger: Trigger,
+    /// When preflight passed and the approval was asked for.
+    pub asked_at: DateTime<Utc>,
+    /// When it is skipped without an approval.
+    pub until: DateTime<Utc>,
+}
+
 /// How the engine is built beyond its config: the clock and how dependents are reached.
 #[derive(Default)]
 pub struct EngineOptions {
     pub clock: Clock,
     pub dependents: Dependents,
+    /// Where notifications go (the engine's tests record them).
+    pub notices: Sink,
     /// Several replicas: this replica's coordinator (built from `[coordination]` by [`Engine::new`]).
     pub coordination: Option<Arc<Coordinator>>,
 }
@@ -263,6 +313,8 @@ pub struct Engine {
     audit: AuditLog,
     pub metrics: Arc<Metrics>,
     pub(crate) dependents: Dependents,
+    /// Notifications to the keys' `[notify.*]` targets, sent in the background.
+    pub notices: Notifications,
     pub clock: Clock,
     /// Several replicas: which keys this replica holds, and the fencing of its destructive steps.
     pub coordination: Option<Arc<Coordinator>>,
@@ -319,6 +371,7 @@ impl Engine {
             runtime: RwLock::new(Arc::new(runtime)),
             journal,
             audit,
+            notices: Notifications::new(metrics.clone(), options.notices),
             metrics,
             dependents: options.dependents,
             clock: options.clock,
@@ -371,6 +424,8 @@ impl Engine {
             {
                 served.insert(k.name.clone(), at);
             }
+            self.metrics
+                .rotation_pending(&k.name, journal.pending_approval.is_some());
             let slot = KeySlot::new(journal);
             self.metrics.journal_blocked(&k.name, blocked.is_some());
             slot.live().blocked = blocked;
@@ -503,10 +558,18 @@ impl Engine {
     ) -> Result<(), JournalError> {
         let mut j = slot.lock_journal().await;
         f(&mut j);
-        slot.changed(&j);
+        self.journal_changed(slot, &j);
         let written = self.persist(&j).await;
         self.written(slot, &written);
         written
+    }
+
+    /// Called under the journal mutex after every change: the slot's mirror and the gauges that
+    /// follow the journal.
+    fn journal_changed(&self, slot: &KeySlot, j: &KeyJournal) {
+        slot.changed(j);
+        self.metrics
+            .rotation_pending(&slot.name, j.pending_approval.is_some());
     }
 
     /// Writes a journal where it lives: the state dir, or (several replicas) the key's lease document.
@@ -542,7 +605,7 @@ impl Engine {
         self.written(slot, &written);
         written?;
         *j = next;
-        slot.changed(&j);
+        self.journal_changed(slot, &j);
         Ok(())
     }
 
@@ -584,10 +647,31 @@ impl Engine {
 
     /// Appends to the audit log; a failing audit write is logged loudly but never stops a rotation
     /// halfway (that would be the outage keyrotd exists to prevent).
-    pub(crate) fn audit(&self, record: AuditRecord) {
+    pub(crate) fn audit(&self, mut record: AuditRecord) {
+        // Every record of a key names its owner, from the configuration in force.
+        record.owner = self
+            .config()
+            .key(&record.key)
+            .and_then(|k| k.owner_name().map(str::to_string));
         if let Err(e) = self.audit.append(&record) {
             tracing::error!(error = %e, "Audit log write failed.");
         }
+    }
+
+    /// Sends a notification about its key to the key's `[notify.*]` targets (for a pending approval,
+    /// also to `approval.notify`), in the background: it never waits and never fails.
+    pub(crate) fn notify(&self, notice: Notice) {
+        let config = self.config();
+        let Some(key) = config.key(&notice.key) else {
+            return;
+        };
+        let mut names = key.notify.clone();
+        if notice.event == NoticeEvent::PendingApproval
+            && let Some(a) = &key.approval
+        {
+            names.extend(a.notify.iter().filter(|n| !key.notify.contains(n)).cloned());
+        }
+        self.notices.emit(&config.notify, &names, notice.finish());
     }
 
     pub(crate) fn set_status(&self, slot: &KeySlot, status: &KeyStatus) {
@@ -605,6 +689,7 @@ impl Engine {
         self.metrics.drift(&slot.name, drift);
         let mut live = slot.live();
         live.destinations = views;
+        live.destinations_at = Some(self.clock.now());
         live.drift = drift;
         live.observing = false;
     }
@@ -618,14 +703,16 @@ impl Engine {
 
     /// The record of a rotation the engine still remembers.
     pub fn rotation(&self, id: Uuid) -> Option<RotationRecord> {
-        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
-        slots.values().find_map(|s| {
-            s.live()
-                .records
-                .iter()
-                .map(|r| lock(r).clone())
-                .find(|r| r.rotation_id == id)
-        })
+        let slots: Vec<Arc<KeySlot>> = self
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        slots
+            .iter()
+            .find_map(|s| s.record(id).map(|r| lock(&r).clone()))
     }
 
     /// The live view of every key, in config order.
@@ -638,6 +725,8 @@ impl Engine {
                 self.slot(&k.name).map(|s| {
                     let mut view = key_view(k, &s);
                     view.holder = self.coordination.as_ref().map(|c| c.holder(&k.name));
+                    // Another replica's key: its journal lives with the holder, which knows.
+                    view.first_contact &= self.acts_on(&k.name);
                     view
                 })
             })
@@ -681,7 +770,18 @@ impl Engine {
                 why,
             });
         }
-        if req.force || req.is_repair() {
+        // First contact: nothing keyrotd itself schedules may regenerate a key it never held (the
+        // key in use today may live outside every destination). Operators may, and say so.
+        if req.trigger.is_scheduled()
+            && k.on_first_contact == FirstContact::Report
+            && slot.live().first_contact
+            && !req.dry_run
+        {
+            return Err(TriggerError::FirstContact {
+                key: key.to_string(),
+            });
+        }
+        if req.force || req.is_repair() || req.approval.is_some() {
             return Ok(());
         }
         if self.is_paused() && (req.trigger.is_scheduled() || req.trigger.is_operator()) {
@@ -819,7 +919,7 @@ impl Engine {
         {
             let mut j = slot.lock_journal().await;
             *j = journal;
-            slot.changed(&j);
+            self.journal_changed(&slot, &j);
         }
         slot.live().last_outcome = slot.journal().await.last_outcome;
         self.schedule.key(key);
@@ -846,6 +946,20 @@ fn key_view(k: &KeyConfig, slot: &KeySlot) -> KeyView {
     let phase = slot.live_phase();
     let live = slot.live();
     let st = live.status.as_ref();
+    let destinations = live
+        .destinations
+        .iter()
+        .map(|view| ObservedDestination {
+            view: view.clone(),
+            observed_at: live.destinations_at,
+        })
+        .collect();
+    let pending_approval = live.pending_approval.as_ref().map(|p| PendingView {
+        rotation_id: p.rotation_id,
+        trigger: p.trigger,
+        asked_at: p.asked_at,
+        until: p.until,
+    });
     KeyView {
         name: k.name.clone(),
         provider: k.provider.clone(),
@@ -858,8 +972,12 @@ fn key_view(k: &KeyConfig, slot: &KeySlot) -> KeyView {
         next_rotation: live.next_rotation,
         last_outcome: live.last_outcome,
         phase,
-        destinations: live.destinations.clone(),
+        destinations,
         drift: live.drift,
+        owner: k.owner.as_ref().map(|o| o.view()),
+        approval_required: k.approval.is_some(),
+        pending_approval,
+        first_contact: live.first_contact && k.on_first_contact == FirstContact::Report,
         observing: live.observing,
         blocked: live.blocked.clone(),
         holder: None,

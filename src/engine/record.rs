@@ -21,6 +21,8 @@ pub enum LivePhase {
     Storing,
     Notifying,
     Watching,
+    /// A due rotation passed preflight and waits for an operator's approval; nothing is held.
+    AwaitingApproval,
 }
 
 impl LivePhase {
@@ -45,6 +47,7 @@ impl LivePhase {
             LivePhase::Storing => "storing",
             LivePhase::Notifying => "notifying",
             LivePhase::Watching => "watching",
+            LivePhase::AwaitingApproval => "awaiting_approval",
         }
     }
 }
@@ -75,6 +78,8 @@ pub enum EventKind {
     Finished,
     Probe,
     Resumed,
+    PendingApproval,
+    Approved,
 }
 
 impl EventKind {
@@ -102,6 +107,8 @@ impl EventKind {
             EventKind::Finished => "finished",
             EventKind::Probe => "probe",
             EventKind::Resumed => "resumed",
+            EventKind::PendingApproval => "pending_approval",
+            EventKind::Approved => "approved",
         }
     }
 }

@@ -22,6 +22,7 @@ use super::{
 use crate::config::KeyConfig;
 use crate::journal::{AuditEvent, AuditRecord, Failure, Keys, RotationMeta};
 use crate::limits::Limited;
+use crate::notify::targets::{Notice, NoticeEvent};
 use crate::provider::Provider;
 use crate::secret::{Secret, fingerprint};
 use crate::telemetry::{Outcome, RerotationReason};
@@ -113,20 +114,31 @@ impl Rotation {
         let provider = rt.provider(&key).map_err(|_| unknown())?.clone();
         let slot = engine.slot(&key.name).ok_or_else(unknown)?;
         let now = engine.clock.now();
-        let meta = RotationMeta {
-            rotation_id: Uuid::new_v4(),
-            trigger: req.trigger,
-            reason: req.reason.clone(),
-            requested_by: req.requested_by.clone(),
-            started_at: now,
+        // An approved rotation continues the one that waited: same id, same record.
+        let meta = match &req.approval {
+            Some(a) => a.pending.meta(Some(a.by.clone())),
+            None => RotationMeta {
+                rotation_id: Uuid::new_v4(),
+                trigger: req.trigger,
+                reason: req.reason.clone(),
+                requested_by: req.requested_by.clone(),
+                started_at: now,
+                approved_by: None,
+            },
         };
-        let record = Arc::new(Mutex::new(RotationRecord::new(
-            &key.name,
-            meta.rotation_id,
-            req.trigger,
-            now,
-        )));
-        slot.remember(record.clone());
+        let record = match slot.record(meta.rotation_id) {
+            Some(r) => r,
+            None => {
+                let r = Arc::new(Mutex::new(RotationRecord::new(
+                    &key.name,
+                    meta.rotation_id,
+                    meta.trigger,
+                    meta.started_at,
+                )));
+                slot.remember(r.clone());
+                r
+            }
+        };
         if claim.is_some() {
             let mut live = slot.live();
             live.rotating = Some(meta.rotation_id);
@@ -150,12 +162,11 @@ impl Rotation {
 
     /// The rotation, phase by phase.
     pub async fn run(mut self) -> RunResult {
-        self.begin();
+        self.begin().await;
         if let Some(resume) = self.req.resume.take() {
             return self.resume(resume).await;
         }
-        let mut pre = preflight::run(&self).await;
-        lock(&self.record).preflight = pre.findings.clone();
+        let mut pre = self.preflight().await;
         let prepared = std::mem::take(&mut pre.prepared);
         if self.req.dry_run {
             return self.dry_run(pre);
@@ -164,6 +175,9 @@ impl Rotation {
             return self.refused_by_preflight(pre).await;
         }
         self.event(EventKind::PreflightOk, pre.findings.join("; "));
+        if super::approval::needed(&self.key, &self.req) {
+            return self.await_approval(pre).await;
+        }
         let (mut cause, mut before) = (self.req.rerotation, pre.status);
         loop {
             if let Some(reason) = cause
@@ -244,7 +258,22 @@ impl Rotation {
         }
     }
 
-    fn begin(&self) {
+    /// How a rotation starts: counted, audited (an approved one: `approved`), the owner told, and a
+    /// rotation waiting for an approval overtaken when this one is about to regenerate the key.
+    async fn begin(&self) {
+        if let Some(a) = &self.req.approval {
+            return self.begin_approved(a);
+        }
+        if !self.req.dry_run && self.req.resume.is_none() {
+            let pending = self.slot.live().pending_approval.clone();
+            if pending.is_some_and(|p| p.rotation_id != self.meta.rotation_id) {
+                let how = super::approval::PendingEnd::Overtaken {
+                    by: self.meta.rotation_id,
+                    trigger: self.meta.trigger,
+                };
+                self.engine.end_pending(&self.key.name, how).await;
+            }
+        }
         let detail = format!(
             "trigger {}, reason {:?}, requested by {}{}",
             self.meta.trigger,
@@ -267,8 +296,51 @@ impl Rotation {
                 record.detail = Some("forced with partial destinations allowed".into());
             }
             self.engine.audit(record);
+            // A rotation that is going to wait for an approval is not "started" for its owner yet.
+            if !super::approval::needed(&self.key, &self.req) {
+                self.tell(self.notice(NoticeEvent::Started));
+            }
         }
         self.event(EventKind::Started, detail);
+    }
+
+    /// Preflight, or for an approved rotation whose preflight is fresh, the one that preceded the
+    /// approval (docs/lifecycle.md, "Approval").
+    async fn preflight(&self) -> preflight::Preflight {
+        if let Some(a) = self.req.approval.as_ref().filter(|a| !a.preflight_again) {
+            let earlier = lock(&self.record).preflight.clone();
+            let mut findings = earlier;
+            findings.push(format!(
+                "preflight passed at {} (within {}s of the approval): not repeated",
+                a.pending
+                    .asked_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                super::approval::PREFLIGHT_FRESH.as_secs()
+            ));
+            // Nothing read ahead: each write reads what it needs itself (one round trip more).
+            return preflight::Preflight {
+                status: None,
+                findings,
+                problems: Vec::new(),
+                prepared: Vec::new(),
+            };
+        }
+        let pre = preflight::run(self).await;
+        lock(&self.record).preflight = pre.findings.clone();
+        pre
+    }
+
+    /// A notice about this rotation.
+    pub(crate) fn notice(&self, event: NoticeEvent) -> Notice {
+        let mut n = Notice::new(event, &self.key, self.engine.clock.now());
+        n.rotation_id = Some(self.meta.rotation_id);
+        n.trigger = Some(self.meta.trigger);
+        n
+    }
+
+    /// Sends a notice to the key's targets (in the background).
+    pub(crate) fn tell(&self, notice: Notice) {
+        self.engine.notify(notice);
     }
 
     /// Re-rotations are bounded in a row and, like every regenerate, by the daily budget.
@@ -420,6 +492,16 @@ impl Rotation {
 
     fn drift_seen(&self, ident: &Ident, why: &str) {
         self.event(EventKind::Drift, why);
+        let mut n = self.notice(NoticeEvent::DriftDetected);
+        n.reason = Some(why.to_string());
+        n.old_key_id = Some(ident.key_id.clone());
+        n.generated_by = self
+            .slot
+            .live()
+            .status
+            .as_ref()
+            .and_then(|s| s.generated_by.clone());
+        self.tell(n);
         let keys = Keys {
             old_key_id: Some(&ident.key_id),
             new_key_id: None,
@@ -516,6 +598,7 @@ impl Rotation {
                 (*outcome, dist.window)
             }
         };
+        self.tell_end(&end, outcome);
         let metrics = &self.engine.metrics;
         metrics.rotation_finished(&self.key.name, outcome, self.started.elapsed(), now);
         if let Some(w) = window {
@@ -531,13 +614,58 @@ impl Rotation {
             .unwrap_or_default();
         self.event(EventKind::Finished, format!("outcome {outcome}{window}"));
         {
+            // The live view is read before the record is locked: never one lock under the other.
+            let phase = self.slot.live_phase();
             let mut record = lock(&self.record);
             record.outcome = Some(outcome);
             record.finished_at = Some(now);
-            record.phase = self.slot.live_phase();
+            record.phase = phase;
         }
         self.engine.schedule.key(&self.key.name);
         RunResult::Finished(outcome)
+    }
+
+    /// The owner's notices of how the rotation ended: `finished` always, and `degraded`, `failed` or
+    /// `key_lost` with the reason.
+    fn tell_end(&self, end: &End, outcome: Outcome) {
+        let mut finished = self.notice(NoticeEvent::Finished);
+        finished.outcome = Some(outcome);
+        let (why, extra) = match end {
+            End::Aborted { why, old_key_id } => {
+                finished.old_key_id = old_key_id.clone();
+                (why.clone(), None)
+            }
+            End::Failed { how, why, new } => {
+                if let Some(i) = new {
+                    finished.new_key_id = Some(i.key_id.clone());
+                    finished.fingerprint = Some(i.fingerprint.clone());
+                }
+                let extra = match how {
+                    Failure::Lost => NoticeEvent::KeyLost,
+                    _ => NoticeEvent::Failed,
+                };
+                (why.clone(), Some(extra))
+            }
+            End::Concluded { ident, dist, .. } => {
+                finished.new_key_id = Some(ident.key_id.clone());
+                finished.fingerprint = Some(ident.fingerprint.clone());
+                let extra = (outcome == Outcome::Degraded).then_some(NoticeEvent::Degraded);
+                (dist.summary(), extra)
+            }
+        };
+        finished.reason = Some(why.clone());
+        if let Some(event) = extra {
+            let mut n = finished.clone();
+            n.event = event;
+            self.tell(n);
+            if event == NoticeEvent::KeyLost {
+                // A lost key is a failed rotation too, for targets that only follow failures.
+                let mut failed = finished.clone();
+                failed.event = NoticeEvent::Failed;
+                self.tell(failed);
+            }
+        }
+        self.tell(finished);
     }
 
     async fn end_aborted(
@@ -617,10 +745,14 @@ impl Rotation {
             && self.key.dependents.iter().any(|d| d.verify.is_some())
             && !self.engine.shutdown.is_cancelled();
         let old_key_id = self.slot.journal().await.old_key_id;
+        let window = dist.window;
         let _ = self
             .engine
             .commit(&self.slot, |j| {
-                j.concluded(*outcome, &ident.key_id, &ident.fingerprint, watch, now)
+                j.concluded(*outcome, &ident.key_id, &ident.fingerprint, watch, now);
+                if let Some(w) = window {
+                    j.window_observed(w);
+                }
             })
             .await;
         // An operator's rotation after a journal was set aside ends the block: the key has a journal

@@ -1,6 +1,8 @@
 //! The scheduler: one timer for every key. It keeps each key's next due time (schedule, max age,
 //! catch-up — `crate::schedule` decides, this loop only waits) in one ordered queue, sleeps until the
-//! earliest, and starts the rotations that are due. A key's due time is computed again only when
+//! earliest, and starts the rotations that are due. A key whose rotation waits for an approval is
+//! due for nothing else: its wake is the approval's timeout, which ends the rotation `skipped`
+//! (paused or not: a pause holds rotations back, not the end of a wait). A key's due time is computed again only when
 //! something that moves it changes ([`Signal`]: its rotation ended, a reload, pause), and every key's
 //! when the wall clock jumps (a clock step, or a DST change seen as a jump). Idle, it wakes once a
 //! minute whatever the number of keys.
@@ -20,6 +22,11 @@ use crate::telemetry::Outcome;
 /// A scheduled rotation that failed or aborted is not retried by the schedule before this long (the
 /// regeneration budget bounds the rest). Keeps a broken dependency from turning into a busy loop.
 pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(300);
+
+/// A `max_age` rotation that was skipped for want of an approval is asked for again after this (the
+/// key stays older than its max age meanwhile, and `KeyrotdKeyOlderThanMaxAge` says so). Scheduled
+/// runs simply move on to their next occurrence.
+pub const RETRY_AFTER_SKIP: Duration = Duration::from_secs(3600);
 
 /// Longest single sleep: the wall clock is compared with the monotonic one at least this often.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -75,31 +82,64 @@ pub fn next_due(
         .filter(|_| j.active_key_id.is_some() && j.active_key_id == j.new_key_id);
     let last_rotated = provider_last_rotated.max(issued);
     let mut due = schedule::next_due(key, now, j.last_scheduled_run, last_rotated, sample)?;
-    if let (Some(Outcome::Failed | Outcome::Aborted), Some(finished)) =
-        (j.last_outcome, j.last_finished_at)
-    {
-        let not_before =
-            finished + chrono::Duration::from_std(RETRY_AFTER_FAILURE).unwrap_or_default();
+    let wait = match j.last_outcome {
+        Some(Outcome::Failed | Outcome::Aborted) => Some(RETRY_AFTER_FAILURE),
+        Some(Outcome::Skipped) if due.reason == DueReason::MaxAge => Some(RETRY_AFTER_SKIP),
+        _ => None,
+    };
+    if let (Some(wait), Some(finished)) = (wait, j.last_finished_at) {
+        let not_before = finished + chrono::Duration::from_std(wait).unwrap_or_default();
         due.at = due.at.max(not_before);
     }
     Some(due)
 }
 
+/// What the scheduler wakes up for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Start the key's rotation.
+    Rotate(Due),
+    /// The key's rotation waited for an approval until then: end it `skipped`.
+    ApprovalEnds(DateTime<Utc>),
+}
+
+impl Wake {
+    fn at(&self) -> DateTime<Utc> {
+        match self {
+            Wake::Rotate(d) => d.at,
+            Wake::ApprovalEnds(at) => *at,
+        }
+    }
+
+    /// Whether it may act now: a pause holds rotations back, not the end of an approval's wait.
+    fn acts(&self, paused: bool) -> bool {
+        !paused || matches!(self, Wake::ApprovalEnds(_))
+    }
+}
+
 struct Plan {
-    due: HashMap<String, Due>,
+    wakes: HashMap<String, Wake>,
     queue: BTreeSet<(DateTime<Utc>, String)>,
     samples: HashMap<String, f64>,
 }
 
 impl Plan {
-    fn set(&mut self, key: &str, due: Option<Due>) {
-        if let Some(old) = self.due.remove(key) {
-            self.queue.remove(&(old.at, key.to_string()));
+    fn set(&mut self, key: &str, wake: Option<Wake>) {
+        if let Some(old) = self.wakes.remove(key) {
+            self.queue.remove(&(old.at(), key.to_string()));
         }
-        if let Some(d) = due {
-            self.queue.insert((d.at, key.to_string()));
-            self.due.insert(key.to_string(), d);
+        if let Some(w) = wake {
+            self.queue.insert((w.at(), key.to_string()));
+            self.wakes.insert(key.to_string(), w);
         }
+    }
+
+    /// The earliest wake that may act (a paused scheduler sleeps past rotations that are due).
+    fn next(&self, paused: bool) -> Option<DateTime<Utc>> {
+        self.queue
+            .iter()
+            .find(|(_, key)| self.wakes.get(key).is_some_and(|w| w.acts(paused)))
+            .map(|(at, _)| *at)
     }
 
     fn sample(&mut self, key: &str) -> f64 {
@@ -113,7 +153,7 @@ impl Plan {
 /// Runs until shutdown.
 pub async fn run(engine: Arc<Engine>) {
     let mut plan = Plan {
-        due: HashMap::new(),
+        wakes: HashMap::new(),
         queue: BTreeSet::new(),
         samples: HashMap::new(),
     };
@@ -125,9 +165,8 @@ pub async fn run(engine: Arc<Engine>) {
         recompute(&engine, &mut plan, dirty).await;
         let now = engine.clock.now();
         let wait = plan
-            .queue
-            .first()
-            .map(|(at, _)| (*at - now).to_std().unwrap_or(Duration::ZERO))
+            .next(engine.is_paused())
+            .map(|at| (at - now).to_std().unwrap_or(Duration::ZERO))
             .unwrap_or(MAX_SLEEP)
             .min(MAX_SLEEP);
         tokio::select! {
@@ -145,9 +184,7 @@ pub async fn run(engine: Arc<Engine>) {
             engine.schedule.all();
         }
         (wall, mono) = (now, tokio::time::Instant::now());
-        if !engine.is_paused() {
-            fire_due(&engine, &mut plan, now);
-        }
+        fire_due(&engine, &mut plan, now, engine.is_paused());
     }
 }
 
@@ -156,7 +193,7 @@ async fn recompute(engine: &Arc<Engine>, plan: &mut Plan, dirty: Dirty) {
     let keys: Vec<&KeyConfig> = if dirty.all {
         let known: HashSet<&str> = config.keys.iter().map(|k| k.name.as_str()).collect();
         let gone: Vec<String> = plan
-            .due
+            .wakes
             .keys()
             .filter(|k| !known.contains(k.as_str()))
             .cloned()
@@ -178,53 +215,76 @@ async fn recompute(engine: &Arc<Engine>, plan: &mut Plan, dirty: Dirty) {
             continue;
         };
         let j = slot.journal().await;
+        if let Some(p) = &j.pending_approval {
+            plan.set(&key.name, Some(Wake::ApprovalEnds(p.until)));
+            continue;
+        }
         let last_rotated = slot.live().status.as_ref().and_then(|s| s.last_rotated);
         let sample = plan.sample(&key.name);
         let due = next_due(key, &j, last_rotated, now, sample);
-        plan.set(&key.name, due);
+        plan.set(&key.name, due.map(Wake::Rotate));
         engine.set_next_rotation(&key.name, due.map(|d| d.at));
     }
 }
 
-/// Starts every rotation whose time has come. A started key leaves the queue until its rotation ends
-/// (the rotation signals it back); a key that could not start is tried again shortly.
-fn fire_due(engine: &Arc<Engine>, plan: &mut Plan, now: DateTime<Utc>) {
-    while let Some((at, key)) = plan.queue.first().cloned() {
-        if at > now {
-            break;
-        }
-        let due = plan.due.get(&key).copied();
+/// Starts every rotation whose time has come, and ends the approvals whose time is up. A started key
+/// leaves the queue until its rotation ends (the rotation signals it back); a key that could not
+/// start is tried again shortly. While paused, due rotations stay in the queue.
+fn fire_due(engine: &Arc<Engine>, plan: &mut Plan, now: DateTime<Utc>, paused: bool) {
+    let ready: Vec<(String, Wake)> = plan
+        .queue
+        .iter()
+        .take_while(|(at, _)| *at <= now)
+        .filter_map(|(_, key)| plan.wakes.get(key).map(|w| (key.clone(), *w)))
+        .filter(|(_, w)| w.acts(paused))
+        .collect();
+    for (key, wake) in ready {
         plan.set(&key, None);
-        let Some(due) = due else { continue };
-        let trigger = match due.reason {
-            DueReason::Schedule => Trigger::Schedule,
-            DueReason::MaxAge => Trigger::MaxAge,
-            DueReason::CatchUp => Trigger::CatchUp,
-        };
-        let req = RotationRequest::new(trigger, trigger.as_str(), engine.requested_by());
-        match engine.start_rotation(&key, req) {
-            Ok(_) => {
-                plan.samples.remove(&key);
+        match wake {
+            Wake::Rotate(due) => start_due(engine, plan, now, key, due),
+            Wake::ApprovalEnds(_) => {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    engine
+                        .end_pending(&key, super::approval::PendingEnd::TimedOut)
+                        .await;
+                });
             }
-            Err(
-                e @ (TriggerError::UnknownKey(_)
-                | TriggerError::ShuttingDown
-                | TriggerError::Blocked { .. }
-                | TriggerError::HeldElsewhere { .. }),
-            ) => {
-                tracing::info!(key = %key, error = %e, "Scheduled rotation dropped.");
-            }
-            Err(e) => {
-                tracing::info!(key = %key, error = %e, "Scheduled rotation not started; retrying shortly.");
-                let retry = now + chrono::Duration::from_std(BUSY_RETRY).unwrap_or_default();
-                plan.set(
-                    &key,
-                    Some(Due {
-                        at: retry,
-                        reason: due.reason,
-                    }),
-                );
-            }
+        }
+    }
+}
+
+/// Starts one due rotation; a key that could not start is tried again shortly.
+fn start_due(engine: &Arc<Engine>, plan: &mut Plan, now: DateTime<Utc>, key: String, due: Due) {
+    let trigger = match due.reason {
+        DueReason::Schedule => Trigger::Schedule,
+        DueReason::MaxAge => Trigger::MaxAge,
+        DueReason::CatchUp => Trigger::CatchUp,
+    };
+    let req = RotationRequest::new(trigger, trigger.as_str(), engine.requested_by());
+    match engine.start_rotation(&key, req) {
+        Ok(_) => {
+            plan.samples.remove(&key);
+        }
+        Err(
+            e @ (TriggerError::UnknownKey(_)
+            | TriggerError::ShuttingDown
+            | TriggerError::Blocked { .. }
+            | TriggerError::HeldElsewhere { .. }
+            | TriggerError::FirstContact { .. }),
+        ) => {
+            tracing::info!(key = %key, error = %e, "Scheduled rotation dropped.");
+        }
+        Err(e) => {
+            tracing::info!(key = %key, error = %e, "Scheduled rotation not started; retrying shortly.");
+            let retry = now + chrono::Duration::from_std(BUSY_RETRY).unwrap_or_default();
+            plan.set(
+                &key,
+                Some(Wake::Rotate(Due {
+                    at: retry,
+                    reason: due.reason,
+                })),
+            );
         }
     }
 }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::record::{DestinationView, LivePhase, RotationRecord};
-use crate::journal::{KeyJournal, Phase};
+use crate::journal::{KeyJournal, PendingApproval, Phase};
 use crate::provider::KeyStatus;
 use crate::telemetry::Outcome;
 
@@ -39,6 +39,8 @@ pub struct Live {
     pub watch_cancel: Option<CancellationToken>,
     pub status: Option<KeyStatus>,
     pub destinations: Vec<DestinationView>,
+    /// When `destinations` was recorded (an observation, or a rotation's writes).
+    pub destinations_at: Option<DateTime<Utc>>,
     pub drift: bool,
     /// No observation has completed since start.
     pub observing: bool,
@@ -52,6 +54,10 @@ pub struct Live {
     /// When recovery may try this key's owed re-rotation again (backoff after an abort).
     pub retry_at: Option<DateTime<Utc>>,
     pub retry_attempt: u32,
+    /// Mirror of the journal's pending approval.
+    pub pending_approval: Option<PendingApproval>,
+    /// Mirror of the journal: keyrotd has never issued nor adopted this key.
+    pub first_contact: bool,
 }
 
 /// A key's slot. Shared behind an `Arc`; outlives a config reload that drops the key while a rotation
@@ -71,6 +77,8 @@ impl KeySlot {
             phase: journal.phase,
             last_outcome: journal.last_outcome,
             observing: true,
+            pending_approval: journal.pending_approval.clone(),
+            first_contact: journal.is_first_contact(),
             ..Live::default()
         };
         Arc::new(KeySlot {
@@ -112,7 +120,10 @@ impl KeySlot {
     /// Called under the journal mutex after every change.
     pub(crate) fn changed(&self, journal: &KeyJournal) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.live().phase = journal.phase;
+        let mut live = self.live();
+        live.phase = journal.phase;
+        live.pending_approval = journal.pending_approval.clone();
+        live.first_contact = journal.is_first_contact();
     }
 
     pub fn live(&self) -> MutexGuard<'_, Live> {
@@ -123,7 +134,20 @@ impl KeySlot {
     /// The phase `/v1/keys` shows.
     pub fn live_phase(&self) -> LivePhase {
         let live = self.live();
-        LivePhase::of(live.phase, live.rotating.is_some())
+        match LivePhase::of(live.phase, live.rotating.is_some()) {
+            LivePhase::Idle if live.pending_approval.is_some() => LivePhase::AwaitingApproval,
+            phase => phase,
+        }
+    }
+
+    /// The record of rotation `id`, while the slot still remembers it.
+    pub fn record(&self, id: Uuid) -> Option<Arc<Mutex<RotationRecord>>> {
+        // The records are copied out first: a record's lock is never taken under the live view's
+        // (the rotation's end takes them the other way round).
+        let records: Vec<_> = self.live().records.iter().cloned().collect();
+        records
+            .into_iter()
+            .find(|r| r.lock().unwrap_or_else(|p| p.into_inner()).rotation_id == id)
     }
 
     /// Remembers a rotation's record (the last [`RECORDS_PER_KEY`]).

@@ -17,6 +17,7 @@ use crate::config::{DependentConfig, KeyConfig, VerifyConfig};
 use crate::journal::{AuditRecord, Keys};
 use crate::limits::Limited;
 use crate::notify::Probe;
+use crate::notify::targets::{Notice as OwnerNotice, NoticeEvent};
 use crate::provider::Provider;
 use crate::telemetry::{CheckResult, RerotationReason};
 
@@ -124,6 +125,14 @@ impl Watch {
         }
         tracing::warn!(dependent = %dep.name, "Dependent fails authentication after rotation.");
         *failing += 1;
+        if *failing == 1 {
+            // The first failure of a run of them: the owner hears of it once, not at every probe.
+            let mut n = self.notice(NoticeEvent::AuthFailures);
+            n.dependent = Some(dep.name.clone());
+            n.new_key_id = Some(self.key_id.clone());
+            n.reason = Some(format!("{}: {}", dep.name, describe(probe)));
+            self.engine.notify(n);
+        }
         if *failing >= WATCH_FAILURES_BEFORE_RESEND
             && *resent < WATCH_RESENDS
             && dep.reload.is_some()
@@ -138,6 +147,12 @@ impl Watch {
             let ok = calls::call_hook(&self.engine, &self.key, dep, &notice).await;
             tracing::info!(dependent = %dep.name, ok, "Reload hook sent again.");
         }
+    }
+
+    fn notice(&self, event: NoticeEvent) -> OwnerNotice {
+        let mut n = OwnerNotice::new(event, &self.key, self.engine.clock.now());
+        n.rotation_id = Some(self.rotation_id);
+        n
     }
 
     /// Re-reads the provider; true when its key moved on (someone rotated elsewhere).
@@ -168,6 +183,14 @@ impl Watch {
         ));
         self.engine.metrics.drift(&self.key.name, true);
         self.slot.live().drift = true;
+        let mut n = self.notice(NoticeEvent::DriftDetected);
+        n.reason = Some(format!(
+            "the provider's active key changed during the watch: {detail}"
+        ));
+        n.old_key_id = Some(self.key_id.clone());
+        n.new_key_id = Some(s.key_id.clone());
+        n.generated_by = s.generated_by.clone();
+        self.engine.notify(n);
         if self.key.auto_recover {
             let req = RotationRequest::rerotation(
                 Trigger::Recovery,

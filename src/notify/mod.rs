@@ -7,6 +7,9 @@
 //! everything it started. This module does the I/O; how often to retry and what a failure means is
 //! decided by the engine.
 //!
+//! [`targets`] sends notifications about keys to people (webhooks, commands), with the same command
+//! runner and signature scheme.
+//!
 //! Nothing a dependent sends back is read beyond a bound: HTTP hook and probe bodies are never read
 //! (only the status counts), and a command's output is kept to a short excerpt for the log.
 
@@ -20,6 +23,8 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use uuid::Uuid;
+
+pub mod targets;
 
 use crate::config::{ReloadHook, TlsConfig, VerifyConfig};
 use crate::secret::Secret;
@@ -265,80 +270,19 @@ impl Notifier {
         env: &std::collections::BTreeMap<String, String>,
         notice: &ReloadNotice<'_>,
     ) -> Result<(), HookError> {
-        let Some((program, args)) = command.split_first() else {
-            return Err(HookError::Spawn {
-                program: String::new(),
-                reason: "empty command".into(),
-            });
+        let vars = [
+            ("KEYROTD_KEY", notice.key.to_string()),
+            ("KEYROTD_ROTATION_ID", notice.rotation_id.to_string()),
+            ("KEYROTD_KEY_ID", notice.key_id.to_string()),
+        ];
+        let program = Program {
+            command,
+            timeout,
+            env,
+            vars: &vars,
+            stdin: None,
         };
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args)
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
-            )
-            .env(
-                "LANG",
-                std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()),
-            )
-            .envs(env)
-            .env("KEYROTD_KEY", notice.key)
-            .env("KEYROTD_ROTATION_ID", notice.rotation_id.to_string())
-            .env("KEYROTD_KEY_ID", notice.key_id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| HookError::Spawn {
-            program: program.clone(),
-            reason: e.to_string(),
-        })?;
-        // The group id is the child's pid (process_group(0)); taken now, before the child is reaped.
-        let group = child.id().and_then(|id| i32::try_from(id).ok());
-        let stdout = read_excerpt(child.stdout.take());
-        let stderr = read_excerpt(child.stderr.take());
-        let output = async {
-            let (o, e) = tokio::join!(stdout, stderr);
-            join_output(&o, &e)
-        };
-        tokio::pin!(output);
-        // The output is read while the command runs (a full pipe would block it), and the wait
-        // ends at the timeout.
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        let mut read: Option<String> = None;
-        let status = loop {
-            tokio::select! {
-                s = child.wait() => break Some(s),
-                o = &mut output, if read.is_none() => read = Some(o),
-                _ = &mut deadline => break None,
-            }
-        };
-        if status.is_none() {
-            kill_group(group);
-            let _ = child.kill().await;
-        }
-        let output = match read {
-            Some(o) => o,
-            None => tokio::time::timeout(OUTPUT_GRACE, &mut output)
-                .await
-                .unwrap_or_default(),
-        };
-        let output = self.masked(output, env);
-        match status {
-            Some(Ok(s)) if s.success() => Ok(()),
-            Some(Ok(s)) => Err(HookError::Exit {
-                status: s.to_string(),
-                output,
-            }),
-            Some(Err(e)) => Err(HookError::Exit {
-                status: e.to_string(),
-                output,
-            }),
-            None => Err(HookError::Timeout { timeout, output }),
-        }
+        run_program(program, |output| self.masked(output, env)).await
     }
 
     /// `output` with every remembered secret and the hook's own environment values replaced.
@@ -373,6 +317,111 @@ impl Notifier {
             }
             Err(e) => Probe::Unreachable(classify_reqwest(e, verify.timeout).to_string()),
         }
+    }
+}
+
+/// A program to run: argv without a shell, a cleared environment holding only `PATH`, `LANG`, the
+/// configured `env` and `vars`, and optionally bytes on its stdin.
+pub(crate) struct Program<'a> {
+    pub command: &'a [String],
+    pub timeout: Duration,
+    pub env: &'a std::collections::BTreeMap<String, String>,
+    pub vars: &'a [(&'a str, String)],
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// Runs `p` in a process group of its own; on timeout the whole group is killed (a shell script's
+/// children too). Its output is read up to [`OUTPUT_EXCERPT`] bytes per stream and passed through
+/// `mask` before it goes into an error.
+pub(crate) async fn run_program(
+    p: Program<'_>,
+    mask: impl FnOnce(String) -> String,
+) -> Result<(), HookError> {
+    let Some((program, args)) = p.command.split_first() else {
+        return Err(HookError::Spawn {
+            program: String::new(),
+            reason: "empty command".into(),
+        });
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        )
+        .env(
+            "LANG",
+            std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()),
+        )
+        .envs(p.env)
+        .envs(p.vars.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(if p.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| HookError::Spawn {
+        program: program.clone(),
+        reason: e.to_string(),
+    })?;
+    // The group id is the child's pid (process_group(0)); taken now, before the child is reaped.
+    let group = child.id().and_then(|id| i32::try_from(id).ok());
+    if let (Some(bytes), Some(mut pipe)) = (p.stdin, child.stdin.take()) {
+        // Written beside the wait: a program that never reads its stdin must not hold keyrotd.
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = pipe.write_all(&bytes).await;
+        });
+    }
+    let stdout = read_excerpt(child.stdout.take());
+    let stderr = read_excerpt(child.stderr.take());
+    let output = async {
+        let (o, e) = tokio::join!(stdout, stderr);
+        join_output(&o, &e)
+    };
+    tokio::pin!(output);
+    // The output is read while the command runs (a full pipe would block it), and the wait
+    // ends at the timeout.
+    let deadline = tokio::time::sleep(p.timeout);
+    tokio::pin!(deadline);
+    let mut read: Option<String> = None;
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break Some(s),
+            o = &mut output, if read.is_none() => read = Some(o),
+            _ = &mut deadline => break None,
+        }
+    };
+    if status.is_none() {
+        kill_group(group);
+        let _ = child.kill().await;
+    }
+    let output = match read {
+        Some(o) => o,
+        None => tokio::time::timeout(OUTPUT_GRACE, &mut output)
+            .await
+            .unwrap_or_default(),
+    };
+    let output = mask(output);
+    match status {
+        Some(Ok(s)) if s.success() => Ok(()),
+        Some(Ok(s)) => Err(HookError::Exit {
+            status: s.to_string(),
+            output,
+        }),
+        Some(Err(e)) => Err(HookError::Exit {
+            status: e.to_string(),
+            output,
+        }),
+        None => Err(HookError::Timeout {
+            timeout: p.timeout,
+            output,
+        }),
     }
 }
 
@@ -440,7 +489,7 @@ pub fn mask_output(mut output: String, secrets: &[&str], values: &[&str]) -> Str
     output
 }
 
-fn classify_reqwest(e: reqwest::Error, timeout: Duration) -> HookError {
+pub(crate) fn classify_reqwest(e: reqwest::Error, timeout: Duration) -> HookError {
     if e.is_timeout() {
         HookError::Timeout {
             timeout,

@@ -38,9 +38,10 @@ pub(super) enum Gauge {
     Drift,
     JournalBlocked,
     LeaseHeld,
+    Pending,
 }
 
-const GAUGES: usize = Gauge::LeaseHeld as usize + 1;
+const GAUGES: usize = Gauge::Pending as usize + 1;
 
 fn zeros(n: usize) -> Box<[AtomicU64]> {
     (0..n).map(|_| AtomicU64::new(0)).collect()
@@ -132,6 +133,8 @@ pub(super) struct KeySeries {
     hooked: Box<[Arc<str>]>,
     /// Dependents with a verify.
     verified: Box<[Arc<str>]>,
+    /// The owner's name, `""` without one: the `owner` label of `keyrotd_key_info`.
+    owner: Arc<str>,
     histograms: OnceLock<Box<Histograms>>,
 }
 
@@ -142,6 +145,7 @@ pub(super) struct Shape {
     pub hooked: BTreeSet<String>,
     pub verified: BTreeSet<String>,
     pub coordinated: bool,
+    pub owner: String,
 }
 
 /// One shared copy of each store and dependent name, for every key that uses it.
@@ -149,18 +153,19 @@ pub(super) struct Shape {
 pub(super) struct Names(BTreeSet<Arc<str>>);
 
 impl Names {
+    fn one(&mut self, name: &str) -> Arc<str> {
+        match self.0.get(name) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared: Arc<str> = name.into();
+                self.0.insert(shared.clone());
+                shared
+            }
+        }
+    }
+
     fn all(&mut self, names: &BTreeSet<String>) -> Box<[Arc<str>]> {
-        names
-            .iter()
-            .map(|n| match self.0.get(n.as_str()) {
-                Some(shared) => shared.clone(),
-                None => {
-                    let shared: Arc<str> = n.as_str().into();
-                    self.0.insert(shared.clone());
-                    shared
-                }
-            })
-            .collect()
+        names.iter().map(|n| self.one(n)).collect()
     }
 }
 
@@ -179,6 +184,7 @@ impl KeySeries {
             stores,
             hooked,
             verified,
+            owner: names.one(&shape.owner),
             histograms: OnceLock::new(),
         };
         for g in 0..GAUGES {
@@ -188,7 +194,7 @@ impl KeySeries {
         if let Some(old) = old {
             k.copy_from(old);
         }
-        for always in [Gauge::Drift, Gauge::JournalBlocked] {
+        for always in [Gauge::Drift, Gauge::JournalBlocked, Gauge::Pending] {
             if k.gauge(always).is_none() {
                 k.set(always, Some(0.0));
             }
@@ -281,9 +287,12 @@ impl KeySeries {
         self.cells[Self::gauge_cell(g as usize)].store(value.map_or(ABSENT, f64::to_bits), Relaxed);
     }
 
-    pub(super) fn rotation(&self, outcome: Outcome, duration: f64) {
+    /// A finished rotation; `duration` is `None` for one that never ran (skipped).
+    pub(super) fn rotation(&self, outcome: Outcome, duration: Option<f64>) {
         self.cells[outcome.index()].fetch_add(1, Relaxed);
-        self.histograms().duration.observe(duration);
+        if let Some(d) = duration {
+            self.histograms().duration.observe(d);
+        }
     }
 
     pub(super) fn window(&self, seconds: f64) {
@@ -422,6 +431,7 @@ pub(super) enum Family {
     AuthFailing,
     Rerotations,
     LeaseTakeovers,
+    KeyInfo,
     Gauge(Gauge),
     ProviderRequests,
 }
@@ -447,7 +457,9 @@ impl Family {
         Family::Gauge(Gauge::Drift),
         Family::Gauge(Gauge::JournalBlocked),
         Family::Gauge(Gauge::LeaseHeld),
+        Family::Gauge(Gauge::Pending),
         Family::LeaseTakeovers,
+        Family::KeyInfo,
         Family::ProviderRequests,
     ];
 
@@ -503,6 +515,11 @@ impl Family {
                 "keyrotd_lease_takeovers_total",
                 "counter",
                 "Times this replica took the key over from another replica whose lease had expired.",
+            ),
+            Family::KeyInfo => (
+                "keyrotd_key_info",
+                "gauge",
+                "Always 1; the owner label names the key's owner (empty when it has none), for joining onto alerts.",
             ),
             Family::ProviderRequests => (
                 "keyrotd_provider_requests_total",
@@ -576,6 +593,7 @@ impl Family {
                 ABSENT => {}
                 v => sample(out, name, "", &[("key", key)], v as f64),
             },
+            Family::KeyInfo => sample(out, name, "", &[("key", key), ("owner", &s.owner)], 1.0),
             Family::Gauge(g) => {
                 if let Some(v) = s.gauge(g) {
                     sample(out, name, "", &[("key", key)], v);
@@ -627,6 +645,10 @@ fn gauge_description(g: Gauge) -> (&'static str, &'static str, &'static str) {
         Gauge::LeaseHeld => (
             "keyrotd_lease_held",
             "1 while this replica holds the key's lease (several replicas, [coordination]).",
+        ),
+        Gauge::Pending => (
+            "keyrotd_rotation_pending",
+            "1 while a due rotation of the key waits for an operator's approval.",
         ),
     };
     (name, "gauge", help)

@@ -12,13 +12,15 @@
 //!
 //! The outputs: daemon logs, the audit log, the journals, the key files' sidecars, the Vault custom
 //! metadata, the AWS tags, `/metrics`, `/v1/keys`, every `/v1/rotations/{id}`, the CLI's output,
-//! every reload request the dependents received and the command hook's environment.
+//! every reload request the dependents received, the command hook's environment, and every
+//! notification (the webhook receiver's bodies and headers, the notify command's stdin and environment).
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::support::daemon::Daemon;
+use crate::support::receiver::Receiver;
 use crate::support::secrets::{Haystacks, secrets_of};
 use crate::support::stack::{ADMIN_TOKEN, KEY, Options, Stack};
 
@@ -160,6 +162,10 @@ async fn provider_and_hook_errors(stack: &Stack, daemon: &Daemon, ids: &mut Vec<
 async fn no_secret_reaches_any_output() {
     let stack = Stack::start().await;
     let hook_env = stack.dir.path().join("hook-env.txt");
+    // Every notification goes to a webhook receiver and to a command target that keeps its stdin
+    // and environment: both are searched like every other output.
+    let receiver = Receiver::start().await;
+    let notify_out = stack.dir.path().join("notify-command.txt");
     let o = Options {
         watch: "30s".into(),
         watch_interval: "1s".into(),
@@ -174,6 +180,12 @@ async fn no_secret_reaches_any_output() {
                 hook_env.display()
             ),
         ]),
+        key_extra: "owner = { name = \"team-payments\" }\nnotify = [\"chat\", \"mail\"]\n".into(),
+        notify_targets: format!(
+            "\n[notify.chat]\nkind = \"webhook\"\nurl = \"{url}\"\nsigning_key = {{ env = \"KEYROTD_TEST_HOOK_KEY\" }}\n\n[notify.mail]\nkind = \"command\"\ncommand = [\"/bin/sh\", \"-c\", \"cat >> '{out}'; env >> '{out}'; echo --- >> '{out}'\"]\n",
+            url = receiver.url(),
+            out = notify_out.display()
+        ),
         ..Options::default()
     };
     let config = stack.write_config(&o);
@@ -302,6 +314,29 @@ async fn no_secret_reaches_any_output() {
         "hook env captured: {env}"
     );
     outputs.add("command hook environment", env);
+
+    // Every notification the receiver got (the signature is an HMAC of the body), and everything the
+    // notify command was given.
+    let notices = receiver.received().await;
+    assert!(
+        notices.len() >= 20,
+        "the receiver got the notifications: {}",
+        notices.len()
+    );
+    for (i, r) in notices.into_iter().enumerate() {
+        outputs.add(
+            format!("notification #{i} body"),
+            String::from_utf8_lossy(&r.raw).into_owned(),
+        );
+        for (h, v) in r.headers {
+            if !h.eq_ignore_ascii_case("x-keyrotd-signature") {
+                outputs.add(format!("notification #{i} header {h}"), v);
+            }
+        }
+    }
+    let mail = std::fs::read_to_string(&notify_out).expect("the notify command ran");
+    assert!(mail.contains("KEYROTD_EVENT="), "{mail}");
+    outputs.add("notify command stdin and environment", mail);
 
     let secrets = secrets_of(&stack).await;
     assert!(

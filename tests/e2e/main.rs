@@ -16,6 +16,7 @@ mod hooks;
 mod leak;
 mod observability;
 mod outage;
+mod owner;
 mod pause;
 mod preflight;
 mod prometheus;

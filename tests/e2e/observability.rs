@@ -360,6 +360,8 @@ async fn a_rotation_exports_every_metric_of_the_spec_with_its_labels() {
         "new_key_id",
         "fingerprint",
         "detail",
+        "owner",
+        "approved_by",
     ];
     for r in &audit {
         let obj = r.as_object().expect("audit record is an object");

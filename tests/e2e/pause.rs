@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::support::daemon::Daemon;
 use crate::support::holds_for;
-use crate::support::stack::{ADMIN_TOKEN, KEY, Options, Stack};
+use crate::support::stack::{ADMIN_TOKEN, FIRST_CONTACT_ROTATES, KEY, Options, Stack};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -36,6 +36,8 @@ async fn pausing_stops_the_schedule_and_resuming_starts_it_again() {
     let stack = Stack::start().await;
     let o = Options {
         schedule: Some(SCHEDULE.into()),
+        // The destinations start empty: a key keyrotd never held is otherwise left to an operator.
+        key_extra: FIRST_CONTACT_ROTATES.into(),
         ..Options::default()
     };
     let config = stack.write_config(&o);
@@ -79,6 +81,8 @@ async fn paused_at_start_holds_yet_forced_and_recovery_rotations_run() {
     let stack = Stack::start().await;
     let o = Options {
         schedule: Some(SCHEDULE.into()),
+        // The destinations start empty: a key keyrotd never held is otherwise left to an operator.
+        key_extra: FIRST_CONTACT_ROTATES.into(),
         paused: true,
         store_deadline: "3s".into(),
         with_file: false,

@@ -165,6 +165,7 @@ async fn a_dependent_on_the_old_key_fires_the_post_rotation_alert_until_it_reloa
     let o = Options {
         watch: "600s".into(),
         watch_interval: "1s".into(),
+        key_extra: "owner = { name = \"team-payments\" }\n".into(),
         ..Options::default()
     };
     let config = stack.write_config(&o);
@@ -233,6 +234,9 @@ async fn a_dependent_on_the_old_key_fires_the_post_rotation_alert_until_it_reloa
     assert_eq!(ours["labels"]["key"], KEY);
     assert_eq!(ours["labels"]["job"], "keyrotd");
     assert_eq!(ours["labels"]["severity"], "page");
+    // The owner, joined from keyrotd_key_info by the rule, as a label and an annotation.
+    assert_eq!(ours["labels"]["owner"], "team-payments");
+    assert_eq!(ours["annotations"]["owner"], "team-payments");
     // The dependent that reloaded does not alert; nothing says keyrotd is down.
     for a in &alerts {
         let n = a["labels"]["alertname"].as_str().unwrap_or("");

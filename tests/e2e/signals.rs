@@ -32,6 +32,7 @@ name = "other"
 provider = "other-portal"
 schedule = "* * * * * *"
 watch = "0s"
+on_first_contact = "rotate"
 max_regenerations_per_day = 1000
 
   [[keys.destinations]]

@@ -2,7 +2,7 @@
 //! dependents, driven by the real engine under tokio's paused clock. Nothing listens on a socket.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -13,6 +13,7 @@ use keyrotd::engine::{
 };
 use keyrotd::journal::{KeyJournal, Phase};
 use keyrotd::limits::Limited;
+use keyrotd::notify::targets::{Notice, NoticeEvent, Sink};
 use keyrotd::provider::Provider;
 use keyrotd::secret::{Secret, fingerprint};
 use keyrotd::store::Store;
@@ -58,7 +59,7 @@ pub struct Spec {
 impl Default for Spec {
     fn default() -> Self {
         Spec {
-            key: "watch = \"0s\"\nstore_deadline = \"10s\"".into(),
+            key: "watch = \"0s\"\nstore_deadline = \"10s\"\nowner = { name = \"team-payments\", contact = \"#payments\" }\nnotify = [\"owner\"]".into(),
             dependents: vec![dep("api", &["a"])],
             known: true,
         }
@@ -94,9 +95,12 @@ pub struct Fx {
     pub deps: Arc<ScriptedDependents>,
     pub dependents: HashMap<String, Arc<DependentScript>>,
     pub metrics: Arc<Metrics>,
+    /// Every notification the engine sent: (target, notice).
+    pub notices: Arc<Mutex<Vec<(String, Notice)>>>,
     /// The portal's key before the test did anything.
     pub original: String,
     engine: Option<Arc<Engine>>,
+    coordinator: Option<Arc<keyrotd::coordination::Coordinator>>,
 }
 
 /// What a destination holds, relative to the portal.
@@ -135,8 +139,10 @@ impl Fx {
             deps: Arc::new(ScriptedDependents::default()),
             dependents: HashMap::new(),
             metrics: Arc::new(Metrics::new()),
+            notices: Arc::default(),
             original,
             engine: None,
+            coordinator: None,
         };
         if fx.spec.known {
             for s in STORES {
@@ -155,6 +161,12 @@ impl Fx {
         self.build_engine();
         self.engine().mark_ready();
         self
+    }
+
+    /// [`Fx::start`] as one of several replicas, coordinated by `coordinator`.
+    pub fn start_replica(mut self, coordinator: Arc<keyrotd::coordination::Coordinator>) -> Fx {
+        self.coordinator = Some(coordinator);
+        self.start()
     }
 
     /// Builds the engine without marking it ready (a test of the recovery scan).
@@ -184,11 +196,55 @@ impl Fx {
         let options = EngineOptions {
             clock: self.clock.clone(),
             dependents: Dependents::Scripted(self.deps.clone()),
-            coordination: None,
+            notices: Sink::Recorded(self.notices.clone()),
+            coordination: self.coordinator.clone(),
         };
         let engine = Engine::with_runtime(runtime, self.metrics.clone(), options)
             .unwrap_or_else(|e| panic!("engine: {e:#}"));
         self.engine = Some(engine);
+    }
+
+    /// A restart: this engine shuts down and a new one (metrics, slots, records all new) loads the
+    /// journals from the same state directory, runs the recovery scan and is ready.
+    pub async fn restart(mut self) -> Fx {
+        if let Some(old) = self.engine.take() {
+            old.shutdown.cancel();
+        }
+        self.metrics = Arc::new(Metrics::new());
+        self.dependents.clear();
+        self.deps = Arc::new(ScriptedDependents::default());
+        self.build_engine();
+        keyrotd::engine::recovery::recover_all(self.engine()).await;
+        self
+    }
+
+    /// Runs the daemon's scheduler for this engine (it stops at shutdown).
+    pub fn run_scheduler(&self) {
+        tokio::spawn(keyrotd::engine::scheduler::run(self.engine().clone()));
+    }
+
+    /// The events of every notification sent so far, in order.
+    pub fn notice_events(&self) -> Vec<NoticeEvent> {
+        self.sent().into_iter().map(|n| n.event).collect()
+    }
+
+    /// Every notification sent so far.
+    pub fn sent(&self) -> Vec<Notice> {
+        self.notices
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    /// The audit log's records, as JSON.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.state_dir().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+            .collect()
     }
 
     /// A reload (SIGHUP) to the fixture's config with the key named `name` (another name drops it).
@@ -246,6 +302,10 @@ dir = "{dir}/a"
 [stores.b]
 kind = "file"
 dir = "{dir}/b"
+
+[notify.owner]
+kind = "webhook"
+url = "https://owner.invalid/hook"
 
 [[keys]]
 name = "{name}"
@@ -379,11 +439,12 @@ provider = "portal"
             .sum()
     }
 
-    /// Every output a secret could leak into: the state dir's files, the metrics, the key views and
-    /// every rotation record.
+    /// Every output a secret could leak into: the state dir's files, the metrics, the key views,
+    /// every rotation record and every notification.
     pub fn outputs(&self) -> String {
         let mut out = self.metrics.encode();
         out.push_str(&serde_json::to_string(&self.engine().key_views()).unwrap());
+        out.push_str(&serde_json::to_string(&self.sent()).unwrap());
         for entry in walk(&self.state_dir()) {
             out.push_str(&String::from_utf8_lossy(
                 &std::fs::read(entry).unwrap_or_default(),

@@ -4,8 +4,11 @@
 //! the end-to-end tests (tests/README.md).
 #![cfg(feature = "testing")]
 
+mod approval;
+mod first_contact;
 mod fixture;
 mod matrix;
+mod notices;
 mod races;
 mod rules;
 mod table;

@@ -242,3 +242,47 @@ fn promtool_accepts_keyrotds_metrics_output() {
         &output,
     );
 }
+
+#[test]
+fn every_alert_about_a_key_names_its_owner() {
+    for (name, rule) in alert_rules() {
+        let about_a_key = rule
+            .annotations
+            .get("summary")
+            .is_some_and(|s| s.contains("$labels.key"));
+        if !about_a_key {
+            continue;
+        }
+        assert!(
+            rule.expr.contains("group_left (owner)") && rule.expr.contains("keyrotd_key_info"),
+            "{name}: the owner label is joined from keyrotd_key_info: {}",
+            rule.expr
+        );
+        assert_eq!(
+            rule.annotations.get("owner").map(String::as_str),
+            Some("{{ $labels.owner }}"),
+            "{name}: the owner annotation"
+        );
+    }
+}
+
+#[test]
+fn every_alert_a_checklist_names_is_a_rule() {
+    let names: BTreeSet<String> = alert_rules().into_iter().map(|(n, _)| n).collect();
+    let mut config = config();
+    config.coordination = Some(keyrotd::config::CoordinationConfig {
+        store: "files".into(),
+        path: "keyrotd/leases".into(),
+        ttl: Duration::from_secs(30),
+    });
+    let key = config.keys[0].clone();
+    let listed = keyrotd::checklist::alerts(&config, &key, true);
+    assert!(listed.len() >= 14, "{listed:?}");
+    for a in listed {
+        assert!(
+            names.contains(a.name),
+            "the checklist names {} which alerts.yml lacks",
+            a.name
+        );
+    }
+}

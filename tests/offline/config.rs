@@ -201,6 +201,37 @@ fn check_config_summarises_keys_stores_providers_and_warnings() {
     );
     assert!(out.contains("providers.vendor-x: no [status]"), "{out}");
     assert!(!out.contains("key \"billing-api\": neither"), "{out}");
+    // Neither key names an owner: both are warned about, and the summary says so.
+    for key in ["billing-api", "search-api"] {
+        assert!(
+            out.contains(&format!("warning: key \"{key}\": no owner: set owner")),
+            "{out}"
+        );
+    }
+    assert!(out.contains("    owner:        none"), "{out}");
+
+    // An owner, an approval and a notify target are summarised; the owner's warning goes.
+    let text = MINIMAL
+        .replace(
+            "name = \"billing-api\"\nprovider = \"aos-prod\"\n",
+            "name = \"billing-api\"\nprovider = \"aos-prod\"\nowner = { name = \"team-payments\", contact = \"#payments\" }\napproval = { timeout = \"45m\" }\nnotify = [\"mail\"]\n",
+        )
+        .replace(
+            "[[keys]]\nname = \"billing-api\"",
+            "[notify.mail]\nkind = \"command\"\ncommand = [\"/etc/keyrotd/notify/email.sh\", \"ops@example.com\"]\nevents = [\"failed\"]\n\n[[keys]]\nname = \"billing-api\"",
+        );
+    let (_dir, path) = write_config(&text);
+    let (code, out, err) = check_config(&path, MINIMAL_ENV);
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        "    owner:        team-payments <#payments>",
+        "    approval:     scheduled rotations wait up to 45m for `keyrotd approve`",
+        "    notify:       mail",
+        "  mail  command `/etc/keyrotd/notify/email.sh ops@example.com`; failed; 3 retries",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+    assert!(!out.contains("key \"billing-api\": no owner"), "{out}");
 }
 
 #[test]
@@ -391,7 +422,7 @@ fn an_unreadable_config_exits_2() {
 
 #[test]
 fn every_command_shows_an_example_in_its_help() {
-    for command in ["run", "check-config", "plan", "status", "rotate"] {
+    for command in ["run", "check-config", "plan", "status", "rotate", "approve"] {
         let mut c = keyrotd();
         c.args([command, "--help"]);
         let (code, out, _) = run(c);

@@ -9,3 +9,4 @@ mod config;
 mod dashboard;
 mod deploy;
 mod fuzz;
+mod notify;

@@ -1,14 +1,15 @@
 //! A small validated `Config` built by hand, for tests of the metrics, alert rules and dashboard that
 //! need a configured keyrotd but no outside services: one scheduled key with a file destination and a
-//! dependent with a reload hook and a verify.
+//! dependent with a reload hook and a verify, an owner, an approval and a chat notify target.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keyrotd::config::{
-    AosPaths, AosProviderConfig, Config, DaemonConfig, DependentConfig, DestinationConfig,
-    DestinationTarget, FileStoreConfig, KeyConfig, LogFormat, ProviderConfig, ReloadHook,
-    StoreConfig, VerifyConfig,
+    AosPaths, AosProviderConfig, ApprovalConfig, Config, DaemonConfig, DependentConfig,
+    DestinationConfig, DestinationTarget, FileStoreConfig, KeyConfig, LogFormat, NotifyKind,
+    NotifyTargetConfig, OwnerConfig, ProviderConfig, ReloadHook, StoreConfig, VerifyConfig,
+    WebhookUrl,
 };
 use keyrotd::schedule::Schedule;
 
@@ -48,6 +49,17 @@ pub fn config() -> Config {
         auto_recover: true,
         max_rerotations: 3,
         max_regenerations_per_day: 6,
+        owner: Some(OwnerConfig {
+            name: "team-payments".into(),
+            contact: Some("#payments-oncall".into()),
+            runbook: None,
+        }),
+        approval: Some(ApprovalConfig {
+            timeout: Duration::from_secs(1800),
+            notify: Vec::new(),
+        }),
+        notify: vec!["chat".into()],
+        on_first_contact: Default::default(),
         destinations: vec![DestinationConfig {
             store: "files".into(),
             target: DestinationTarget::File {
@@ -86,6 +98,21 @@ pub fn config() -> Config {
         keys: vec![key],
         coordination: None,
         limits: Default::default(),
+        notify: BTreeMap::from([(
+            "chat".to_string(),
+            NotifyTargetConfig {
+                events: Default::default(),
+                retries: 3,
+                kind: NotifyKind::Webhook {
+                    url: WebhookUrl::Plain(
+                        "https://chat.example/hooks/keyrotd".parse().expect("URL"),
+                    ),
+                    timeout: Duration::from_secs(5),
+                    signing_key: None,
+                    tls: Default::default(),
+                },
+            },
+        )]),
         warnings: vec![],
     }
 }

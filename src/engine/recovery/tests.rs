@@ -57,6 +57,7 @@ fn journal(phase: &str) -> KeyJournal {
         reason: "schedule".into(),
         requested_by: "test".into(),
         started_at: now(),
+        approved_by: None,
     };
     let mut j = KeyJournal::new("k");
     j.adopted(Some("old".into()), "fp-old");

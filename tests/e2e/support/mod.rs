@@ -10,6 +10,7 @@ pub mod gate;
 pub mod metrics;
 pub mod moto;
 pub mod process;
+pub mod receiver;
 pub mod secrets;
 pub mod sim;
 pub mod stack;

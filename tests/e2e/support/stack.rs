@@ -20,6 +20,9 @@ pub const VAULT_PATH: &str = "apps/billing";
 pub const AWS_SECRET: &str = "prod/billing";
 pub const ADMIN_TOKEN: &str = "test-admin-token-7f3a";
 pub const HOOK_KEY: &str = "test-hook-signing-key-91c2";
+/// `key_extra` for a key whose empty destinations keyrotd populates by itself (its schedule or
+/// reconcile), instead of leaving a key it never held to an operator's first `keyrotd rotate`.
+pub const FIRST_CONTACT_ROTATES: &str = "on_first_contact = \"rotate\"\n";
 
 /// Knobs of the generated config; `Default` is a key without schedule (manual), fast watch, short
 /// deadlines, two dependents with verify and signed HTTP reload hooks.
@@ -46,6 +49,8 @@ pub struct Options {
     /// A command hook dependent (argv), in addition to the two HTTP ones.
     pub command_hook: Option<Vec<String>>,
     pub admin_token: bool,
+    /// `[notify.NAME]` tables appended to the config (the key names them in `key_extra`).
+    pub notify_targets: String,
 }
 
 impl Default for Options {
@@ -68,6 +73,7 @@ impl Default for Options {
             hook_retries: None,
             command_hook: None,
             admin_token: true,
+            notify_targets: String::new(),
         }
     }
 }
@@ -176,6 +182,7 @@ impl Stack {
                 argv.join(", ")
             ));
         }
+        text.push_str(&o.notify_targets);
         text
     }
 
