@@ -129,6 +129,9 @@ struct State {
     lapsed: bool,
     live: Vec<String>,
     members: BTreeMap<String, Replica>,
+    /// Holders seen in key documents since the last round (a key that hashes here but another live
+    /// replica still holds; a key lost to another replica). Cleared every round: older sightings
+    /// may be stale, and rendezvous over the live members names the holder in steady state.
     holders: HashMap<String, String>,
     held: HashMap<String, Held>,
     /// Keys found lost outside a tick (a journal write that found another holder).
@@ -214,13 +217,18 @@ impl Coordinator {
         self.lock().held.get(key).map(|h| h.fence)
     }
 
-    /// The replica that holds `key`, as last seen.
+    /// The replica that holds `key`, as this replica knows it: itself; else the holder a key
+    /// document named since the last round; else the live member the key belongs to (rendezvous),
+    /// which holds it in steady state or is about to take it. `None` before the first round.
     pub fn holder(&self, key: &str) -> Option<String> {
         let s = self.lock();
         if s.held.contains_key(key) {
             return Some(self.replica.id.clone());
         }
-        s.holders.get(key).cloned()
+        if let Some(h) = s.holders.get(key) {
+            return Some(h.clone());
+        }
+        owner(key, &s.live).cloned()
     }
 
     /// The live members, as last seen.
@@ -245,7 +253,12 @@ impl Coordinator {
         let s = self.lock();
         if !s.held.contains_key(key) {
             return Err(FenceError::NotHeld {
-                holder: s.holders.get(key).cloned().unwrap_or_else(|| "none".into()),
+                holder: s
+                    .holders
+                    .get(key)
+                    .or_else(|| owner(key, &s.live))
+                    .cloned()
+                    .unwrap_or_else(|| "none".into()),
             });
         }
         if !self.lease_valid(&s) {
@@ -300,7 +313,12 @@ impl Coordinator {
                 "Lease lost: another replica holds the key now."
             );
         }
-        s.holders.insert(key.to_string(), holder.to_string());
+        // "none": handed back to the member it belongs to, which `holder` names.
+        if holder == "none" {
+            s.holders.remove(key);
+        } else {
+            s.holders.insert(key.to_string(), holder.to_string());
+        }
     }
 
     /// Writes the key's journal into its document, with check-and-set under this replica's fence.
@@ -393,7 +411,11 @@ impl Coordinator {
         if self.lock().lapsed {
             changes.extend(self.verify_held().await);
         }
-        let live = self.lock().live.clone();
+        let live = {
+            let mut s = self.lock();
+            s.holders.clear();
+            s.live.clone()
+        };
         for key in keys {
             let mine = owner(key, &live).is_some_and(|o| *o == self.replica.id);
             let held = self.holds(key);

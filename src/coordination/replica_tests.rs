@@ -90,6 +90,32 @@ async fn every_key_has_exactly_one_holder_its_rendezvous_owner() {
 }
 
 #[tokio::test]
+async fn every_replica_names_the_holder_of_every_key_after_a_hand_over() {
+    let cluster = Cluster::new(30);
+    let a = cluster.replica("a");
+    cluster.tick(&a).await;
+    // b and c join: a hands their keys over, and forgets who it handed them to.
+    let (b, c) = (cluster.replica("b"), cluster.replica("c"));
+    for _ in 0..3 {
+        for r in [&a, &b, &c] {
+            cluster.tick(r).await;
+        }
+    }
+    for key in &cluster.keys {
+        let holders = cluster.held_by(&[&a, &b, &c], key);
+        assert_eq!(holders.len(), 1, "{key}: {holders:?}");
+        for r in [&a, &b, &c] {
+            assert_eq!(
+                r.holder(key).as_ref(),
+                Some(&holders[0]),
+                "{} names the holder of {key}",
+                r.replica.id
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_dead_replicas_keys_are_taken_over_within_ttl_and_one_renewal() {
     let cluster = Cluster::new(30);
     let (a, b) = (cluster.replica("a"), cluster.replica("b"));
