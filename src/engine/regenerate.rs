@@ -85,6 +85,15 @@ pub async fn run(r: &Rotation, before: Option<&KeyStatus>) -> Regen {
         r.engine
             .hold_shutdown(r.meta.rotation_id, Some(provisional));
         fail::fail_point!("before_regenerate");
+        // Several replicas: the journal write may have been slow, or this process paused after it
+        // (a long GC pause, SIGSTOP) while another replica took the key over. The lease is checked
+        // again at the last moment before the request leaves.
+        if let Some(c) = &r.engine.coordination
+            && let Err(e) = c.may_regenerate(&r.key.name)
+        {
+            not_sent(r, sent_at).await;
+            return Regen::NotSent(format!("no regenerate without the key's lease: {e}"));
+        }
         let answer = calls::regenerate(
             &r.engine.metrics,
             &r.provider,

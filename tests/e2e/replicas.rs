@@ -26,7 +26,6 @@ use keyrotd::coordination::owner;
 use serde_json::Value;
 
 use crate::support::eventually;
-use crate::support::netns::Netns;
 use crate::support::replicas::{LEASES, Replica, World, WorldOptions, logs};
 
 /// `[coordination] ttl` of every story but the traffic one (renewed every 2 s).
@@ -82,7 +81,7 @@ async fn spawn_owner(
     spawn: impl AsyncFn() -> Replica,
 ) -> (Replica, Vec<String>) {
     for _ in 0..16 {
-        let mut r = spawn().await;
+        let r = spawn().await;
         let id = id_of(world, &r).await;
         let live = live_ids(world).await;
         let owned: Vec<String> = wanted
@@ -336,5 +335,270 @@ async fn three_replicas_rotate_six_keys_once_per_due_time_each_held_by_one() {
             last - first + 1
         );
     }
+    world.assert_no_secret_leaked(&rs).await;
+}
+
+/// The two replicas of a failpoint story: `plain`, started first, and `subject`, started with
+/// `failpoints` until it is the one key `k0` belongs to. Returns them once the subject holds it.
+#[cfg(feature = "failpoints")]
+async fn subject_holding_k0(world: &World, failpoints: &str) -> (Replica, Replica) {
+    let plain = world.replica().await;
+    let (subject, _) = spawn_owner(world, &["k0".to_string()], async || {
+        world.replica_with_env(&[("FAILPOINTS", failpoints)]).await
+    })
+    .await;
+    wait_settled(world, &[&subject, &plain]).await;
+    (subject, plain)
+}
+
+/// Key `k0`'s document: (holder, fencing number, journal phase).
+async fn k0_doc(world: &World) -> (String, u64, String) {
+    let doc = world.key_doc("k0").await;
+    (
+        doc["holder"].as_str().unwrap_or_default().to_string(),
+        doc["fence"].as_u64().unwrap_or(0),
+        doc["journal"]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+/// Waits until `k0`'s document says `what` holds.
+async fn wait_k0(
+    world: &World,
+    rs: &[&Replica],
+    what: &str,
+    check: impl Fn(&(String, u64, String)) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        let doc = k0_doc(world).await;
+        if check(&doc) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "k0's document never showed {what}; it says {doc:?}\n{}",
+            logs(rs)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A time field of a JSON document.
+fn time(v: &Value) -> DateTime<Utc> {
+    v.as_str()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| panic!("not a time: {v}"))
+}
+
+/// The take-over of `k0` from `from` happened within ttl plus one renewal interval after `from`'s
+/// lease expired, both as the replicas' own clocks recorded them (the taker's write of the key
+/// document; the membership document the old holder last renewed).
+async fn assert_taken_over_in_time(world: &World, from: &str) {
+    let doc = world.key_doc("k0").await;
+    let member = world
+        .kv(&format!("{LEASES}/replicas/{from}"))
+        .await
+        .expect("the old holder's membership document");
+    let expired = time(&member["data"]["expires_at"]);
+    let taken = time(&doc["updated_at"]);
+    assert!(
+        taken >= expired,
+        "k0 taken at {taken}, before its holder's lease expired at {expired}"
+    );
+    let late = (taken - expired).to_std().unwrap_or_default();
+    assert!(
+        late <= RENEW + Duration::from_secs(1),
+        "k0 taken over {late:?} after its holder's lease expired (renewal every {RENEW:?})"
+    );
+}
+
+/// `keyrotd_store_writes_total` of `k0` on replica `r`, every store and outcome.
+async fn store_writes(r: &Replica) -> f64 {
+    r.daemon
+        .metrics()
+        .await
+        .sum("keyrotd_store_writes_total", &[("key", "k0")])
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_holder_killed_between_regenerate_and_store_is_taken_over_and_recovered() {
+    let world = World::start(WorldOptions::default()).await;
+    let (holder, other) = subject_holding_k0(&world, "after_regenerate=sleep(60000)").await;
+    let (holder_id, other_id) = (id_of(&world, &holder).await, id_of(&world, &other).await);
+    let rs = [&holder, &other];
+
+    let (status, answer) = holder.rotate("k0", "test: killed mid-rotation").await;
+    assert_eq!(status, 202, "{answer}");
+    // The portal rotated and the shared journal says `storing`: the new key exists only in the
+    // holder's memory when it dies.
+    wait_k0(&world, &rs, "storing", |(_, _, phase)| phase == "storing").await;
+    assert_eq!(regenerations(&world, 0).await, 1);
+    let (_, fence, _) = k0_doc(&world).await;
+    holder.kill();
+
+    wait_k0(&world, &rs, "the other replica holding k0", |(h, f, _)| {
+        *h == other_id && *f == fence + 1
+    })
+    .await;
+    assert_taken_over_in_time(&world, &holder_id).await;
+    // Recovered as after a crash: the portal rotated to a key no destination holds, so it is
+    // re-rotated (crash_recovery), and every destination ends with the portal's active key.
+    wait_k0(&world, &rs, "idle", |(_, _, phase)| phase == "idle").await;
+    eventually(Duration::from_secs(60), "k0 consistent", || {
+        world.consistent(0)
+    })
+    .await;
+    world.assert_consistent(0).await;
+    assert_eq!(regenerations(&world, 0).await, 2, "{}", logs(&rs));
+    let m = other.daemon.metrics().await;
+    assert_eq!(
+        m.get("keyrotd_lease_takeovers_total", &[("key", "k0")]),
+        1.0
+    );
+    assert_eq!(
+        m.get(
+            "keyrotd_rerotations_total",
+            &[("key", "k0"), ("reason", "crash_recovery")]
+        ),
+        1.0
+    );
+    // The re-rotation's key is the one the taker audited; the writes carry its fencing number.
+    let issued = issued(&world, 0).await;
+    let audited = audited_regenerations(&[&other]);
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(issued.last(), Some(&audited[0].new_key_id));
+    let meta = world.kv_metadata("apps/k0").await;
+    assert_eq!(
+        meta["custom_metadata"]["keyrotd_fence"],
+        (fence + 1).to_string()
+    );
+    world.assert_no_secret_leaked(&rs).await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_holder_paused_before_regenerate_past_its_lease_does_not_regenerate_when_resumed() {
+    let world = World::start(WorldOptions::default()).await;
+    let (paused, other) = subject_holding_k0(&world, "before_regenerate=1*sleep(5000)").await;
+    let (paused_id, other_id) = (id_of(&world, &paused).await, id_of(&world, &other).await);
+    let rs = [&paused, &other];
+
+    let (status, answer) = paused.rotate("k0", "test: paused before regenerate").await;
+    assert_eq!(status, 202, "{answer}");
+    let rotation = answer["rotation_id"]
+        .as_str()
+        .expect("rotation_id")
+        .to_string();
+    // The journal says `regenerating` (a check-and-set write under its lease); nothing sent yet.
+    wait_k0(&world, &rs, "regenerating", |(_, _, phase)| {
+        phase == "regenerating"
+    })
+    .await;
+    let (_, fence, _) = k0_doc(&world).await;
+    paused.daemon.signal("STOP");
+    assert_eq!(regenerations(&world, 0).await, 0);
+
+    // Its lease runs out: the other replica takes k0, finds the portal unchanged (the interrupted
+    // regenerate changed nothing) and rotates it.
+    wait_k0(&world, &rs, "k0 taken over and cleared", |(h, f, p)| {
+        *h == other_id && *f == fence + 1 && p == "idle"
+    })
+    .await;
+    assert_taken_over_in_time(&world, &paused_id).await;
+    let (status, answer) = other.rotate("k0", "test: rotated by the new holder").await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["rotation_id"].as_str().expect("rotation_id");
+    let record = other
+        .daemon
+        .wait_rotation(id, Duration::from_secs(60))
+        .await;
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    assert_eq!(regenerations(&world, 0).await, 1);
+
+    // Resumed, the paused replica is past its last journal write, one step from the regenerate.
+    // It must stop there: its lease expired. Then its next round drops k0, and the key, which hashes
+    // to it, comes back to it with a new fencing number: it has re-checked everything by then.
+    paused.daemon.signal("CONT");
+    wait_k0(
+        &world,
+        &rs,
+        "k0 back with the resumed replica",
+        |(h, f, _)| *h == paused_id && *f == fence + 2,
+    )
+    .await;
+    let record = paused
+        .daemon
+        .wait_rotation(&rotation, Duration::from_secs(30))
+        .await;
+    assert_eq!(record["outcome"], "aborted", "{record:#}\n{}", logs(&rs));
+    assert_eq!(
+        regenerations(&world, 0).await,
+        1,
+        "the resumed replica sent a regenerate\n{}",
+        logs(&rs)
+    );
+    world.assert_consistent(0).await;
+    assert_every_regenerate_accounted(&world, 0, &rs).await;
+    world.assert_no_secret_leaked(&rs).await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_holder_paused_with_an_issued_key_past_its_lease_writes_no_stale_key_when_resumed() {
+    let world = World::start(WorldOptions::default()).await;
+    let (paused, other) = subject_holding_k0(&world, "after_regenerate=1*sleep(5000)").await;
+    let (paused_id, other_id) = (id_of(&world, &paused).await, id_of(&world, &other).await);
+    let rs = [&paused, &other];
+
+    let (status, answer) = paused.rotate("k0", "test: paused holding a new key").await;
+    assert_eq!(status, 202, "{answer}");
+    wait_k0(&world, &rs, "storing", |(_, _, phase)| phase == "storing").await;
+    let (_, fence, _) = k0_doc(&world).await;
+    paused.daemon.signal("STOP");
+    assert_eq!(regenerations(&world, 0).await, 1);
+
+    // The other replica takes k0 over: the key the paused one holds is nowhere, so it re-rotates.
+    wait_k0(&world, &rs, "k0 taken over", |(h, f, _)| {
+        *h == other_id && *f == fence + 1
+    })
+    .await;
+    assert_taken_over_in_time(&world, &paused_id).await;
+    wait_k0(&world, &rs, "idle", |(_, _, phase)| phase == "idle").await;
+    eventually(Duration::from_secs(60), "k0 consistent", || {
+        world.consistent(0)
+    })
+    .await;
+    assert_eq!(regenerations(&world, 0).await, 2);
+    let taker_key = world.destinations(0).await;
+
+    // Resumed with a dead key in memory: it must not write it anywhere.
+    paused.daemon.signal("CONT");
+    wait_k0(
+        &world,
+        &rs,
+        "k0 back with the resumed replica",
+        |(h, f, _)| *h == paused_id && *f == fence + 2,
+    )
+    .await;
+    assert_eq!(
+        world.destinations(0).await,
+        taker_key,
+        "a destination changed after the resume\n{}",
+        logs(&rs)
+    );
+    world.assert_consistent(0).await;
+    assert_eq!(store_writes(&paused).await, 0.0, "{}", logs(&rs));
+    assert_eq!(regenerations(&world, 0).await, 2);
+    let meta = world.kv_metadata("apps/k0").await;
+    assert_eq!(
+        meta["custom_metadata"]["keyrotd_fence"],
+        (fence + 1).to_string(),
+        "the last write is the taker's"
+    );
     world.assert_no_secret_leaked(&rs).await;
 }

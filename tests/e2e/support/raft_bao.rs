@@ -60,7 +60,7 @@ impl RaftBao {
                 .to_string()
         };
         let gate = Gate::new(direct.trim_start_matches("http://").parse().expect("addr"));
-        let mut bao = RaftBao {
+        let bao = RaftBao {
             addr: gate.url(),
             root_token: text(&init, "/root_token"),
             unseal_key: text(&init, "/keys/0"),

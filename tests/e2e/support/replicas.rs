@@ -587,9 +587,9 @@ impl Replica {
             .await
     }
 
-    /// SIGKILL: the process ends at once, nothing runs after it.
-    pub fn kill(&mut self) {
-        self.daemon.proc.kill();
+    /// SIGKILL: the process ends at once, nothing runs after it (reaped when dropped).
+    pub fn kill(&self) {
+        self.daemon.signal("KILL");
     }
 
     /// The log, for failure messages.
