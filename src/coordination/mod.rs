@@ -120,6 +120,14 @@ struct Held {
     version: u64,
 }
 
+/// A time this replica could not reach the store: from its first failed renewal, until one ttl after
+/// it reached the store again.
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    from: DateTime<Utc>,
+    back: Option<DateTime<Utc>>,
+}
+
 #[derive(Default)]
 struct State {
     member_version: u64,
@@ -127,6 +135,9 @@ struct State {
     lease_until: Option<DateTime<Utc>>,
     /// My lease lapsed before a renewal: every held key is re-read before it is trusted again.
     lapsed: bool,
+    /// When this replica last failed to reach the store, and when it reached it again (see
+    /// [`Coordinator::counts_as_live`]).
+    outage: Option<Outage>,
     live: Vec<String>,
     members: BTreeMap<String, Replica>,
     /// Holders seen in key documents since the last round (a key that hashes here but another live
@@ -401,10 +412,12 @@ impl Coordinator {
             .collect();
         if let Err(e) = self.renew().await {
             self.metrics.lease_renew_failure();
+            self.unreachable();
             tracing::warn!(error = %e, "Lease renewal failed.");
             return changes;
         }
         if let Err(e) = self.read_members().await {
+            self.unreachable();
             tracing::warn!(error = %e, "Reading the replicas failed.");
             return changes;
         }
@@ -461,8 +474,43 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The store could not be reached: an outage starts (or goes on).
+    fn unreachable(&self) {
+        let now = self.clock.now();
+        let mut s = self.lock();
+        let outage = s.outage.get_or_insert(Outage {
+            from: now,
+            back: None,
+        });
+        outage.back = None;
+    }
+
+    /// Whether a member whose lease expires at `expires` counts as live now. After an outage of this
+    /// replica's own (the store down for everyone, or this replica cut off from it), every other
+    /// replica gets one full ttl of reachable store to renew before it is judged gone: their leases
+    /// expired because nobody could renew, not because they died, and taking their keys over would
+    /// move every key for nothing (and race their rotations). A member whose lease ran out before
+    /// the outage began is not spared.
+    fn counts_as_live(&self, s: &State, expires: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        if expires > now {
+            return true;
+        }
+        s.outage
+            .is_some_and(|o| expires > o.from && o.back.is_none_or(|b| now < b + chrono(self.ttl)))
+    }
+
     async fn read_members(&self) -> Result<(), KvError> {
         let now = self.clock.now();
+        {
+            // Reached again: the grace of `counts_as_live` runs from now; once over, forget it.
+            let mut s = self.lock();
+            if let Some(o) = &mut s.outage {
+                let back = *o.back.get_or_insert(now);
+                if now >= back + chrono(self.ttl) {
+                    s.outage = None;
+                }
+            }
+        }
         let ids = self.kv.list(&format!("{}/replicas", self.path)).await?;
         let mut live = vec![self.replica.id.clone()];
         let mut members = BTreeMap::from([(self.replica.id.clone(), self.replica.clone())]);
@@ -473,7 +521,8 @@ impl Coordinator {
             let Ok(member) = serde_json::from_value::<MemberDoc>(doc.value) else {
                 continue;
             };
-            if member.expires_at > now {
+            let live_now = self.counts_as_live(&self.lock(), member.expires_at, now);
+            if live_now {
                 live.push(id.clone());
                 members.insert(id.clone(), member.replica);
             } else if member.expires_at + chrono(self.ttl * 10) < now {

@@ -293,3 +293,89 @@ async fn lease_traffic_grows_with_replicas_not_keys() {
     println!("lease traffic, 3 replicas, 300 keys, steady state: {rate:.2} requests/s");
     assert!(rate < 20.0, "{rate} requests/s");
 }
+
+/// Every key's (holder, fencing number) as the documents say.
+fn documents(cluster: &Cluster) -> Vec<(Option<String>, u64)> {
+    cluster
+        .keys
+        .iter()
+        .map(|k| {
+            let doc = parse_key(
+                &cluster
+                    .kv
+                    .get(&format!("keyrotd/leases/keys/{k}"))
+                    .unwrap_or_default(),
+            );
+            (doc.holder, doc.fence)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_store_outage_longer_than_the_ttl_moves_no_key_when_the_store_is_back() {
+    let cluster = Cluster::new(20);
+    let (a, b) = (cluster.replica("a"), cluster.replica("b"));
+    for _ in 0..3 {
+        cluster.tick(&a).await;
+        cluster.tick(&b).await;
+    }
+    let before = documents(&cluster);
+    assert!(before.iter().all(|(h, _)| h.is_some()));
+    // The store is down for three ttls: every lease expires, nobody can renew.
+    cluster.kv.set_down(true);
+    for _ in 0..9 {
+        cluster.advance(a.renew_interval());
+        cluster.tick(&a).await;
+        cluster.tick(&b).await;
+    }
+    cluster.kv.set_down(false);
+    // a comes back first and finds b's lease long expired: b is alive, it just could not renew.
+    for _ in 0..6 {
+        cluster.tick(&a).await;
+        assert_eq!(documents(&cluster), before, "a key changed hands");
+        cluster.tick(&b).await;
+        assert_eq!(documents(&cluster), before, "a key changed hands");
+        cluster.advance(a.renew_interval());
+    }
+    for key in &cluster.keys {
+        assert_eq!(cluster.held_by(&[&a, &b], key).len(), 1, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_died_during_an_outage_loses_its_keys_one_ttl_after_the_store_is_back() {
+    let cluster = Cluster::new(20);
+    let (a, b) = (cluster.replica("a"), cluster.replica("b"));
+    for _ in 0..3 {
+        cluster.tick(&a).await;
+        cluster.tick(&b).await;
+    }
+    let of_b: Vec<String> = cluster
+        .keys
+        .iter()
+        .filter(|k| b.holds(k))
+        .cloned()
+        .collect();
+    assert!(!of_b.is_empty());
+    // b dies while the store is down.
+    cluster.kv.set_down(true);
+    for _ in 0..9 {
+        cluster.advance(a.renew_interval());
+        cluster.tick(&a).await;
+    }
+    cluster.kv.set_down(false);
+    let mut waited = Duration::ZERO;
+    while !of_b.iter().all(|k| a.holds(k)) {
+        let changes = cluster.tick(&a).await;
+        assert!(
+            gained(&changes).is_empty() || waited >= TTL,
+            "b's keys taken {waited:?} after the store came back, before b had a ttl to renew"
+        );
+        assert!(
+            waited <= TTL + a.renew_interval(),
+            "not taken after {waited:?}"
+        );
+        cluster.advance(a.renew_interval());
+        waited += a.renew_interval();
+    }
+}

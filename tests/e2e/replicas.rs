@@ -26,6 +26,7 @@ use keyrotd::coordination::owner;
 use serde_json::Value;
 
 use crate::support::eventually;
+use crate::support::netns::Netns;
 use crate::support::replicas::{LEASES, Replica, World, WorldOptions, logs};
 
 /// `[coordination] ttl` of every story but the traffic one (renewed every 2 s).
@@ -601,4 +602,350 @@ async fn a_holder_paused_with_an_issued_key_past_its_lease_writes_no_stale_key_w
         "the last write is the taker's"
     );
     world.assert_no_secret_leaked(&rs).await;
+}
+
+/// Sleeps until `offset` past the next multiple of the 5-second schedule (due times are on them).
+async fn after_next_due_time(offset: Duration) {
+    let now = Utc::now();
+    let into = now.timestamp_millis().rem_euclid(PERIOD_S * 1000);
+    let to_next = Duration::from_millis((PERIOD_S * 1000 - into) as u64);
+    tokio::time::sleep(to_next + offset).await;
+}
+
+/// Per key, how many keys its portal has issued so far.
+async fn issued_counts(world: &World) -> Vec<usize> {
+    let mut counts = Vec::new();
+    for i in 0..world.o.keys {
+        counts.push(issued(world, i).await.len());
+    }
+    counts
+}
+
+/// Every key the portals issued after `since` (per key, counts from [`issued_counts`]) is one the
+/// replica `by` audited: nobody else regenerated.
+async fn assert_only_regenerated_by(world: &World, since: &[usize], by: &Replica, what: &str) {
+    let mut at_portal = Vec::new();
+    for (i, from) in since.iter().enumerate() {
+        at_portal.push(issued(world, i).await[*from..].to_vec());
+    }
+    // A regenerate is audited as soon as its answer is in the journal: give one that answered just
+    // now the time to be.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let audited: Vec<String> = audited_regenerations(&[by])
+        .into_iter()
+        .map(|a| a.new_key_id)
+        .collect();
+    for (i, ids) in at_portal.iter().enumerate() {
+        for id in ids {
+            assert!(
+                audited.contains(id),
+                "k{i}: the portal issued {id}, which {what} did not send\n{}",
+                by.log_text()
+            );
+        }
+    }
+}
+
+/// Waits until `r` answers `/readyz` with 200.
+async fn wait_ready(r: &Replica) {
+    eventually(Duration::from_secs(60), "/readyz 200", || async {
+        r.daemon.get("/readyz").await.0 == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_cut_off_from_openbao_stops_while_another_takes_its_keys_over() {
+    // OpenBao holds the leases only: the keys go to AWS and files, which the cut-off replica still
+    // reaches, so nothing but the lease stands between it and a regenerate.
+    let world = World::start(WorldOptions {
+        keys: 4,
+        schedule: Some(EVERY_5S.into()),
+        with_vault_destination: false,
+        ..WorldOptions::default()
+    })
+    .await;
+    let keys = world.keys();
+    let host = world.replica().await;
+    // Link 0 carries its traffic to OpenBao only; link 1 everything else (portals, moto, its API).
+    let ns = Netns::new(2);
+    let (cut_off, its_keys) =
+        spawn_owner(&world, &keys, async || world.replica_in(&ns, 0, 1).await).await;
+    let rs = [&cut_off, &host];
+    let ids = wait_settled(&world, &rs).await;
+    // From its namespace it does its work: each of its keys rotated on schedule.
+    eventually(
+        Duration::from_secs(30),
+        "its keys rotated by it",
+        || async {
+            let done = audited_regenerations(&[&cut_off]);
+            its_keys.iter().all(|k| done.iter().any(|a| &a.key == k))
+        },
+    )
+    .await;
+
+    // Partition, two seconds after a due time (its rotations have ended): it still reaches the
+    // portals, moto and the key files, but not OpenBao.
+    after_next_due_time(Duration::from_secs(2)).await;
+    let before = issued_counts(&world).await;
+    ns.cut(0);
+    let cut_at = Utc::now();
+    let start = Instant::now();
+    for key in &its_keys {
+        wait_k(&world, &rs, key, &ids[1]).await;
+    }
+    let took = start.elapsed();
+    // Two due times with the new holder, while the cut-off replica's schedule keeps firing.
+    tokio::time::sleep(Duration::from_secs(2 * PERIOD_S as u64 + 1)).await;
+    assert_only_regenerated_by(&world, &before, &host, "the replica that took the keys").await;
+    for i in 0..keys.len() {
+        eventually(Duration::from_secs(20), "consistent while cut off", || {
+            world.consistent(i)
+        })
+        .await;
+    }
+    let done = audited_regenerations(&[&host]);
+    for key in &its_keys {
+        assert!(
+            done.iter().any(|a| &a.key == key),
+            "{key} rotated by the replica that took it over"
+        );
+    }
+    println!("keys taken over {took:?} after the partition (ttl {TTL:?})");
+    // Its schedule kept firing meanwhile: rotations started, and ended without a regenerate.
+    let start = Instant::now();
+    while rotations_ended_since(&cut_off, cut_at) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no rotation of the cut-off replica ended\n{}",
+            logs(&rs)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_only_regenerated_by(&world, &before, &host, "the replica that took the keys").await;
+
+    // Healed: the leases settle again, its keys come back to it, and it serves them.
+    let healed = issued_counts(&world).await;
+    ns.heal(0);
+    wait_settled(&world, &rs).await;
+    wait_ready(&cut_off).await;
+    let back = audited_regenerations(&[&cut_off]).len();
+    eventually(Duration::from_secs(30), "it rotates again", || async {
+        audited_regenerations(&[&cut_off]).len() > back
+    })
+    .await;
+    for r in &rs {
+        r.daemon.admin_post("/v1/pause", 200).await;
+    }
+    wait_idle(&world, &rs).await;
+    for i in 0..keys.len() {
+        world.assert_consistent(i).await;
+        assert_every_regenerate_accounted(&world, i, &rs).await;
+    }
+    assert!(issued_counts(&world).await != healed);
+    world.assert_no_secret_leaked(&rs).await;
+}
+
+/// How many of `r`'s rotations started after `since` and have ended (finished or aborted).
+fn rotations_ended_since(r: &Replica, since: DateTime<Utc>) -> usize {
+    let audit = r.audit();
+    let started: Vec<&Value> = audit
+        .iter()
+        .filter(|a| a["event"] == "started")
+        .filter(|a| {
+            serde_json::from_value::<DateTime<Utc>>(a["ts"].clone()).is_ok_and(|t| t > since)
+        })
+        .collect();
+    started
+        .iter()
+        .filter(|s| {
+            audit.iter().any(|a| {
+                (a["event"] == "finished" || a["event"] == "aborted")
+                    && a["rotation_id"] == s["rotation_id"]
+            })
+        })
+        .count()
+}
+
+/// Waits until `key`'s document names `holder`.
+async fn wait_k(world: &World, rs: &[&Replica], key: &str, holder: &str) {
+    let start = Instant::now();
+    while world.key_doc(key).await["holder"] != holder {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{key} never taken by {holder}: {}\n{}",
+            world.key_doc(key).await,
+            logs(rs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openbao_restarted_under_three_replicas_no_regenerate_while_down_then_service_resumes() {
+    let mut world = World::start(WorldOptions {
+        keys: 3,
+        schedule: Some(EVERY_5S.into()),
+        persistent_openbao: true,
+        ..WorldOptions::default()
+    })
+    .await;
+    let (a, b, c) = (
+        world.replica().await,
+        world.replica().await,
+        world.replica().await,
+    );
+    let rs = [&a, &b, &c];
+    let ids = wait_settled(&world, &rs).await;
+    eventually(Duration::from_secs(30), "every key rotated", || async {
+        let done = audited_regenerations(&rs);
+        world
+            .keys()
+            .iter()
+            .all(|k| done.iter().any(|a| &a.key == k))
+    })
+    .await;
+
+    after_next_due_time(Duration::from_secs(2)).await;
+    world.server.raft().stop();
+    let before = issued_counts(&world).await;
+    // Down for two lease lifetimes and two due times of every key: nobody regenerates.
+    let down = 2 * TTL + Duration::from_secs(2 * PERIOD_S as u64);
+    crate::support::holds_for(down, "no regenerate while OpenBao is down", || async {
+        issued_counts(&world).await == before
+    })
+    .await;
+    let mut takeovers = Vec::new();
+    for r in &rs {
+        let m = r.daemon.metrics().await;
+        assert!(m.get("keyrotd_lease_renew_failures_total", &[]) > 0.0);
+        takeovers.push(m.sum("keyrotd_lease_takeovers_total", &[]));
+    }
+
+    world.server.raft().start_again().await;
+    let world = world;
+    assert_eq!(wait_settled(&world, &rs).await, ids);
+    for r in &rs {
+        wait_ready(r).await;
+    }
+    // Nobody died: the leases settle without a take-over.
+    for (n, r) in rs.iter().enumerate() {
+        let m = r.daemon.metrics().await;
+        assert_eq!(
+            m.sum("keyrotd_lease_takeovers_total", &[]),
+            takeovers[n],
+            "replica {n} took a key over after the restart\n{}",
+            logs(&rs)
+        );
+    }
+    // Service resumes: each key rotates through its holder; a follower refuses, naming it.
+    for (i, key) in world.keys().iter().enumerate() {
+        let holder = ids
+            .iter()
+            .position(|id| Some(id) == owner(key, &ids))
+            .expect("holder");
+        let follower = (holder + 1) % rs.len();
+        let (status, answer) = rs[follower].rotate(key, "test: sent to a follower").await;
+        assert_eq!(status, 409, "{answer}");
+        assert!(
+            answer.to_string().contains(&ids[holder]),
+            "the refusal names the holder {}: {answer}",
+            ids[holder]
+        );
+        let (status, answer) = rs[holder].rotate(key, "test: after the restart").await;
+        assert_eq!(status, 202, "{answer}");
+        let id = answer["rotation_id"].as_str().expect("rotation_id");
+        let record = rs[holder]
+            .daemon
+            .wait_rotation(id, Duration::from_secs(60))
+            .await;
+        assert_eq!(record["outcome"], "success", "{record:#}");
+    }
+    for r in &rs {
+        r.daemon.admin_post("/v1/pause", 200).await;
+    }
+    wait_idle(&world, &rs).await;
+    for i in 0..world.o.keys {
+        if !world.consistent(i).await {
+            panic!(
+                "k{i} inconsistent: {:?}\n{}",
+                world.destinations(i).await,
+                logs(&rs)
+            );
+        }
+        assert_every_regenerate_accounted(&world, i, &rs).await;
+    }
+    world.assert_no_secret_leaked(&rs).await;
+}
+
+/// OpenBao's audit log: (time, path) of every request it served.
+fn openbao_requests(log: &std::path::Path) -> Vec<(DateTime<Utc>, String)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "request")
+        .filter_map(|v| {
+            let t = DateTime::parse_from_rfc3339(v["time"].as_str()?).ok()?;
+            Some((
+                t.with_timezone(&Utc),
+                v["request"]["path"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_traffic_of_three_replicas_with_300_keys_stays_under_20_requests_per_second() {
+    // Keys that never rotate, on one portal, written to files only: the OpenBao traffic left is the
+    // coordination's. The default ttl (30 s), as documented.
+    let world = World::start(WorldOptions {
+        keys: 300,
+        portal_per_key: false,
+        with_aws: false,
+        with_vault_destination: false,
+        ttl: "30s".into(),
+        openbao_audit: true,
+        ..WorldOptions::default()
+    })
+    .await;
+    let (a, b, c) = (
+        world.replica().await,
+        world.replica().await,
+        world.replica().await,
+    );
+    let rs = [&a, &b, &c];
+    wait_settled(&world, &rs).await;
+
+    let window = Duration::from_secs(60);
+    let from = Utc::now();
+    tokio::time::sleep(window).await;
+    let to = Utc::now();
+    let log = world.dir.path().join("openbao-audit.jsonl");
+    let requests: Vec<(DateTime<Utc>, String)> = openbao_requests(&log)
+        .into_iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .collect();
+    let leases = requests
+        .iter()
+        .filter(|(_, p)| {
+            p.starts_with(&format!("secret/data/{LEASES}/"))
+                || p.starts_with(&format!("secret/metadata/{LEASES}"))
+        })
+        .count();
+    let seconds = (to - from).as_seconds_f64();
+    let rate = leases as f64 / seconds;
+    println!(
+        "lease traffic, 3 replicas, 300 keys, ttl 30s, steady state: {leases} requests in {seconds:.0} s = {rate:.2} requests/s (all OpenBao requests: {:.2}/s)",
+        requests.len() as f64 / seconds
+    );
+    assert!(
+        leases > 0,
+        "OpenBao's audit log shows no lease traffic: {}",
+        log.display()
+    );
+    assert!(rate < 20.0, "{rate:.2} lease requests per second");
+    // Still one holder per key.
+    let held = held_by(&rs, &world.keys()).await;
+    assert!(held.values().all(|h| h.len() == 1));
 }

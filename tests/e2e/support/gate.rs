@@ -53,11 +53,6 @@ impl Gate {
         Gate { addr, shared }
     }
 
-    /// The gate's own address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// New connections go to `upstream` from now on (the relayed ones are cut).
     pub fn retarget(&self, upstream: SocketAddr) {
         *self.shared.upstream.lock().unwrap() = upstream;

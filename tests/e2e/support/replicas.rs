@@ -12,7 +12,7 @@
 //! `keyrotd/leases/keys/`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -549,15 +549,6 @@ impl Replica {
         self.daemon.proc.pid()
     }
 
-    /// Does this replica say it holds `key` (`keyrotd_lease_held{key}` = 1)?
-    pub async fn holds(&self, key: &str) -> bool {
-        self.daemon
-            .metrics()
-            .await
-            .get("keyrotd_lease_held", &[("key", key)])
-            == 1.0
-    }
-
     /// The keys this replica says it holds.
     pub async fn held(&self, keys: &[String]) -> Vec<String> {
         let scrape = self.daemon.metrics().await;
@@ -606,11 +597,4 @@ pub fn logs(replicas: &[&Replica]) -> String {
         .map(|(i, r)| format!("--- replica {i} (pid {}) ---\n{}", r.pid(), r.log_text()))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// A path's file name, for messages.
-pub fn name_of(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
