@@ -499,7 +499,15 @@ async fn a_holder_killed_between_regenerate_and_store_is_taken_over_and_recovere
         meta["custom_metadata"]["keyrotd_fence"],
         (fence + 1).to_string()
     );
-    world.assert_no_secret_leaked(&rs).await;
+    // `keyrotd status` on either host shows the lease and the journal from the key's document.
+    let (code, report, err) = world.status(&holder, "k0");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(report["lease"]["holder"], other_id.as_str(), "{report:#}");
+    assert_eq!(report["lease"]["fence"], fence + 1, "{report:#}");
+    assert_eq!(report["phase"], "idle", "{report:#}");
+    assert_eq!(report["drift"], false, "{report:#}");
+    let status = vec![("keyrotd status".to_string(), format!("{report}\n{err}"))];
+    world.assert_no_secret_in(&rs, status).await;
 }
 
 #[cfg(feature = "failpoints")]

@@ -129,6 +129,7 @@ pub struct World {
 /// A running replica: the real `keyrotd run`, with its own state directory and log.
 pub struct Replica {
     pub daemon: Daemon,
+    pub config: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
     _reach: Reach,
@@ -355,10 +356,30 @@ impl World {
         }
         Replica {
             daemon,
+            config,
             state_dir: dir.join("state"),
             log,
             _reach: reach,
         }
+    }
+
+    /// `keyrotd status --json <key>` run on replica `r`'s host with its config: (exit code, the
+    /// report of the key, stderr).
+    pub fn status(&self, r: &Replica, key: &str) -> (i32, Value, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_keyrotd"))
+            .arg("-c")
+            .arg(&r.config)
+            .args(["status", "--json", key])
+            .envs(self.env())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run keyrotd status");
+        let reports: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (
+            out.status.code().unwrap_or(-1),
+            reports[0].clone(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// The JSON document at `path` under `secret/` (its `data`), read straight from OpenBao; `None`
@@ -482,7 +503,15 @@ impl World {
     /// wrote: their state directories (audit log), logs, the key files' sidecars, the shared lease
     /// documents (journals), the Vault metadata and the AWS tags.
     pub async fn assert_no_secret_leaked(&self, replicas: &[&Replica]) {
+        self.assert_no_secret_in(replicas, Vec::new()).await;
+    }
+
+    /// [`World::assert_no_secret_leaked`], also searching `extra` (place, text): e.g. CLI output.
+    pub async fn assert_no_secret_in(&self, replicas: &[&Replica], extra: Vec<(String, String)>) {
         let mut out = Haystacks::default();
+        for (place, text) in extra {
+            out.add(place, text);
+        }
         for r in replicas {
             out.add_files_under(&r.state_dir, &|_| true);
             out.add_files_under(r.log.parent().expect("log dir"), &|p| {
