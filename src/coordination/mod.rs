@@ -112,6 +112,11 @@ pub enum FenceError {
     Lost { holder: String, fence: u64 },
     #[error("the lease cannot be renewed ({0}): no regenerate until it can")]
     Unrenewed(String),
+    #[error(
+        "the key changed hands since this rotation started (fencing number {was}, now {now}): \
+         another replica may have rotated it meanwhile"
+    )]
+    Changed { was: u64, now: u64 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -278,6 +283,17 @@ impl Coordinator {
             ));
         }
         Ok(())
+    }
+
+    /// [`Coordinator::may_regenerate`] for a rotation that started when this replica held the key
+    /// under fencing number `tenure`: if the key went to another replica and came back since, that
+    /// replica may have rotated it for the same trigger, and this rotation is stale.
+    pub fn may_regenerate_as(&self, key: &str, tenure: Option<u64>) -> Result<(), FenceError> {
+        self.may_regenerate(key)?;
+        match (tenure, self.fence_of(key)) {
+            (Some(was), Some(now)) if was != now => Err(FenceError::Changed { was, now }),
+            _ => Ok(()),
+        }
     }
 
     /// Before a store write or a reload: the local lease, or else the key document.

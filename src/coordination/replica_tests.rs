@@ -379,3 +379,45 @@ async fn a_replica_that_died_during_an_outage_loses_its_keys_one_ttl_after_the_s
         waited += a.renew_interval();
     }
 }
+
+#[tokio::test]
+async fn a_rotation_started_before_the_key_left_and_came_back_may_not_regenerate() {
+    let cluster = Cluster::new(1);
+    let key = cluster.keys[0].clone();
+    let (a, b) = (cluster.replica("a"), cluster.replica("b"));
+    cluster.tick(&a).await;
+    cluster.tick(&b).await;
+    let owner_is_a =
+        owner(&key, &[a.replica.id.clone(), b.replica.id.clone()]) == Some(&a.replica.id);
+    let (first, second) = if owner_is_a { (&a, &b) } else { (&b, &a) };
+    for _ in 0..2 {
+        cluster.tick(second).await;
+        cluster.tick(first).await;
+    }
+    assert!(
+        first.holds(&key),
+        "the key settled with the replica it hashes to"
+    );
+    // A rotation starts under this fencing number, then its replica pauses past its lease.
+    let tenure = first.fence_of(&key);
+    assert!(first.may_regenerate_as(&key, tenure).is_ok());
+    while !second.holds(&key) {
+        cluster.advance(second.renew_interval());
+        cluster.tick(second).await;
+    }
+    // Resumed: it drops the key, the other hands it back (it hashes to the first), it takes it again.
+    for _ in 0..3 {
+        cluster.tick(first).await;
+        cluster.tick(second).await;
+    }
+    cluster.tick(first).await;
+    assert!(first.holds(&key), "the key came back");
+    assert!(matches!(
+        first.may_regenerate_as(&key, tenure),
+        Err(FenceError::Changed { .. })
+    ));
+    assert!(
+        first.may_regenerate_as(&key, first.fence_of(&key)).is_ok(),
+        "a rotation started now may"
+    );
+}

@@ -1006,3 +1006,67 @@ async fn lease_traffic_of_three_replicas_with_300_keys_stays_under_20_requests_p
     let held = held_by(&rs, &world.keys()).await;
     assert!(held.values().all(|h| h.len() == 1));
 }
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_stalled_while_its_key_left_and_came_back_does_not_regenerate() {
+    let world = World::start(WorldOptions::default()).await;
+    // The subject's first rotation stalls right after preflight, before it records anything.
+    let (stalled, other) = subject_holding_k0(&world, "after_preflight=1*sleep(25000)").await;
+    let (stalled_id, other_id) = (id_of(&world, &stalled).await, id_of(&world, &other).await);
+    let rs = [&stalled, &other];
+
+    let (status, answer) = stalled.rotate("k0", "test: stalled after preflight").await;
+    assert_eq!(status, 202, "{answer}");
+    let rotation = answer["rotation_id"]
+        .as_str()
+        .expect("rotation_id")
+        .to_string();
+    eventually(Duration::from_secs(30), "preflight passed", || async {
+        let (_, record) = stalled
+            .daemon
+            .get(&format!("/v1/rotations/{rotation}"))
+            .await;
+        record["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["event"] == "preflight_ok"))
+    })
+    .await;
+    let (_, fence, _) = k0_doc(&world).await;
+    stalled.daemon.signal("STOP");
+
+    // The other replica takes k0 over and rotates it; resumed, the stalled replica gets it back
+    // (it hashes there) while its old rotation is still stalled.
+    wait_k0(&world, &rs, "k0 taken over", |(h, f, _)| {
+        *h == other_id && *f == fence + 1
+    })
+    .await;
+    let (status, answer) = other.rotate("k0", "test: rotated by the new holder").await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["rotation_id"].as_str().expect("rotation_id");
+    let record = other
+        .daemon
+        .wait_rotation(id, Duration::from_secs(60))
+        .await;
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    stalled.daemon.signal("CONT");
+    wait_k0(
+        &world,
+        &rs,
+        "k0 back with the stalled replica",
+        |(h, f, _)| *h == stalled_id && *f == fence + 2,
+    )
+    .await;
+
+    // The old rotation wakes up holding the key again, under a later fencing number: it was started
+    // under the first, and the key was rotated by another replica in between. No regenerate.
+    let record = stalled
+        .daemon
+        .wait_rotation(&rotation, Duration::from_secs(40))
+        .await;
+    assert_eq!(record["outcome"], "aborted", "{record:#}\n{}", logs(&rs));
+    assert_eq!(regenerations(&world, 0).await, 1, "{}", logs(&rs));
+    world.assert_consistent(0).await;
+    assert_every_regenerate_accounted(&world, 0, &rs).await;
+    world.assert_no_secret_leaked(&rs).await;
+}
