@@ -36,25 +36,6 @@ const RENEW: Duration = Duration::from_secs(2);
 const EVERY_5S: &str = "*/5 * * * * *";
 const PERIOD_S: i64 = 5;
 
-/// The live replica ids, as the replicas themselves see them: every membership document whose lease
-/// has not expired.
-async fn live_ids(world: &World) -> Vec<String> {
-    let now = Utc::now();
-    let mut ids = Vec::new();
-    for id in world.member_ids().await {
-        let Some(doc) = world.kv(&format!("{LEASES}/replicas/{id}")).await else {
-            continue;
-        };
-        let expires = doc["data"]["expires_at"]
-            .as_str()
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
-        if expires.is_some_and(|t| t > now) {
-            ids.push(id);
-        }
-    }
-    ids
-}
-
 /// The id of replica `r`, from its membership document (written before it reports ready).
 async fn id_of(world: &World, r: &Replica) -> String {
     let start = Instant::now();
@@ -72,19 +53,22 @@ async fn id_of(world: &World, r: &Replica) -> String {
     }
 }
 
-/// Starts candidates (with `spawn`) until one is the rendezvous owner, among the live replicas, of
-/// at least one key `wanted` accepts; returns it with those keys. A candidate that owns none holds
-/// none of them: it is killed, and its membership (live for one more ttl) changes no wanted key's
-/// owner, since it lost each to a replica still running.
+/// Starts candidates (with `spawn`) until one is the rendezvous owner, among itself and the replicas
+/// `running` (their ids), of at least one of `wanted`; returns it with those keys. A candidate that
+/// owns none is killed: it held none of them, and its membership (live for one more ttl) changes no
+/// wanted key's owner, since each went to a replica still running.
 async fn spawn_owner(
     world: &World,
     wanted: &[String],
+    running: &[String],
     spawn: impl AsyncFn() -> Replica,
 ) -> (Replica, Vec<String>) {
-    let (r, keys, rejected) = spawn_until(world, spawn, |id, live| {
+    let (r, keys, rejected) = spawn_until(world, spawn, |id| {
+        let mut all = running.to_vec();
+        all.push(id.clone());
         wanted
             .iter()
-            .filter(|k| owner(k, live) == Some(id))
+            .filter(|k| owner(k, &all) == Some(id))
             .cloned()
             .collect()
     })
@@ -96,20 +80,19 @@ async fn spawn_owner(
     (r, keys)
 }
 
-/// Starts candidates (with `spawn`) until `keys` (given the candidate's id and the live ids) names
-/// at least one key; returns the candidate, those keys and the rejected candidates (killed, kept for
-/// their audit logs: a key that hashed to one of them may have been rotated in its short life).
+/// Starts candidates (with `spawn`) until `keys` (given the candidate's id) names at least one key;
+/// returns the candidate, those keys and the rejected candidates (killed, kept for their audit logs:
+/// a key that hashed to one of them may have been rotated in its short life).
 async fn spawn_until(
     world: &World,
     spawn: impl AsyncFn() -> Replica,
-    keys: impl Fn(&String, &[String]) -> Vec<String>,
+    keys: impl Fn(&String) -> Vec<String>,
 ) -> (Replica, Vec<String>, Vec<Replica>) {
     let mut rejected = Vec::new();
     for _ in 0..16 {
         let r = spawn().await;
         let id = id_of(world, &r).await;
-        let live = live_ids(world).await;
-        let got = keys(&id, &live);
+        let got = keys(&id);
         if !got.is_empty() {
             return (r, got, rejected);
         }
@@ -365,7 +348,8 @@ async fn three_replicas_rotate_six_keys_once_per_due_time_each_held_by_one() {
 #[cfg(feature = "failpoints")]
 async fn subject_holding_k0(world: &World, failpoints: &str) -> (Replica, Replica) {
     let plain = world.replica().await;
-    let (subject, _) = spawn_owner(world, &["k0".to_string()], async || {
+    let running = [id_of(world, &plain).await];
+    let (subject, _) = spawn_owner(world, &["k0".to_string()], &running, async || {
         world.replica_with_env(&[("FAILPOINTS", failpoints)]).await
     })
     .await;
@@ -416,9 +400,10 @@ fn time(v: &Value) -> DateTime<Utc> {
         .unwrap_or_else(|| panic!("not a time: {v}"))
 }
 
-/// The take-over of `k0` from `from` happened within ttl plus one renewal interval after `from`'s
-/// lease expired, both as the replicas' own clocks recorded them (the taker's write of the key
-/// document; the membership document the old holder last renewed).
+/// The take-over of `k0` from `from` happened after `from`'s lease expired and within one renewal
+/// interval of it (so within ttl plus one renewal interval of its last renewal), with 2 s of slack for
+/// a loaded machine's scheduling; both times as the replicas' own clocks recorded them (the taker's
+/// write of the key document; the membership document the old holder last renewed).
 async fn assert_taken_over_in_time(world: &World, from: &str) {
     let doc = world.key_doc("k0").await;
     let member = world
@@ -433,7 +418,7 @@ async fn assert_taken_over_in_time(world: &World, from: &str) {
     );
     let late = (taken - expired).to_std().unwrap_or_default();
     assert!(
-        late <= RENEW + Duration::from_secs(1),
+        late <= RENEW + Duration::from_secs(2),
         "k0 taken over {late:?} after its holder's lease expired (renewal every {RENEW:?})"
     );
 }
@@ -696,10 +681,13 @@ async fn a_replica_cut_off_from_openbao_stops_while_another_takes_its_keys_over(
     .await;
     let keys = world.keys();
     let host = world.replica().await;
+    let running = [id_of(&world, &host).await];
     // Link 0 carries its traffic to OpenBao only; link 1 everything else (portals, moto, its API).
     let ns = Netns::new(2);
-    let (cut_off, its_keys) =
-        spawn_owner(&world, &keys, async || world.replica_in(&ns, 0, 1).await).await;
+    let (cut_off, its_keys) = spawn_owner(&world, &keys, &running, async || {
+        world.replica_in(&ns, 0, 1).await
+    })
+    .await;
     let rs = [&cut_off, &host];
     let ids = wait_settled(&world, &rs).await;
     // From its namespace it does its work: each of its keys rotated on schedule.
@@ -761,7 +749,7 @@ async fn a_replica_cut_off_from_openbao_stops_while_another_takes_its_keys_over(
     let (third, _, rejected) = spawn_until(
         &world,
         async || world.replica().await,
-        |id, _| {
+        |id| {
             let all = [cut_id.clone(), host_id.clone(), id.clone()];
             tried
                 .iter()
