@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(config_load provider_responses admin_request)
+    targets=(config_load provider_responses admin_request journal_load)
 fi
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

@@ -11,6 +11,7 @@
 //! - [`store`]: destinations (`vault` KV v2, `aws` Secrets Manager, `file`);
 //! - [`http_client`]: every HTTP client, built one way and shared between identical settings;
 //! - [`notify`]: dependents' reload hooks (HTTP, command) and verify probes;
+//! - [`limits`]: at most N requests at once per provider and per store, and a provider's cool-down;
 //! - [`journal`]: crash-safe per-key state, the state-dir lock, the audit log;
 //! - [`coordination`]: several replicas on a Vault lease (membership, rendezvous, fencing);
 //! - [`engine`]: one owner per key; the rotation as a pipeline of phases; recovery and reconcile
@@ -38,6 +39,7 @@ pub mod daemon;
 pub mod engine;
 pub mod http_client;
 pub mod journal;
+pub mod limits;
 pub mod notify;
 pub mod provider;
 pub mod schedule;

@@ -1729,6 +1729,7 @@ mod tests {
             stores: BTreeMap::new(),
             keys: vec![scheduled, manual],
             coordination: None,
+            limits: Default::default(),
             warnings: Vec::new(),
         };
         let table = plan_table(&config, utc("2027-03-24T00:00:00Z"), 2);

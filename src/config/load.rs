@@ -387,10 +387,18 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         base_dir,
     };
     let daemon = daemon(&mut c, raw.daemon);
+    let mut limits = BTreeMap::new();
     let providers: BTreeMap<String, ProviderConfig> = raw
         .providers
         .into_iter()
         .filter_map(|(name, p)| {
+            limit(
+                &mut c,
+                &mut limits,
+                "providers",
+                &name,
+                p.max_concurrent_requests(),
+            );
             let built = provider(&mut c, &name, p)?;
             Some((name, built))
         })
@@ -399,6 +407,13 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         .stores
         .into_iter()
         .filter_map(|(name, s)| {
+            limit(
+                &mut c,
+                &mut limits,
+                "stores",
+                &name,
+                s.max_concurrent_requests(),
+            );
             let built = store(&mut c, &name, s)?;
             Some((name, built))
         })
@@ -536,8 +551,29 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         stores,
         keys,
         coordination,
+        limits,
         warnings: c.warnings,
     })
+}
+
+/// A provider's or store's `max_concurrent_requests`: at least 1 when given.
+fn limit(
+    c: &mut Check,
+    limits: &mut BTreeMap<String, usize>,
+    section: &str,
+    name: &str,
+    given: Option<usize>,
+) {
+    match given {
+        Some(0) => c.problem(
+            format!("{section}.{name}.max_concurrent_requests"),
+            "must be at least 1",
+        ),
+        Some(n) => {
+            limits.insert(name.to_string(), n);
+        }
+        None => {}
+    }
 }
 
 /// True when every one of the next runs had to be moved into the window: the runs with and without

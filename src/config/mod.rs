@@ -27,6 +27,9 @@ pub struct Config {
     pub stores: BTreeMap<String, StoreConfig>,
     pub keys: Vec<KeyConfig>,
     pub coordination: Option<CoordinationConfig>,
+    /// `max_concurrent_requests` of the providers and stores that set it, by name; the others get
+    /// the defaults of `crate::limits`.
+    pub limits: BTreeMap<String, usize>,
     /// Things worth saying that do not make the config invalid (manual-only keys, a schedule whose runs
     /// all fall outside the window, an `http` provider without `status`...). `check-config` prints them.
     pub warnings: Vec<String>,

@@ -79,6 +79,7 @@ pub struct RawAosProvider {
     pub client_key: Option<PathBuf>,
     pub max_retry_after: Option<String>,
     pub allow_insecure_http: Option<Flag>,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -104,6 +105,7 @@ pub struct RawHttpProvider {
     pub client_key: Option<PathBuf>,
     pub max_retry_after: Option<String>,
     pub allow_insecure_http: Option<Flag>,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +166,7 @@ pub struct RawVaultStore {
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub allow_insecure_http: Option<Flag>,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,12 +184,14 @@ pub struct RawAwsStore {
     pub endpoint_url: Option<String>,
     pub timeout: Option<String>,
     pub ca_file: Option<PathBuf>,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFileStore {
     pub dir: PathBuf,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +201,25 @@ pub struct RawCoordination {
     pub store: String,
     pub path: Option<String>,
     pub ttl: Option<String>,
+}
+
+impl RawProvider {
+    pub fn max_concurrent_requests(&self) -> Option<usize> {
+        match self {
+            RawProvider::Aos(p) => p.max_concurrent_requests,
+            RawProvider::Http(p) => p.max_concurrent_requests,
+        }
+    }
+}
+
+impl RawStore {
+    pub fn max_concurrent_requests(&self) -> Option<usize> {
+        match self {
+            RawStore::Vault(s) => s.max_concurrent_requests,
+            RawStore::Aws(s) => s.max_concurrent_requests,
+            RawStore::File(s) => s.max_concurrent_requests,
+        }
+    }
 }
 
 /// One `[[keys]]` entry.

@@ -27,7 +27,7 @@ pub struct Doc {
 #[derive(Clone)]
 pub enum Kv {
     /// The KV v2 mount of a configured Vault store.
-    Vault(Arc<crate::store::Store>),
+    Vault(Arc<crate::limits::Limited<crate::store::Store>>),
     #[cfg(feature = "testing")]
     Memory(Arc<memory::MemoryKv>),
 }
@@ -36,7 +36,7 @@ impl Kv {
     /// The document at `path`, or `None` when there is none (or only a deleted version).
     pub async fn read(&self, path: &str) -> Result<Option<Doc>, KvError> {
         match self {
-            Kv::Vault(v) => match &**v {
+            Kv::Vault(v) => match &***v {
                 crate::store::Store::Vault(v) => v.doc_read(path).await,
                 _ => Err(KvError::Unavailable(
                     "the coordination store is not a vault store".into(),
@@ -51,7 +51,7 @@ impl Kv {
     /// new version.
     pub async fn write(&self, path: &str, value: &Value, cas: u64) -> Result<u64, KvError> {
         match self {
-            Kv::Vault(v) => match &**v {
+            Kv::Vault(v) => match &***v {
                 crate::store::Store::Vault(v) => v.doc_write(path, value, cas).await,
                 _ => Err(KvError::Unavailable(
                     "the coordination store is not a vault store".into(),
@@ -65,7 +65,7 @@ impl Kv {
     /// The names directly under `dir`.
     pub async fn list(&self, dir: &str) -> Result<Vec<String>, KvError> {
         match self {
-            Kv::Vault(v) => match &**v {
+            Kv::Vault(v) => match &***v {
                 crate::store::Store::Vault(v) => v.doc_list(dir).await,
                 _ => Err(KvError::Unavailable(
                     "the coordination store is not a vault store".into(),
@@ -79,7 +79,7 @@ impl Kv {
     /// Removes the document at `path` and its history.
     pub async fn delete(&self, path: &str) -> Result<(), KvError> {
         match self {
-            Kv::Vault(v) => match &**v {
+            Kv::Vault(v) => match &***v {
                 crate::store::Store::Vault(v) => v.doc_delete(path).await,
                 _ => Err(KvError::Unavailable(
                     "the coordination store is not a vault store".into(),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::config::{DependentConfig, KeyConfig, ReloadHook, VerifyConfig};
+use crate::limits::Limited;
 use crate::notify::{HookError, Notifier, Probe, ReloadNotice};
 use crate::provider::{AuthIdentity, KeyStatus, Provider, ProviderError, Regenerated};
 use crate::secret::Secret;
@@ -31,9 +32,13 @@ fn count(
     metrics.provider_request(provider.name(), op, outcome);
 }
 
-pub async fn status(metrics: &Metrics, provider: &Provider) -> Result<KeyStatus, ProviderError> {
+pub async fn status(
+    metrics: &Metrics,
+    provider: &Limited<Provider>,
+) -> Result<KeyStatus, ProviderError> {
+    let _permit = provider.enter().await;
     let r = provider.status().await;
-    count(
+    settle(
         metrics,
         provider,
         ProviderOperation::Status,
@@ -45,15 +50,14 @@ pub async fn status(metrics: &Metrics, provider: &Provider) -> Result<KeyStatus,
 /// Status with a few retries for transient errors and rate limits.
 pub async fn status_retrying(
     metrics: &Metrics,
-    provider: &Provider,
+    provider: &Limited<Provider>,
 ) -> Result<KeyStatus, ProviderError> {
     let mut attempt = 0;
     loop {
         match status(metrics, provider).await {
             Ok(s) => return Ok(s),
-            Err(ProviderError::RateLimited { retry_after, .. }) if attempt < 4 => {
-                tokio::time::sleep(retry_after).await
-            }
+            // The provider's cool-down (set by `settle`) holds the next attempt back.
+            Err(ProviderError::RateLimited { .. }) if attempt < 4 => {}
             Err(ProviderError::Transient { .. }) if attempt < 4 => {
                 tokio::time::sleep(backoff(attempt)).await
             }
@@ -66,11 +70,12 @@ pub async fn status_retrying(
 /// `Ok(Some)` when the secret is the provider's active key, `Ok(None)` when refused.
 pub async fn auth_check(
     metrics: &Metrics,
-    provider: &Provider,
+    provider: &Limited<Provider>,
     secret: &Secret,
 ) -> Result<Option<AuthIdentity>, ProviderError> {
+    let _permit = provider.enter().await;
     let r = provider.auth_check(secret).await;
-    count(
+    settle(
         metrics,
         provider,
         ProviderOperation::AuthCheck,
@@ -81,18 +86,33 @@ pub async fn auth_check(
 
 pub async fn regenerate(
     metrics: &Metrics,
-    provider: &Provider,
+    provider: &Limited<Provider>,
     reason: &str,
     current_key_id: Option<&str>,
 ) -> Result<Regenerated, ProviderError> {
+    let _permit = provider.enter().await;
     let r = provider.regenerate(reason, current_key_id).await;
-    count(
+    settle(
         metrics,
         provider,
         ProviderOperation::Regenerate,
         r.as_ref().err(),
     );
     r
+}
+
+/// Counts a call and, when the provider asked to slow down (429), holds back every request to it —
+/// and only to it — for the `Retry-After` its client allowed (`max_retry_after`).
+fn settle(
+    metrics: &Metrics,
+    provider: &Limited<Provider>,
+    op: ProviderOperation,
+    err: Option<&ProviderError>,
+) {
+    if let Some(ProviderError::RateLimited { retry_after, .. }) = err {
+        provider.cool_down(*retry_after);
+    }
+    count(metrics, provider, op, err);
 }
 
 /// How dependents are reached: over the network, or (tests) scripted in memory.
@@ -112,8 +132,10 @@ impl Default for Dependents {
 impl Dependents {
     /// Keeps `secret` out of every command hook's output excerpt from now on.
     pub fn mask(&self, secret: &crate::secret::Secret) {
-        if let Dependents::Real(n) = self {
-            n.mask_also(secret);
+        match self {
+            Dependents::Real(n) => n.mask_also(secret),
+            #[cfg(feature = "testing")]
+            Dependents::Scripted(_) => {}
         }
     }
 

@@ -22,8 +22,9 @@ use super::fill;
 use super::record::{DestinationView, EventKind};
 use super::rotation::Rotation;
 use crate::config::{DependentConfig, DestinationConfig, KeyConfig};
+use crate::limits::Limited;
 use crate::secret::Secret;
-use crate::store::{Store, StoreError, StoreErrorKind, WriteRequest};
+use crate::store::{Prepared, Store, StoreError, StoreErrorKind, WriteRequest};
 use crate::telemetry::{Metrics, Outcome};
 
 /// The identity of the key being distributed.
@@ -108,9 +109,10 @@ pub struct WriteCount<'a> {
 /// eventually consistent: a dependent must never reload into the old value), retrying with backoff
 /// until `deadline`. Every attempt is counted. Returns the store's version of the value.
 pub async fn write_and_confirm(
-    store: &Store,
+    store: &Limited<Store>,
     d: &DestinationConfig,
     req: &WriteRequest<'_>,
+    prepared: &Prepared,
     deadline: Instant,
     count: &WriteCount<'_>,
 ) -> Result<Option<String>, String> {
@@ -122,7 +124,11 @@ pub async fn write_and_confirm(
         {
             return Err(format!("not written: {e}"));
         }
-        match tokio::time::timeout_at(deadline, write_once(store, d, req)).await {
+        let attempt_once = async {
+            let _permit = store.enter().await;
+            write_once(store, d, req, prepared).await
+        };
+        match tokio::time::timeout_at(deadline, attempt_once).await {
             Ok(Ok(version)) => {
                 count.metrics.store_write(count.key, &d.store, true);
                 return Ok(version);
@@ -151,8 +157,9 @@ async fn write_once(
     store: &Store,
     d: &DestinationConfig,
     req: &WriteRequest<'_>,
+    prepared: &Prepared,
 ) -> Result<Option<String>, StoreError> {
-    let version = store.write(&d.target, req).await?;
+    let version = store.write_prepared(&d.target, req, prepared).await?;
     let mut reads = 0;
     loop {
         match store.read_back(&d.target).await? {
@@ -173,7 +180,12 @@ async fn write_once(
 
 /// Store, notify and verify. `secret` None = every destination already holds the key (a resumed
 /// notify): only the hooks run.
-pub async fn run(r: &Rotation, secret: Option<&Secret>, ident: &Ident) -> Distribution {
+pub async fn run(
+    r: &Rotation,
+    secret: Option<&Secret>,
+    ident: &Ident,
+    prepared: &[Prepared],
+) -> Distribution {
     r.show_phase();
     let deadline = Instant::now() + r.key.store_deadline;
     // Shutdown waits for the key to reach its destinations (and the hooks a little longer).
@@ -182,10 +194,10 @@ pub async fn run(r: &Rotation, secret: Option<&Secret>, ident: &Ident) -> Distri
     let write_req = secret.map(|s| write_request(r, s, ident));
     let (verify, mut progress) = tokio::join!(
         verify(r, secret, ident),
-        store_and_notify(r, write_req.as_ref(), ident, deadline)
+        store_and_notify(r, write_req.as_ref(), ident, deadline, prepared)
     );
     if let Some(req) = &write_req {
-        after_writes(r, &progress.confirmed, req).await;
+        after_writes(r, &progress.confirmed, req, prepared).await;
     }
     progress.untold_hooks_failed(r);
     report_verify(r, verify, ident);
@@ -249,12 +261,28 @@ async fn verify(r: &Rotation, secret: Option<&Secret>, ident: &Ident) -> VerifyR
                 }
                 return VerifyResult::Ok;
             }
-            Ok(None) => return VerifyResult::Drift,
+            Ok(None) => return refused(r, ident).await,
             Err(_) if attempt < 4 => tokio::time::sleep(backoff(attempt)).await,
             Err(_) => {}
         }
     }
     VerifyResult::Unknown
+}
+
+/// The provider's auth check refused the new key. That is drift — someone rotated in between —
+/// unless the provider's status names the very key just issued as its active one: then it is the
+/// auth check that is wrong, and a re-rotation would only destroy another good key.
+async fn refused(r: &Rotation, ident: &Ident) -> VerifyResult {
+    if r.provider.has_status()
+        && let Ok(s) = calls::status_retrying(&r.engine.metrics, &r.provider).await
+    {
+        r.engine.set_status(&r.slot, &s);
+        if s.key_id == ident.key_id {
+            tracing::warn!(key_id = %ident.key_id, "The provider's auth check refuses the key its status names as active: not treated as drift.");
+            return VerifyResult::Unknown;
+        }
+    }
+    VerifyResult::Drift
 }
 
 fn report_verify(r: &Rotation, verify: VerifyResult, ident: &Ident) {
@@ -351,6 +379,7 @@ async fn store_and_notify(
     req: Option<&WriteRequest<'_>>,
     ident: &Ident,
     deadline: Instant,
+    prepared: &[Prepared],
 ) -> Progress {
     let n = r.key.destinations.len();
     let mut p = Progress {
@@ -367,13 +396,15 @@ async fn store_and_notify(
         key: &r.key.name,
         coordination: r.engine.coordination.as_deref(),
     };
+    let none = Prepared::none();
     let mut writes: FuturesUnordered<_> = FuturesUnordered::new();
     if let Some(req) = req {
         for (i, d) in r.key.destinations.iter().enumerate() {
             let count = &count;
+            let prepared = prepared.get(i).unwrap_or(&none);
             writes.push(async move {
                 let result = match r.rt.store(&d.store) {
-                    Ok(store) => write_and_confirm(store, d, req, deadline, count).await,
+                    Ok(store) => write_and_confirm(store, d, req, prepared, deadline, count).await,
                     Err(e) => Err(e.to_string()),
                 };
                 (i, result)
@@ -386,13 +417,18 @@ async fn store_and_notify(
         rotated_at: ident.issued_at,
     };
     let mut hooks = FuturesUnordered::new();
+    // The journal's `notify` record is written beside the hooks, not before them: a crash before it
+    // lands leaves `storing`, which recovery resolves the same way (copy from a holder, notify).
+    let mut journal = FuturesUnordered::new();
     let mut journaled = false;
     loop {
         if !journaled && p.confirmed.iter().any(|c| *c) {
             journaled = true;
-            let _ = r.engine.commit(&r.slot, |j| j.first_confirmed()).await;
-            fail::fail_point!("after_first_store");
-            r.show_phase();
+            journal.push(async {
+                let _ = r.engine.commit(&r.slot, |j| j.first_confirmed()).await;
+                fail::fail_point!("after_first_store");
+                r.show_phase();
+            });
         }
         for (di, dep) in r.key.dependents.iter().enumerate() {
             if dep.reload.is_some() && !p.hook_started[di] && can_tell(&r.key, dep, &p.confirmed) {
@@ -407,6 +443,7 @@ async fn store_and_notify(
         tokio::select! {
             Some((i, result)) = writes.next(), if !writes.is_empty() => p.record_write(r, i, result),
             Some((di, ok)) = hooks.next(), if !hooks.is_empty() => p.record_hook(r, di, ok),
+            Some(()) = journal.next(), if !journal.is_empty() => {}
             else => break,
         }
     }
@@ -415,18 +452,29 @@ async fn store_and_notify(
 
 /// Each confirmed destination's follow-up (AWS tags). A failure is logged only: the value is stored;
 /// what is missing is metadata, which the next write sets again.
-pub async fn after_writes(r: &Rotation, confirmed: &[bool], req: &WriteRequest<'_>) {
+pub async fn after_writes(
+    r: &Rotation,
+    confirmed: &[bool],
+    req: &WriteRequest<'_>,
+    prepared: &[Prepared],
+) {
+    let none = Prepared::none();
     let follow_ups = r
         .key
         .destinations
         .iter()
         .zip(confirmed)
-        .filter(|(_, ok)| **ok)
-        .map(|(d, _)| async move {
-            if let Ok(store) = r.rt.store(&d.store)
-                && let Err(e) = store.after_write(&d.target, req).await
-            {
-                tracing::warn!(store = %d.store, error = %e, "Follow-up after the write failed (value stored; metadata missing).");
+        .enumerate()
+        .filter(|(_, (_, ok))| **ok)
+        .map(|(i, (d, _))| {
+            let prepared = prepared.get(i).unwrap_or(&none);
+            async move {
+                let Ok(store) = r.rt.store(&d.store) else { return };
+                let _permit = store.enter().await;
+                if let Err(e) = store.after_write(&d.target, req, prepared).await
+                {
+                    tracing::warn!(store = %d.store, error = %e, "Follow-up after the write failed (value stored; metadata missing).");
+                }
             }
         });
     futures::future::join_all(follow_ups).await;

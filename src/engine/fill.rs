@@ -16,7 +16,7 @@ use super::slot::KeySlot;
 use super::{Engine, Runtime};
 use crate::config::KeyConfig;
 use crate::secret::Secret;
-use crate::store::WriteRequest;
+use crate::store::{Prepared, WriteRequest};
 
 /// How long the fill keeps trying before leaving the rest to reconcile.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(3600);
@@ -103,7 +103,8 @@ impl Fill {
                 continue;
             };
             let deadline = Instant::now() + self.key.store_deadline;
-            if write_and_confirm(store, d, &req, deadline, &count)
+            let none = Prepared::none();
+            if write_and_confirm(store, d, &req, &none, deadline, &count)
                 .await
                 .is_err()
             {
@@ -111,7 +112,7 @@ impl Fill {
             }
             self.confirmed[i] = true;
             tracing::info!(store = %d.store, "Destination filled after the deadline.");
-            if let Err(e) = store.after_write(&d.target, &req).await {
+            if let Err(e) = store.after_write(&d.target, &req, &none).await {
                 tracing::warn!(store = %d.store, error = %e, "Follow-up after the write failed (value stored; metadata missing).");
             }
             self.tell_waiting(&d.store).await;

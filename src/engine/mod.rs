@@ -47,6 +47,7 @@ use crate::config::{Config, KeyConfig};
 use crate::coordination::kv::Kv;
 use crate::coordination::{Coordinator, Replica};
 use crate::journal::{AuditEvent, AuditLog, AuditRecord, Journal, JournalError, KeyJournal};
+use crate::limits::{DEFAULT_PROVIDER_REQUESTS, DEFAULT_STORE_REQUESTS, Limited};
 use crate::provider::{KeyStatus, Provider};
 use crate::store::Store;
 use crate::telemetry::{Metrics, Outcome, RerotationReason};
@@ -180,19 +181,24 @@ pub enum TriggerError {
 /// rotation keeps the one it started with.
 pub struct Runtime {
     pub config: Arc<Config>,
-    pub providers: HashMap<String, Arc<Provider>>,
-    pub stores: HashMap<String, Arc<Store>>,
+    pub providers: HashMap<String, Arc<Limited<Provider>>>,
+    pub stores: HashMap<String, Arc<Limited<Store>>>,
 }
 
 impl Runtime {
     pub async fn build(config: Arc<Config>) -> anyhow::Result<Runtime> {
         let mut providers = HashMap::new();
+        let limit_of = |name: &str, default| config.limits.get(name).copied().unwrap_or(default);
         for (name, pc) in &config.providers {
-            providers.insert(name.clone(), Arc::new(Provider::build(name, pc)?));
+            let limit = limit_of(name, DEFAULT_PROVIDER_REQUESTS);
+            let provider = Limited::new(Provider::build(name, pc)?, limit);
+            providers.insert(name.clone(), Arc::new(provider));
         }
         let mut stores = HashMap::new();
         for (name, sc) in &config.stores {
-            stores.insert(name.clone(), Arc::new(Store::build(name, sc).await?));
+            let limit = limit_of(name, DEFAULT_STORE_REQUESTS);
+            let store = Limited::new(Store::build(name, sc).await?, limit);
+            stores.insert(name.clone(), Arc::new(store));
         }
         Ok(Runtime {
             config,
@@ -201,14 +207,14 @@ impl Runtime {
         })
     }
 
-    pub fn provider(&self, key: &KeyConfig) -> anyhow::Result<&Arc<Provider>> {
+    pub fn provider(&self, key: &KeyConfig) -> anyhow::Result<&Arc<Limited<Provider>>> {
         // Validation guarantees the name exists; a miss is a bug worth a clear error, not a panic.
         self.providers.get(&key.provider).ok_or_else(|| {
             anyhow::anyhow!("{}: provider {} is not configured", key.name, key.provider)
         })
     }
 
-    pub fn store(&self, name: &str) -> anyhow::Result<&Arc<Store>> {
+    pub fn store(&self, name: &str) -> anyhow::Result<&Arc<Limited<Store>>> {
         self.stores
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("store {name} is not configured"))
@@ -507,7 +513,18 @@ impl Engine {
     async fn persist(&self, j: &KeyJournal) -> Result<(), JournalError> {
         match &self.coordination {
             Some(c) => c.write_journal(&j.key, j).await,
-            None => self.journal.store(j, self.clock.now()),
+            // The fsyncs run on the blocking pool, so a rotation's other work goes on meanwhile.
+            None => {
+                let (journal, j, now) = (self.journal.clone(), j.clone(), self.clock.now());
+                tokio::task::spawn_blocking(move || journal.store(&j, now))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(JournalError::Io {
+                            path: "journal".into(),
+                            reason: e.to_string(),
+                        })
+                    })
+            }
         }
     }
 

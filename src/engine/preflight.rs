@@ -11,12 +11,14 @@ use super::rotation::Rotation;
 use crate::config::{DependentConfig, DestinationConfig};
 use crate::notify::Probe;
 use crate::provider::{KeyStatus, ProviderError};
-use crate::store::StoreError;
+use crate::store::Prepared;
 
 pub struct Preflight {
     pub status: Option<KeyStatus>,
     pub findings: Vec<String>,
     pub problems: Vec<String>,
+    /// Per destination, what its store read ahead for the write (one round trip on the outage path).
+    pub prepared: Vec<Prepared>,
 }
 
 /// How many of the key's destinations must be writable.
@@ -32,6 +34,7 @@ pub async fn run(r: &Rotation) -> Preflight {
         status: None,
         findings: Vec::new(),
         problems: Vec::new(),
+        prepared: Vec::new(),
     };
     if !r.req.force && !rerotation {
         gates(r, &mut p);
@@ -78,26 +81,39 @@ async fn read_status(r: &Rotation) -> Option<Result<KeyStatus, ProviderError>> {
     }
 }
 
-/// Each destination's preflight; a writable one's finding says how long its credential lasts.
-async fn check_destinations(r: &Rotation) -> Vec<(&DestinationConfig, Result<String, String>)> {
+/// Each destination's preflight, then its store's read-ahead for the write; a writable one's
+/// finding says how long its credential lasts.
+async fn check_destinations(r: &Rotation) -> Vec<(&DestinationConfig, Checked)> {
     let now = r.engine.clock.now();
     futures::future::join_all(r.key.destinations.iter().map(|d| async move {
         let result = match r.rt.store(&d.store) {
-            Ok(s) => s
-                .preflight(&d.target)
-                .await
-                .map(|()| {
-                    s.credential_status()
+            Ok(s) => match async {
+                let _permit = s.enter().await;
+                s.preflight(&d.target).await
+            }
+            .await
+            {
+                Ok(()) => {
+                    let credential = s
+                        .credential_status()
                         .map(|c| format!(", {}", c.summary(now)))
-                        .unwrap_or_default()
-                })
-                .map_err(|e: StoreError| e.to_string()),
+                        .unwrap_or_default();
+                    // A read-ahead that fails is no problem: the write then reads for itself.
+                    let _permit = s.enter().await;
+                    let prepared = s.prepare(&d.target).await.unwrap_or_default();
+                    Ok((credential, prepared))
+                }
+                Err(e) => Err(e.to_string()),
+            },
             Err(e) => Err(e.to_string()),
         };
         (d, result)
     }))
     .await
 }
+
+/// A destination's preflight: its finding's credential note and read-ahead, or its problem.
+type Checked = Result<(String, Prepared), String>;
 
 async fn probe_dependents(r: &Rotation, rerotation: bool) -> Vec<(&DependentConfig, Probe)> {
     if rerotation {
@@ -145,22 +161,27 @@ fn judge_status(
     }
 }
 
-fn judge_destinations(
-    stores: Vec<(&DestinationConfig, Result<String, String>)>,
-    need: Need,
-    p: &mut Preflight,
-) {
+fn judge_destinations(stores: Vec<(&DestinationConfig, Checked)>, need: Need, p: &mut Preflight) {
     let writable = stores.iter().filter(|(_, r)| r.is_ok()).count();
     for (d, result) in stores {
-        match result {
-            Ok(credential) => p
-                .findings
-                .push(format!("{} ({}) writable{credential}", d.store, d.target)),
-            Err(e) if need == Need::AtLeastOne => p.findings.push(format!(
-                "destination {e} (filled later: one writable destination is enough)"
-            )),
-            Err(e) => p.problems.push(format!("destination {e}")),
-        }
+        let prepared = match result {
+            Ok((credential, prepared)) => {
+                p.findings
+                    .push(format!("{} ({}) writable{credential}", d.store, d.target));
+                prepared
+            }
+            Err(e) if need == Need::AtLeastOne => {
+                p.findings.push(format!(
+                    "destination {e} (filled later: one writable destination is enough)"
+                ));
+                Prepared::none()
+            }
+            Err(e) => {
+                p.problems.push(format!("destination {e}"));
+                Prepared::none()
+            }
+        };
+        p.prepared.push(prepared);
     }
     if need == Need::AtLeastOne && writable == 0 {
         p.problems

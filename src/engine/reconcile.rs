@@ -150,7 +150,7 @@ pub async fn observe(
 /// The fingerprint of the first distinct value that authenticates as the active key.
 async fn adopt(
     metrics: &Metrics,
-    provider: &crate::provider::Provider,
+    provider: &crate::limits::Limited<crate::provider::Provider>,
     values: &[Read],
     active_key_id: Option<&str>,
 ) -> Option<String> {

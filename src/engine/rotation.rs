@@ -21,6 +21,7 @@ use super::{
 };
 use crate::config::KeyConfig;
 use crate::journal::{AuditEvent, AuditRecord, Failure, Keys, RotationMeta};
+use crate::limits::Limited;
 use crate::provider::Provider;
 use crate::secret::{Secret, fingerprint};
 use crate::telemetry::{Outcome, RerotationReason};
@@ -40,7 +41,7 @@ pub struct Rotation {
     pub engine: Arc<Engine>,
     pub rt: Arc<Runtime>,
     pub key: Arc<KeyConfig>,
-    pub provider: Arc<Provider>,
+    pub provider: Arc<Limited<Provider>>,
     pub req: RotationRequest,
     pub meta: RotationMeta,
     pub slot: Arc<KeySlot>,
@@ -161,8 +162,9 @@ impl Rotation {
         if let Some(resume) = self.req.resume.take() {
             return self.resume(resume).await;
         }
-        let pre = preflight::run(&self).await;
+        let mut pre = preflight::run(&self).await;
         lock(&self.record).preflight = pre.findings.clone();
+        let prepared = std::mem::take(&mut pre.prepared);
         if self.req.dry_run {
             return self.dry_run(pre);
         }
@@ -186,8 +188,9 @@ impl Rotation {
                 }
                 other => return self.not_issued(other, cause.is_some(), before).await,
             };
-            let dist = distribute::run(&self, Some(&issued.secret), &issued.ident).await;
+            let dist = distribute::run(&self, Some(&issued.secret), &issued.ident, &prepared).await;
             let old_key_id = before.as_ref().map(|s| s.key_id.as_str());
+            self.audit_regenerated(&issued.ident, old_key_id);
             self.audit_distribution(&dist, &issued.ident, old_key_id);
             match judge(&dist) {
                 Next::Done(outcome) => return self.conclude(outcome, issued.ident, dist).await,
@@ -300,6 +303,7 @@ impl Rotation {
                 self.key.max_regenerations_per_day
             ));
         }
+        self.respect_write_rates().await;
         self.engine.metrics.rerotation(&self.key.name, reason);
         self.engine.audit(AuditRecord::rerotation(
             &self.key.name,
@@ -310,6 +314,30 @@ impl Rotation {
         ));
         self.event(EventKind::Rerotation, format!("reason {reason}"));
         Ok(())
+    }
+
+    /// A re-rotation loop must not hammer a store that asks for few writes per secret (AWS): wait
+    /// until every destination may take another value, saying why. Shutdown ends the wait.
+    async fn respect_write_rates(&self) {
+        let wait = self
+            .key
+            .destinations
+            .iter()
+            .filter_map(|d| Some(self.rt.store(&d.store).ok()?.wait_before_write(&d.target)))
+            .max()
+            .unwrap_or_default();
+        if wait.is_zero() {
+            return;
+        }
+        tracing::warn!(wait = ?wait, "Re-rotation waits: a destination has had several new values in the last 10 minutes (AWS advises at most one PutSecretValue per secret per 10 minutes).");
+        self.event(
+            EventKind::Retry,
+            format!("waiting {wait:?} before re-rotating: a destination's write rate limit"),
+        );
+        tokio::select! {
+            _ = self.engine.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 
     /// Recovery or reconcile resumes at notify with a key a destination holds.
@@ -352,7 +380,7 @@ impl Rotation {
             issued_at: self.engine.clock.now(),
             responded: Instant::now(),
         };
-        let dist = distribute::run(&self, secret.as_ref(), &ident).await;
+        let dist = distribute::run(&self, secret.as_ref(), &ident, &[]).await;
         let outcome = dist.outcome();
         let end = End::Concluded {
             outcome,
@@ -410,6 +438,20 @@ impl Rotation {
             AuditRecord::drift(&self.key.name, Some(self.meta.rotation_id), keys, why, now);
         record.trigger = Some(self.meta.trigger);
         self.engine.audit(record);
+    }
+
+    /// The `regenerated` audit record, written once the window is over (every audit record is fsynced).
+    fn audit_regenerated(&self, ident: &Ident, old_key_id: Option<&str>) {
+        self.engine.audit(AuditRecord::regenerated(
+            &self.key.name,
+            &self.meta,
+            Keys {
+                old_key_id,
+                new_key_id: Some(&ident.key_id),
+                fingerprint: Some(&ident.fingerprint),
+            },
+            ident.issued_at,
+        ));
     }
 
     /// The audit trail of a distribution: `stored` per confirmed destination, `notified` per hook that

@@ -15,6 +15,7 @@ use super::slot::KeySlot;
 use super::{Engine, RotationRequest, Trigger, lock};
 use crate::config::{DependentConfig, KeyConfig, VerifyConfig};
 use crate::journal::{AuditRecord, Keys};
+use crate::limits::Limited;
 use crate::notify::Probe;
 use crate::provider::Provider;
 use crate::telemetry::{CheckResult, RerotationReason};
@@ -27,7 +28,7 @@ const WATCH_FAILURES_BEFORE_RESEND: u32 = 3;
 struct Watch {
     engine: Arc<Engine>,
     key: Arc<KeyConfig>,
-    provider: Arc<Provider>,
+    provider: Arc<Limited<Provider>>,
     slot: Arc<KeySlot>,
     record: Arc<Mutex<RotationRecord>>,
     rotation_id: Uuid,

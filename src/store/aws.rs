@@ -13,8 +13,9 @@
 //! `PutSecretValue` (last writer wins). Keys sharing one AWS secret should not be rotated by two
 //! writers at once; the read-back of the store phase catches the case where our own field was lost.
 //!
-//! Responses larger than [`MAX_RESPONSE`] (by their Content-Length) are refused before the SDK reads
-//! them; JSON objects read from a secret are wiped once used.
+//! Responses larger than [`MAX_RESPONSE`] are refused: by their Content-Length before the SDK reads
+//! them, and as they arrive when they have none (a chunked body is cut off at the cap); JSON objects
+//! read from a secret are wiped once used.
 //!
 //! Credentials come from the standard AWS chain ([`AwsStore::new`]); tests and embedders that hold
 //! an `SdkConfig` of their own use [`AwsStore::with_sdk_config`].
@@ -22,15 +23,20 @@
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_secretsmanager::Client;
 use aws_sdk_secretsmanager::config::http::HttpResponse;
-use aws_sdk_secretsmanager::config::interceptors::BeforeDeserializationInterceptorContextRef;
+use aws_sdk_secretsmanager::config::interceptors::{
+    BeforeDeserializationInterceptorContextMut, BeforeDeserializationInterceptorContextRef,
+};
 use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
 use aws_sdk_secretsmanager::config::{ConfigBag, Intercept, Region, RuntimeComponents};
 use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::types::Tag;
+use aws_smithy_types::body::SdkBody;
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value};
 
-use super::{StoreError, StoreErrorKind, StoredValue, WriteRequest};
+use tokio::time::Instant;
+
+use super::{Prepared, PreparedInner, StoreError, StoreErrorKind, StoredValue, WriteRequest};
 use crate::config::{AwsStoreConfig, DestinationTarget};
 use crate::secret::{Secret, fingerprint_bytes};
 
@@ -43,14 +49,23 @@ pub const TAG_FENCE: &str = "keyrotd:fence";
 pub struct AwsStore {
     name: String,
     client: Client,
+    /// When each secret was last given a new value by keyrotd (the most recent few).
+    writes:
+        std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Instant>>>,
 }
+
+/// AWS advises about one `PutSecretValue` per secret per 10 minutes at most: keyrotd allows a few
+/// (a rotation and a re-rotation or two) before a re-rotation waits.
+pub const WRITES_PER_WINDOW: usize = 3;
+pub const WRITE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The largest response accepted from Secrets Manager. A secret value is at most 64 KiB; with its
 /// JSON envelope an answer stays far below this.
 pub const MAX_RESPONSE: u64 = 1 << 20;
 
-/// Refuses a response whose declared length is over [`MAX_RESPONSE`] before its body is read. (The
-/// SDK reads bodies whole and offers no streaming cap; a body without a length is read as it comes.)
+/// Refuses a response whose declared length is over [`MAX_RESPONSE`] before its body is read, and
+/// caps the body of one that declares none: the SDK reads bodies whole, so a chunked answer would
+/// otherwise be read to its end, however long.
 #[derive(Debug)]
 struct ResponseCap;
 
@@ -77,6 +92,20 @@ impl Intercept for ResponseCap {
             }
             _ => Ok(()),
         }
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let response = context.response_mut();
+        let body = response.take_body();
+        *response.body_mut() = body.map(|b| {
+            SdkBody::from_body_1_x(http_body_util::Limited::new(b, MAX_RESPONSE as usize))
+        });
+        Ok(())
     }
 }
 
@@ -124,6 +153,7 @@ impl AwsStore {
         Ok(Self {
             name: name.into(),
             client: Client::from_conf(conf),
+            writes: Default::default(),
         })
     }
 
@@ -217,6 +247,12 @@ impl AwsStore {
                 "a version with this request token exists with different content (the secret changed after keyrotd wrote it)".to_string(),
             ),
             _ if status >= 500 || status == 429 => (StoreErrorKind::Transient, String::new()),
+            // Refused without an AWS error code (a proxy or gateway in front): still a credential
+            // or permission problem, which retrying will not fix.
+            _ if status == 401 || status == 403 => (
+                StoreErrorKind::Auth,
+                format!("HTTP {status}: credentials or permission refused"),
+            ),
             _ => (StoreErrorKind::Permanent, String::new()),
         };
         let mut text = format!("{what} failed: {code}");
@@ -295,72 +331,205 @@ impl AwsStore {
         }
     }
 
-    /// `PutSecretValue` of the value (or of the JSON object with the field set). Returns the new
-    /// VersionId. The same request twice yields the same version (request token); in JSON mode, a
-    /// field that already holds the value is not written again.
+    /// Reads ahead, in preflight, the JSON object a field will be set in (nothing for a whole-value
+    /// destination): the write on the outage path is then one `PutSecretValue`.
+    pub async fn prepare(&self, t: &DestinationTarget) -> Result<Prepared, StoreError> {
+        let label = t.to_string();
+        let (secret_id, field) = self.target(t)?;
+        if field.is_none() {
+            return Ok(Prepared::none());
+        }
+        Ok(match self.get_current(&label, secret_id).await? {
+            Some((whole, version_id)) => Prepared {
+                inner: Some(PreparedInner::Aws { whole, version_id }),
+            },
+            None => Prepared::none(),
+        })
+    }
+
+    /// `PutSecretValue` of the value (or of the JSON object with the field set: the object read
+    /// ahead when there is one, else read now). Returns the new VersionId. The same request twice
+    /// yields the same version (request token); in JSON mode, a field that already holds the value
+    /// is not written again.
     pub async fn write(
         &self,
         t: &DestinationTarget,
         r: &WriteRequest<'_>,
+        prepared: &Prepared,
     ) -> Result<Option<String>, StoreError> {
         let label = t.to_string();
         let (secret_id, field) = self.target(t)?;
-        let value = r.secret.expose_secret();
         let new_string: Secret = match field {
             None => r.secret.clone(),
             Some(field) => {
-                let current = self.get_current(&label, secret_id).await?;
-                let mut obj = match &current {
-                    None => Map::new(),
-                    Some((s, _)) => parse_object(s).map_err(|why| {
-                        self.err(
-                            StoreErrorKind::Permanent,
-                            &label,
-                            format!(
-                                "secret {secret_id} holds {why}, so field {field} cannot be set; \
-                                 fix the secret or drop `field` to store the key as the whole value"
-                            ),
-                        )
-                    })?,
+                let current = match &prepared.inner {
+                    Some(PreparedInner::Aws { whole, version_id }) => {
+                        Some((whole.clone(), version_id.clone()))
+                    }
+                    _ => self.get_current(&label, secret_id).await?,
                 };
-                if obj.get(field).and_then(Value::as_str) == Some(value) {
-                    wipe_object(obj);
-                    return Ok(current.and_then(|(_, v)| v));
+                match self.merged(&label, secret_id, field, current.as_ref(), r.secret)? {
+                    Merged::Already => return Ok(current.and_then(|(_, v)| v)),
+                    Merged::Write(text) => text,
                 }
-                obj.insert(field.to_string(), Value::String(value.to_string()));
-                let text = serde_json::to_string(&obj);
-                wipe_object(obj);
-                let text = text.map_err(|e| {
-                    self.err(
-                        StoreErrorKind::Permanent,
-                        &label,
-                        format!("cannot encode JSON: {e}"),
-                    )
-                })?;
-                Secret::from(text)
             }
         };
+        self.put(&label, secret_id, &new_string, r.idempotency_token())
+            .await
+    }
+
+    /// The JSON object `current` (or a new one) with `field` set to `value`.
+    fn merged(
+        &self,
+        label: &str,
+        secret_id: &str,
+        field: &str,
+        current: Option<&(Secret, Option<String>)>,
+        value: &Secret,
+    ) -> Result<Merged, StoreError> {
+        let mut obj = match current {
+            None => Map::new(),
+            Some((s, _)) => parse_object(s).map_err(|why| {
+                self.err(
+                    StoreErrorKind::Permanent,
+                    label,
+                    format!(
+                        "secret {secret_id} holds {why}, so field {field} cannot be set; \
+                         fix the secret or drop `field` to store the key as the whole value"
+                    ),
+                )
+            })?,
+        };
+        if obj.get(field).and_then(Value::as_str) == Some(value.expose_secret()) {
+            wipe_object(obj);
+            return Ok(Merged::Already);
+        }
+        obj.insert(
+            field.to_string(),
+            Value::String(value.expose_secret().to_string()),
+        );
+        let text = serde_json::to_string(&obj);
+        wipe_object(obj);
+        let text = text.map_err(|e| {
+            self.err(
+                StoreErrorKind::Permanent,
+                label,
+                format!("cannot encode JSON: {e}"),
+            )
+        })?;
+        Ok(Merged::Write(Secret::from(text)))
+    }
+
+    /// How long a re-rotation should wait before giving `t` yet another value, so that keyrotd
+    /// writes a secret at most [`WRITES_PER_WINDOW`] times per [`WRITE_WINDOW`]. Zero most of the time.
+    pub fn wait_before_write(&self, t: &DestinationTarget) -> std::time::Duration {
+        let Ok((secret_id, _)) = self.target(t) else {
+            return std::time::Duration::ZERO;
+        };
+        let writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        match writes.get(secret_id) {
+            Some(w) if w.len() >= WRITES_PER_WINDOW => {
+                let oldest = w[w.len() - WRITES_PER_WINDOW];
+                (oldest + WRITE_WINDOW).saturating_duration_since(Instant::now())
+            }
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
+    fn record_write(&self, secret_id: &str) {
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let w = writes.entry(secret_id.to_string()).or_default();
+        w.push_back(Instant::now());
+        while w.len() > WRITES_PER_WINDOW {
+            w.pop_front();
+        }
+    }
+
+    async fn put(
+        &self,
+        label: &str,
+        secret_id: &str,
+        value: &Secret,
+        token: uuid::Uuid,
+    ) -> Result<Option<String>, StoreError> {
+        self.record_write(secret_id);
         let out = self
             .client
             .put_secret_value()
             .secret_id(secret_id)
-            .secret_string(new_string.expose_secret())
-            .client_request_token(r.idempotency_token().to_string())
+            .secret_string(value.expose_secret())
+            .client_request_token(token.to_string())
             .send()
             .await
-            .map_err(|e| self.classify(&label, secret_id, "PutSecretValue", &e))?;
+            .map_err(|e| self.classify(label, secret_id, "PutSecretValue", &e))?;
         Ok(out.version_id().map(str::to_string))
     }
 
-    /// Tags the secret with the key id, fingerprint and rotation time (replacing keyrotd's previous
-    /// tags, leaving others alone).
+    /// After the hooks: when a JSON field was set in an object read ahead, checks that no one wrote
+    /// the secret between that read and our write (the version our write replaced is the one read
+    /// ahead); if someone did, sets the field again in their object, so no field of theirs is lost.
+    /// Then tags the secret with the key id, fingerprint, rotation time and fence (replacing
+    /// keyrotd's previous tags, leaving others alone).
     pub async fn after_write(
         &self,
         t: &DestinationTarget,
         r: &WriteRequest<'_>,
+        prepared: &Prepared,
     ) -> Result<(), StoreError> {
         let label = t.to_string();
-        let (secret_id, _) = self.target(t)?;
+        let (secret_id, field) = self.target(t)?;
+        if let (Some(field), Some(PreparedInner::Aws { version_id, .. })) = (field, &prepared.inner)
+        {
+            self.keep_concurrent_fields(&label, secret_id, field, version_id.as_deref(), r)
+                .await?;
+        }
+        self.tag(&label, secret_id, r).await
+    }
+
+    async fn keep_concurrent_fields(
+        &self,
+        label: &str,
+        secret_id: &str,
+        field: &str,
+        read_ahead: Option<&str>,
+        r: &WriteRequest<'_>,
+    ) -> Result<(), StoreError> {
+        let previous = self
+            .client
+            .get_secret_value()
+            .secret_id(secret_id)
+            .version_stage("AWSPREVIOUS")
+            .send()
+            .await;
+        let Ok(mut previous) = previous else {
+            return Ok(()); // no previous version: nothing came in between
+        };
+        if previous.version_id() == read_ahead {
+            return Ok(());
+        }
+        tracing::warn!(
+            secret_id,
+            "The secret was written between keyrotd's read-ahead and its write: setting the field again in that version."
+        );
+        let theirs = previous
+            .secret_string
+            .take()
+            .map(|s| (Secret::from(s), previous.version_id().map(str::to_string)));
+        if let Merged::Write(text) =
+            self.merged(label, secret_id, field, theirs.as_ref(), r.secret)?
+        {
+            let token = uuid::Uuid::new_v5(&r.idempotency_token(), b"merge");
+            self.put(label, secret_id, &text, token).await?;
+        }
+        Ok(())
+    }
+
+    async fn tag(
+        &self,
+        label: &str,
+        secret_id: &str,
+        r: &WriteRequest<'_>,
+    ) -> Result<(), StoreError> {
         let tag = |k: &str, v: String| Tag::builder().key(k).value(v).build();
         let mut tags = vec![
             tag(TAG_KEY_ID, r.key_id.to_string()),
@@ -376,7 +545,7 @@ impl AwsStore {
             .set_tags(Some(tags))
             .send()
             .await
-            .map_err(|e| self.classify(&label, secret_id, "TagResource", &e))?;
+            .map_err(|e| self.classify(label, secret_id, "TagResource", &e))?;
         Ok(())
     }
 
@@ -495,6 +664,12 @@ fn https_client_trusting(
         .build_https())
 }
 
+/// The object to write, or nothing to write (the field already holds the value).
+enum Merged {
+    Already,
+    Write(Secret),
+}
+
 /// Wipes the values of a secret's JSON object (other keys' secrets may be among them) as it is freed.
 fn wipe_object(obj: Map<String, Value>) {
     crate::secret::wipe_json(&mut Value::Object(obj));
@@ -580,5 +755,47 @@ mod tests {
         let (secret, version) = s.read_value(&target()).await.unwrap().unwrap();
         assert_eq!(secret.expose_secret(), "k".repeat(40));
         assert_eq!(version.as_deref(), Some("v1"));
+    }
+}
+
+#[cfg(test)]
+mod write_rate {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_secret_takes_a_few_new_values_then_asks_re_rotations_to_wait() {
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
+                "AKIDTEST", "secret", None, None, "test",
+            ))
+            .region(Region::new("us-east-1"))
+            .load()
+            .await;
+        let c = AwsStoreConfig {
+            region: None,
+            endpoint_url: Some("http://127.0.0.1:1".parse().unwrap()),
+            timeout: std::time::Duration::from_secs(1),
+            ca_file: None,
+        };
+        let store = AwsStore::with_sdk_config("aws", &c, &sdk).unwrap();
+        let target = |id: &str| DestinationTarget::Aws {
+            secret_id: id.into(),
+            field: None,
+        };
+        for _ in 0..WRITES_PER_WINDOW {
+            assert!(store.wait_before_write(&target("a")).is_zero());
+            store.record_write("a");
+        }
+        let wait = store.wait_before_write(&target("a"));
+        assert!(
+            wait > WRITE_WINDOW - std::time::Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(
+            store.wait_before_write(&target("b")).is_zero(),
+            "per secret"
+        );
+        tokio::time::advance(WRITE_WINDOW).await;
+        assert!(store.wait_before_write(&target("a")).is_zero());
     }
 }

@@ -40,6 +40,44 @@ impl WriteRequest<'_> {
     }
 }
 
+/// What a store read ahead of a write — in preflight, before the old key is destroyed — so that the
+/// write on the outage path is one round trip: the Vault version and data a check-and-set write
+/// merges into, the AWS JSON object a field is set in. A hint, never a guarantee: Vault's
+/// check-and-set refuses a write based on a version that moved (then the write reads again), and
+/// the AWS write is checked after the hooks for a write that came in between (`after_write`).
+/// Other fields' values may be secrets: nothing here is printable, and it is wiped when dropped.
+#[derive(Default)]
+pub struct Prepared {
+    pub(crate) inner: Option<PreparedInner>,
+}
+
+pub(crate) enum PreparedInner {
+    Vault {
+        version: u64,
+        data: serde_json::Map<String, serde_json::Value>,
+    },
+    Aws {
+        whole: Secret,
+        version_id: Option<String>,
+    },
+}
+
+impl Prepared {
+    /// Nothing read ahead: the write reads what it needs.
+    pub fn none() -> Prepared {
+        Prepared::default()
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(PreparedInner::Vault { data, .. }) = &mut self.inner {
+            let mut value = serde_json::Value::Object(std::mem::take(data));
+            crate::secret::wipe_json(&mut value);
+        }
+    }
+}
+
 /// What a destination holds now.
 #[derive(Debug, Clone)]
 pub struct StoredValue {
@@ -201,17 +239,37 @@ impl Store {
         }
     }
 
-    /// Writes the value and its metadata. Idempotent for the same request. Returns the new version.
-    /// Whatever a store's error says, the value never leaves in it: a last line of defence against a
-    /// server that echoes the request body.
+    /// Reads ahead what a write of `target` will need (see [`Prepared`]); part of preflight.
+    pub async fn prepare(&self, target: &DestinationTarget) -> Result<Prepared, StoreError> {
+        match self {
+            Store::Vault(s) => s.prepare(target).await,
+            Store::Aws(s) => s.prepare(target).await,
+            _ => Ok(Prepared::none()),
+        }
+    }
+
+    /// Writes the value (its metadata follows in [`Store::after_write`]). Idempotent for the same
+    /// request. Returns the new version.
     pub async fn write(
         &self,
         target: &DestinationTarget,
         req: &WriteRequest<'_>,
     ) -> Result<Option<String>, StoreError> {
+        self.write_prepared(target, req, &Prepared::none()).await
+    }
+
+    /// [`Store::write`] using what [`Store::prepare`] read ahead. Whatever a store's error says, the
+    /// value never leaves in it: a last line of defence against a server that echoes the request
+    /// body.
+    pub async fn write_prepared(
+        &self,
+        target: &DestinationTarget,
+        req: &WriteRequest<'_>,
+        prepared: &Prepared,
+    ) -> Result<Option<String>, StoreError> {
         let result = match self {
-            Store::Vault(s) => s.write(target, req).await,
-            Store::Aws(s) => s.write(target, req).await,
+            Store::Vault(s) => s.write(target, req, prepared).await,
+            Store::Aws(s) => s.write(target, req, prepared).await,
             Store::File(s) => s.write(target, req).await,
             #[cfg(feature = "testing")]
             Store::Memory(s) => s.write(target, req).await,
@@ -248,14 +306,26 @@ impl Store {
         }
     }
 
-    /// Work that may follow a write off the hooks' path (AWS tags). Default: nothing.
+    /// How long a re-rotation should wait before writing `target` again: AWS advises against
+    /// giving a secret a new value more often than every few minutes (see `aws::WRITES_PER_WINDOW`).
+    pub fn wait_before_write(&self, target: &DestinationTarget) -> std::time::Duration {
+        match self {
+            Store::Aws(s) => s.wait_before_write(target),
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
+    /// Work that follows a write, off the hooks' path: Vault's custom metadata, AWS tags and the
+    /// check that no other write came between an AWS field's read-ahead and ours.
     pub async fn after_write(
         &self,
         target: &DestinationTarget,
         req: &WriteRequest<'_>,
+        prepared: &Prepared,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Aws(s) => s.after_write(target, req).await,
+            Store::Vault(s) => s.after_write(target, req).await,
+            Store::Aws(s) => s.after_write(target, req, prepared).await,
             _ => Ok(()),
         }
     }

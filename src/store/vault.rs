@@ -41,7 +41,10 @@ use vaultrs::api::kv2::responses::{
     ListSecretsResponse, ReadSecretMetadataResponse, ReadSecretResponse, SecretVersionMetadata,
 };
 
-use super::{CredentialStatus, StoreError, StoreErrorKind, StoredValue, WriteRequest};
+use super::{
+    CredentialStatus, Prepared, PreparedInner, StoreError, StoreErrorKind, StoredValue,
+    WriteRequest,
+};
 use crate::config::{DestinationTarget, VaultStoreConfig};
 use crate::coordination::kv::{Doc, KvError};
 use crate::http_client::ClientSettings;
@@ -277,8 +280,46 @@ impl VaultStore {
                     data: Map::new(),
                     custom_metadata: m.custom_metadata.unwrap_or_default(),
                 }),
-                None => self.read_metadata(target, path).await,
+                None => self.read_after_404(target, path).await,
             },
+            Err(e) => Err(self.inner.wire.error(target, &what, &e)),
+        }
+    }
+
+    /// The data read answered 404 without metadata: ask the metadata endpoint for the version. A
+    /// version found there may be newer than the 404 (someone created the path in between): then the
+    /// data is read again, so a version is never paired with data older than it — a check-and-set
+    /// write based on such a pair would drop the fields of the version it names.
+    async fn read_after_404(&self, target: &str, path: &str) -> Result<Current, StoreError> {
+        let meta = self.read_metadata(target, path).await?;
+        if meta.version == 0 {
+            return Ok(meta);
+        }
+        let endpoint = ReadSecretRequest {
+            mount: self.inner.mount.clone(),
+            path: path.to_string(),
+            version: None,
+        };
+        let what = format!("read {}", self.data_path(path));
+        match self.call(target, &endpoint).await? {
+            Ok(r) => {
+                let got: Option<ReadSecretResponse> =
+                    wire::data(&r).map_err(|e| self.inner.wire.error(target, &what, &e))?;
+                Ok(match got {
+                    Some(resp) => Current {
+                        version: resp.metadata.version,
+                        data: match resp.data {
+                            Value::Object(m) => m,
+                            _ => Map::new(),
+                        },
+                        custom_metadata: resp.metadata.custom_metadata.unwrap_or_default(),
+                    },
+                    None => meta,
+                })
+            }
+            // Still nothing to read: the latest version is deleted; its number is the metadata's
+            // (a write since would make a check-and-set on it fail, never succeed).
+            Err(e) if wire::status(&e) == Some(404) => Ok(meta),
             Err(e) => Err(self.inner.wire.error(target, &what, &e)),
         }
     }
@@ -356,59 +397,54 @@ impl VaultStore {
         }
     }
 
-    /// Sets the field with check-and-set, keeping the other fields, then the custom metadata.
-    /// Returns the KV version holding the value. When the field already holds the value (a retry
-    /// after a write whose answer was lost) no new version is made.
+    /// Reads the path ahead of a write (preflight): the version and data a check-and-set write will
+    /// name and merge into, so that the write on the outage path is one round trip.
+    pub async fn prepare(&self, t: &DestinationTarget) -> Result<Prepared, StoreError> {
+        let label = t.to_string();
+        let (path, _) = self.target(t)?;
+        let cur = self.read_current(&label, path).await?;
+        Ok(Prepared {
+            inner: Some(PreparedInner::Vault {
+                version: cur.version,
+                data: cur.data,
+            }),
+        })
+    }
+
+    /// Writes the field with check-and-set, keeping the path's other fields. With what `prepare` read,
+    /// that is one round trip; when the path changed since (check-and-set refused), or nothing was
+    /// read ahead, it reads and writes again until it wins or loses too often. A field that already
+    /// holds the value is not written again. Returns the version holding it.
     pub async fn write(
         &self,
         t: &DestinationTarget,
         r: &WriteRequest<'_>,
+        prepared: &Prepared,
     ) -> Result<Option<String>, StoreError> {
         let label = t.to_string();
         let (path, field) = self.target(t)?;
-        let what = format!("write {}", self.data_path(path));
-        let value = r.secret.expose_secret();
-        for attempt in 0..CAS_ATTEMPTS {
-            let mut cur = self.read_current(&label, path).await?;
-            let version = if cur.data.get(field).and_then(Value::as_str) == Some(value) {
-                cur.version
-            } else {
-                let cas = u32::try_from(cur.version).map_err(|_| {
-                    self.err(
-                        StoreErrorKind::Permanent,
-                        &label,
-                        format!(
-                            "version {} is beyond what check-and-set can name",
-                            cur.version
-                        ),
-                    )
-                })?;
-                cur.data
-                    .insert(field.to_string(), Value::String(value.to_string()));
-                let endpoint = SetSecretRequest {
-                    mount: self.inner.mount.clone(),
-                    path: path.to_string(),
-                    data: Value::Object(std::mem::take(&mut cur.data)),
-                    options: Some(SetSecretRequestOptions { cas }),
-                };
-                let result = self.call(&label, &endpoint).await?;
-                drop(endpoint);
-                match result.and_then(|reply| wire::data::<SecretVersionMetadata>(&reply)) {
-                    Err(e) if wire::is_cas_mismatch(&e) => {
-                        // Someone wrote the path between our read and write: read again. A
-                        // short random pause keeps two keyrotd writers from colliding in
-                        // lockstep.
-                        let pause = 10 + rand::random::<u64>() % (25 * u64::from(attempt + 1));
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
-                        continue;
-                    }
-                    Err(e) => return Err(self.inner.wire.error(&label, &what, &e)),
-                    Ok(m) => m.map_or(cur.version + 1, |m| m.version),
-                }
-            };
-            self.write_metadata(&label, path, cur.custom_metadata, r)
-                .await?;
+        // When the check-and-set on what was read ahead loses (the path moved since), read again.
+        if let Some(PreparedInner::Vault { version, data }) = &prepared.inner
+            && let Some(version) = self
+                .set_field(&label, path, field, r, data, *version)
+                .await?
+        {
             return Ok(Some(version.to_string()));
+        }
+        for attempt in 0..CAS_ATTEMPTS {
+            let cur = self.read_current(&label, path).await?;
+            match self
+                .set_field(&label, path, field, r, &cur.data, cur.version)
+                .await?
+            {
+                Some(version) => return Ok(Some(version.to_string())),
+                None => {
+                    // Someone wrote the path between our read and write: read again. A short random
+                    // pause keeps two keyrotd writers from colliding in lockstep.
+                    let pause = 10 + rand::random::<u64>() % (25 * u64::from(attempt + 1));
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            }
         }
         Err(self.err(
             StoreErrorKind::Conflict,
@@ -418,6 +454,60 @@ impl VaultStore {
                 self.data_path(path)
             ),
         ))
+    }
+
+    /// One check-and-set write of `data` with `field` set, against `version`. `Ok(None)`: the
+    /// check-and-set lost. A field that already holds the value is left alone (its version is kept).
+    async fn set_field(
+        &self,
+        label: &str,
+        path: &str,
+        field: &str,
+        r: &WriteRequest<'_>,
+        data: &Map<String, Value>,
+        version: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let value = r.secret.expose_secret();
+        if data.get(field).and_then(Value::as_str) == Some(value) {
+            return Ok(Some(version));
+        }
+        let cas = u32::try_from(version).map_err(|_| {
+            self.err(
+                StoreErrorKind::Permanent,
+                label,
+                format!("version {version} is beyond what check-and-set can name"),
+            )
+        })?;
+        let mut merged = data.clone();
+        merged.insert(field.to_string(), Value::String(value.to_string()));
+        let mut endpoint = SetSecretRequest {
+            mount: self.inner.mount.clone(),
+            path: path.to_string(),
+            data: Value::Object(merged),
+            options: Some(SetSecretRequestOptions { cas }),
+        };
+        let result = self.call(label, &endpoint).await;
+        crate::secret::wipe_json(&mut endpoint.data);
+        let what = format!("write {}", self.data_path(path));
+        match result?.and_then(|reply| wire::data::<SecretVersionMetadata>(&reply)) {
+            Err(e) if wire::is_cas_mismatch(&e) => Ok(None),
+            Err(e) => Err(self.inner.wire.error(label, &what, &e)),
+            Ok(m) => Ok(Some(m.map_or(version + 1, |m| m.version))),
+        }
+    }
+
+    /// keyrotd's custom metadata beside the value (key id, rotation id, time, fingerprint, fence),
+    /// merged into what the path has: written after the hooks, off the outage path.
+    pub async fn after_write(
+        &self,
+        t: &DestinationTarget,
+        r: &WriteRequest<'_>,
+    ) -> Result<(), StoreError> {
+        let label = t.to_string();
+        let (path, _) = self.target(t)?;
+        let cur = self.read_metadata(&label, path).await?;
+        self.write_metadata(&label, path, cur.custom_metadata, r)
+            .await
     }
 
     /// Merges keyrotd's custom metadata into the path's existing custom metadata. A metadata POST
@@ -719,7 +809,10 @@ mod tests {
             rotated_at: Utc::now(),
             fence: None,
         };
-        store.write(&target(), &req).await
+        // As a rotation does: the value, then (off the outage path) the custom metadata.
+        let version = store.write(&target(), &req, &Prepared::none()).await?;
+        store.after_write(&target(), &req).await?;
+        Ok(version)
     }
 
     async fn count(server: &MockServer, m: &str, p: &str) -> usize {
@@ -753,6 +846,67 @@ mod tests {
         assert_eq!(e.kind, StoreErrorKind::Conflict, "{e}");
         assert!(e.is_retryable());
         assert!(!e.to_string().contains("aos_sk_live_unit"));
+    }
+
+    /// What preflight read ahead makes the write one round trip: no read before it, and the
+    /// check-and-set names the version read ahead, with the other fields kept. When the path moved
+    /// since, check-and-set refuses and the write reads again.
+    #[tokio::test]
+    async fn a_write_prepared_in_preflight_is_one_round_trip_and_falls_back_when_the_path_moved() {
+        use wiremock::matchers::body_partial_json;
+        let secret = Secret::from("aos_sk_live_unit".to_string());
+        let fp = crate::secret::fingerprint(&secret);
+        let req = WriteRequest {
+            key: "k",
+            rotation_id: Uuid::new_v4(),
+            key_id: "key_1",
+            secret: &secret,
+            fingerprint: &fp,
+            rotated_at: Utc::now(),
+            fence: None,
+        };
+        for moved in [false, true] {
+            let server = MockServer::start().await;
+            let reads = Mock::given(method("GET"))
+                .and(path("/v1/secret/data/apps/x"))
+                .respond_with(current(if moved { 4 } else { 3 }));
+            reads.mount(&server).await;
+            let s = store(&server, token("t"));
+            let prepared = s.prepare(&target()).await.unwrap();
+            server.reset().await;
+            Mock::given(method("GET"))
+                .and(path("/v1/secret/data/apps/x"))
+                .respond_with(current(5))
+                .expect(u64::from(moved))
+                .mount(&server)
+                .await;
+            let cas = if moved { 5 } else { 3 };
+            Mock::given(method("POST"))
+                .and(path("/v1/secret/data/apps/x"))
+                .and(body_partial_json(
+                    json!({ "options": { "cas": cas }, "data": { "other": "kept" } }),
+                ))
+                .respond_with(ResponseTemplate::new(200).set_body_json(envelope(json!({
+                    "version": cas + 1, "created_time": "", "deletion_time": "", "destroyed": false
+                }))))
+                .expect(1)
+                .mount(&server)
+                .await;
+            if moved {
+                // The version read ahead (4) is stale: Vault refuses it.
+                Mock::given(method("POST"))
+                    .and(path("/v1/secret/data/apps/x"))
+                    .and(body_partial_json(json!({ "options": { "cas": 4 } })))
+                    .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+                        "errors": ["check-and-set parameter did not match the current version"]
+                    })))
+                    .expect(1)
+                    .mount(&server)
+                    .await;
+            }
+            let version = s.write(&target(), &req, &prepared).await.unwrap();
+            assert_eq!(version, Some((cas + 1).to_string()), "moved: {moved}");
+        }
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use keyrotd::secret::{Secret, fingerprint};
 use keyrotd::store::aws::AwsStore;
 use keyrotd::store::file::FileStore;
 use keyrotd::store::vault::VaultStore;
-use keyrotd::store::{Store, StoreError, StoreErrorKind, WriteRequest};
+use keyrotd::store::{Prepared, Store, StoreError, StoreErrorKind, WriteRequest};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -88,6 +88,17 @@ fn vault_store(bao: &Bao, token: &str) -> Store {
     Store::Vault(VaultStore::new("vault-main", &c).unwrap())
 }
 
+/// A value and then (as a rotation does, off the outage path) its metadata.
+async fn write_all(
+    store: &Store,
+    target: &DestinationTarget,
+    req: &WriteRequest<'_>,
+) -> Result<Option<String>, StoreError> {
+    let version = store.write(target, req).await?;
+    store.after_write(target, req, &Prepared::none()).await?;
+    Ok(version)
+}
+
 fn vault_target(path: &str, field: &str) -> DestinationTarget {
     DestinationTarget::Vault {
         path: path.into(),
@@ -106,7 +117,7 @@ async fn vault_write_reads_back_with_fingerprint_key_id_version_and_metadata() {
     );
 
     let key = NewKey::new("key_01");
-    let version = store.write(&target, &key.req()).await.unwrap();
+    let version = write_all(&store, &target, &key.req()).await.unwrap();
     assert_eq!(version.as_deref(), Some("1"));
 
     let got = store.read(&target).await.unwrap().expect("value written");
@@ -129,7 +140,10 @@ async fn vault_write_reads_back_with_fingerprint_key_id_version_and_metadata() {
     // A second rotation replaces the value and the metadata: version 2.
     let next = NewKey::new("key_02");
     assert_eq!(
-        store.write(&target, &next.req()).await.unwrap().as_deref(),
+        write_all(&store, &target, &next.req())
+            .await
+            .unwrap()
+            .as_deref(),
         Some("2")
     );
     let got = store.read(&target).await.unwrap().unwrap();
@@ -155,7 +169,10 @@ async fn vault_write_keeps_the_other_fields_and_operator_metadata() {
     let key = NewKey::new("key_07");
     let target = vault_target("apps/billing/aos", "api_key");
     assert_eq!(
-        store.write(&target, &key.req()).await.unwrap().as_deref(),
+        write_all(&store, &target, &key.req())
+            .await
+            .unwrap()
+            .as_deref(),
         Some("2")
     );
 
@@ -175,8 +192,8 @@ async fn vault_retry_of_the_same_write_makes_no_new_version() {
     let store = vault_store(&bao, &bao.root_token);
     let target = vault_target("apps/x", "api_key");
     let key = NewKey::new("key_1");
-    let first = store.write(&target, &key.req()).await.unwrap();
-    let again = store.write(&target, &key.req()).await.unwrap();
+    let first = write_all(&store, &target, &key.req()).await.unwrap();
+    let again = write_all(&store, &target, &key.req()).await.unwrap();
     assert_eq!(first, again);
     assert_eq!(bao.kv_metadata("apps/x").await["current_version"], 1);
 }
@@ -226,12 +243,10 @@ async fn vault_key_id_is_reported_only_for_the_value_the_metadata_describes() {
     let store = vault_store(&bao, &bao.root_token);
     let a = NewKey::new("key_a");
     let b = NewKey::new("key_b");
-    store
-        .write(&vault_target("shared", "a"), &a.req())
+    write_all(&store, &vault_target("shared", "a"), &a.req())
         .await
         .unwrap();
-    store
-        .write(&vault_target("shared", "b"), &b.req())
+    write_all(&store, &vault_target("shared", "b"), &b.req())
         .await
         .unwrap();
     // Metadata is per path and now describes b: a's value is known by fingerprint only.
@@ -311,10 +326,11 @@ async fn vault_preflight_accepts_a_writer_and_names_the_missing_capability() {
         "{e}"
     );
     assert!(e.message.contains("has: read"), "{e}");
-    // The preflight told the truth: the write is refused the same way.
-    let e = reader.write(&target, &key.req()).await.unwrap_err();
+    // The preflight told the truth: the write (of a new value) is refused the same way.
+    let next = NewKey::new("key_r");
+    let e = reader.write(&target, &next.req()).await.unwrap_err();
     assert_eq!(e.kind, StoreErrorKind::Auth, "{e}");
-    assert_no_value(&e, &key);
+    assert_no_value(&e, &next);
 
     // A token on a path its policy does not cover at all.
     let e = writer
@@ -362,7 +378,7 @@ async fn vault_approle_logs_in_on_first_use_and_writes() {
         .await
         .expect("approle token passes");
     let key = NewKey::new("key_ar");
-    store.write(&target, &key.req()).await.unwrap();
+    write_all(&store, &target, &key.req()).await.unwrap();
     assert_eq!(
         store.read(&target).await.unwrap().unwrap().fingerprint,
         key.fingerprint
@@ -397,7 +413,7 @@ async fn vault_namespace_is_sent_with_every_request() {
     let target = vault_target("apps/ns", "api_key");
     store.preflight(&target).await.unwrap();
     let key = NewKey::new("key_ns");
-    store.write(&target, &key.req()).await.unwrap();
+    write_all(&store, &target, &key.req()).await.unwrap();
     assert_eq!(
         store.read(&target).await.unwrap().unwrap().fingerprint,
         key.fingerprint
@@ -435,7 +451,7 @@ async fn vault_down_is_transient_and_the_error_holds_no_secret() {
 
     // Back, and the same client carries on.
     bao.up();
-    store.write(&target, &key.req()).await.unwrap();
+    write_all(&store, &target, &key.req()).await.unwrap();
     assert_eq!(
         store.read(&target).await.unwrap().unwrap().fingerprint,
         key.fingerprint
@@ -512,7 +528,10 @@ async fn aws_raw_write_becomes_current_reads_back_and_is_tagged_after() {
     assert_eq!(got.version.as_deref(), Some(version.as_str()));
     assert_eq!(got.key_id, None);
 
-    store.after_write(&target, &key.req()).await.unwrap();
+    store
+        .after_write(&target, &key.req(), &Prepared::none())
+        .await
+        .unwrap();
     let got = store.read(&target).await.unwrap().unwrap();
     assert_eq!(got.key_id.as_deref(), Some("key_01"));
     let tags = moto
@@ -593,6 +612,62 @@ async fn aws_json_field_mode_keeps_the_other_fields() {
             .await
             .unwrap()
             .is_none()
+    );
+}
+
+/// Preflight reads the JSON object ahead, so the write on the outage path is one PutSecretValue. A
+/// write by someone else in between would be overwritten by that merge: after the hooks, keyrotd sees
+/// that the version it replaced is not the one it read ahead and sets its field again in theirs.
+#[tokio::test]
+async fn aws_json_field_read_ahead_keeps_a_field_written_in_between() {
+    let moto = Moto::start();
+    moto.create_secret("prod/billing", r#"{"username":"svc-a","api_key":"old"}"#)
+        .await;
+    let store = Store::Aws(moto.store("aws-main").await);
+    let target = aws_target("prod/billing", Some("api_key"));
+
+    // Nobody writes in between: one new version, the other fields kept, nothing rewritten after.
+    let key = NewKey::new("key_1");
+    let prepared = store.prepare(&target).await.unwrap();
+    store
+        .write_prepared(&target, &key.req(), &prepared)
+        .await
+        .unwrap();
+    store
+        .after_write(&target, &key.req(), &prepared)
+        .await
+        .unwrap();
+    assert_eq!(version_ids(&moto, "prod/billing").await.len(), 2);
+    let now: Value = serde_json::from_str(&current_string(&moto, "prod/billing").await).unwrap();
+    assert_eq!(now, json!({ "username": "svc-a", "api_key": key.value() }));
+
+    // Someone changes another field between the read-ahead and the write.
+    let next = NewKey::new("key_2");
+    let prepared = store.prepare(&target).await.unwrap();
+    moto.client()
+        .await
+        .put_secret_value()
+        .secret_id("prod/billing")
+        .secret_string(format!(
+            r#"{{"username":"svc-b","api_key":"{}"}}"#,
+            key.value()
+        ))
+        .send()
+        .await
+        .unwrap();
+    store
+        .write_prepared(&target, &next.req(), &prepared)
+        .await
+        .unwrap();
+    store
+        .after_write(&target, &next.req(), &prepared)
+        .await
+        .unwrap();
+    let now: Value = serde_json::from_str(&current_string(&moto, "prod/billing").await).unwrap();
+    assert_eq!(
+        now,
+        json!({ "username": "svc-b", "api_key": next.value() }),
+        "the field written in between is kept, and the new key is there"
     );
 }
 

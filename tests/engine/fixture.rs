@@ -12,6 +12,7 @@ use keyrotd::engine::{
     Dependents, Engine, EngineOptions, RotationRequest, RunResult, Runtime, Trigger,
 };
 use keyrotd::journal::{KeyJournal, Phase};
+use keyrotd::limits::Limited;
 use keyrotd::provider::Provider;
 use keyrotd::secret::{Secret, fingerprint};
 use keyrotd::store::Store;
@@ -88,8 +89,8 @@ pub struct Fx {
     pub dir: tempfile::TempDir,
     pub spec: Spec,
     pub clock: Clock,
-    pub provider: Arc<Provider>,
-    pub stores: HashMap<String, Arc<Store>>,
+    pub provider: Arc<Limited<Provider>>,
+    pub stores: HashMap<String, Arc<Limited<Store>>>,
     pub deps: Arc<ScriptedDependents>,
     pub dependents: HashMap<String, Arc<DependentScript>>,
     pub metrics: Arc<Metrics>,
@@ -117,10 +118,13 @@ impl Fx {
         let clock = Clock::virtual_at(t0());
         let portal = ScriptedProvider::new("portal", clock.clone());
         let original = portal.secret();
-        let provider = Arc::new(Provider::Scripted(portal));
-        let stores: HashMap<String, Arc<Store>> = STORES
+        let provider = Arc::new(Limited::new(Provider::Scripted(portal), 8));
+        let stores: HashMap<String, Arc<Limited<Store>>> = STORES
             .iter()
-            .map(|n| (n.to_string(), Arc::new(Store::Memory(MemoryStore::new(n)))))
+            .map(|n| {
+                let store = Limited::new(Store::Memory(MemoryStore::new(n)), 32);
+                (n.to_string(), Arc::new(store))
+            })
             .collect();
         let fx = Fx {
             dir,
@@ -271,14 +275,14 @@ provider = "portal"
     }
 
     pub fn portal(&self) -> &ScriptedProvider {
-        match &*self.provider {
+        match &**self.provider {
             Provider::Scripted(p) => p,
             _ => unreachable!("the fixture's provider is scripted"),
         }
     }
 
     pub fn store(&self, name: &str) -> &MemoryStore {
-        match &*self.stores[name] {
+        match &**self.stores[name] {
             Store::Memory(s) => s,
             _ => unreachable!("the fixture's stores are in memory"),
         }

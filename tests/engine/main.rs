@@ -5,6 +5,7 @@
 #![cfg(feature = "testing")]
 
 mod fixture;
+mod matrix;
 mod races;
 mod rules;
 mod table;

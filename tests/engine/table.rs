@@ -655,7 +655,7 @@ fn rotate_out_of_band_soon(fx: &Fx) {
     let provider = fx.provider.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if let keyrotd::provider::Provider::Scripted(p) = &*provider {
+        if let keyrotd::provider::Provider::Scripted(p) = &**provider {
             p.rotate_out_of_band();
         }
     });

@@ -8,3 +8,4 @@ mod alerts;
 mod config;
 mod dashboard;
 mod deploy;
+mod fuzz;

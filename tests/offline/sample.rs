@@ -85,6 +85,7 @@ pub fn config() -> Config {
         )]),
         keys: vec![key],
         coordination: None,
+        limits: Default::default(),
         warnings: vec![],
     }
 }
