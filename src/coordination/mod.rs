@@ -112,12 +112,25 @@ pub enum FenceError {
     Lost { holder: String, fence: u64 },
     #[error("the lease cannot be renewed ({0}): no regenerate until it can")]
     Unrenewed(String),
+    #[error(
+        "the key changed hands since this rotation started (fencing number {was}, now {now}): \
+         another replica may have rotated it meanwhile"
+    )]
+    Changed { was: u64, now: u64 },
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Held {
     fence: u64,
     version: u64,
+}
+
+/// A time this replica could not reach the store: from its first failed renewal, until one ttl after
+/// it reached the store again.
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    from: DateTime<Utc>,
+    back: Option<DateTime<Utc>>,
 }
 
 #[derive(Default)]
@@ -127,8 +140,14 @@ struct State {
     lease_until: Option<DateTime<Utc>>,
     /// My lease lapsed before a renewal: every held key is re-read before it is trusted again.
     lapsed: bool,
+    /// When this replica last failed to reach the store, and when it reached it again (see
+    /// [`Coordinator::counts_as_live`]).
+    outage: Option<Outage>,
     live: Vec<String>,
     members: BTreeMap<String, Replica>,
+    /// Holders seen in key documents since the last round (a key that hashes here but another live
+    /// replica still holds; a key lost to another replica). Cleared every round: older sightings
+    /// may be stale, and rendezvous over the live members names the holder in steady state.
     holders: HashMap<String, String>,
     held: HashMap<String, Held>,
     /// Keys found lost outside a tick (a journal write that found another holder).
@@ -214,13 +233,18 @@ impl Coordinator {
         self.lock().held.get(key).map(|h| h.fence)
     }
 
-    /// The replica that holds `key`, as last seen.
+    /// The replica that holds `key`, as this replica knows it: itself; else the holder a key
+    /// document named since the last round; else the live member the key belongs to (rendezvous),
+    /// which holds it in steady state or is about to take it. `None` before the first round.
     pub fn holder(&self, key: &str) -> Option<String> {
         let s = self.lock();
         if s.held.contains_key(key) {
             return Some(self.replica.id.clone());
         }
-        s.holders.get(key).cloned()
+        if let Some(h) = s.holders.get(key) {
+            return Some(h.clone());
+        }
+        owner(key, &s.live).cloned()
     }
 
     /// The live members, as last seen.
@@ -245,7 +269,12 @@ impl Coordinator {
         let s = self.lock();
         if !s.held.contains_key(key) {
             return Err(FenceError::NotHeld {
-                holder: s.holders.get(key).cloned().unwrap_or_else(|| "none".into()),
+                holder: s
+                    .holders
+                    .get(key)
+                    .or_else(|| owner(key, &s.live))
+                    .cloned()
+                    .unwrap_or_else(|| "none".into()),
             });
         }
         if !self.lease_valid(&s) {
@@ -254,6 +283,17 @@ impl Coordinator {
             ));
         }
         Ok(())
+    }
+
+    /// [`Coordinator::may_regenerate`] for a rotation that started when this replica held the key
+    /// under fencing number `tenure`: if the key went to another replica and came back since, that
+    /// replica may have rotated it for the same trigger, and this rotation is stale.
+    pub fn may_regenerate_as(&self, key: &str, tenure: Option<u64>) -> Result<(), FenceError> {
+        self.may_regenerate(key)?;
+        match (tenure, self.fence_of(key)) {
+            (Some(was), Some(now)) if was != now => Err(FenceError::Changed { was, now }),
+            _ => Ok(()),
+        }
     }
 
     /// Before a store write or a reload: the local lease, or else the key document.
@@ -300,7 +340,12 @@ impl Coordinator {
                 "Lease lost: another replica holds the key now."
             );
         }
-        s.holders.insert(key.to_string(), holder.to_string());
+        // "none": handed back to the member it belongs to, which `holder` names.
+        if holder == "none" {
+            s.holders.remove(key);
+        } else {
+            s.holders.insert(key.to_string(), holder.to_string());
+        }
     }
 
     /// Writes the key's journal into its document, with check-and-set under this replica's fence.
@@ -383,17 +428,23 @@ impl Coordinator {
             .collect();
         if let Err(e) = self.renew().await {
             self.metrics.lease_renew_failure();
+            self.unreachable();
             tracing::warn!(error = %e, "Lease renewal failed.");
             return changes;
         }
         if let Err(e) = self.read_members().await {
+            self.unreachable();
             tracing::warn!(error = %e, "Reading the replicas failed.");
             return changes;
         }
         if self.lock().lapsed {
             changes.extend(self.verify_held().await);
         }
-        let live = self.lock().live.clone();
+        let live = {
+            let mut s = self.lock();
+            s.holders.clear();
+            s.live.clone()
+        };
         for key in keys {
             let mine = owner(key, &live).is_some_and(|o| *o == self.replica.id);
             let held = self.holds(key);
@@ -439,8 +490,43 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The store could not be reached: an outage starts (or goes on).
+    fn unreachable(&self) {
+        let now = self.clock.now();
+        let mut s = self.lock();
+        let outage = s.outage.get_or_insert(Outage {
+            from: now,
+            back: None,
+        });
+        outage.back = None;
+    }
+
+    /// Whether a member whose lease expires at `expires` counts as live now. After an outage of this
+    /// replica's own (the store down for everyone, or this replica cut off from it), every other
+    /// replica gets one full ttl of reachable store to renew before it is judged gone: their leases
+    /// expired because nobody could renew, not because they died, and taking their keys over would
+    /// move every key for nothing (and race their rotations). A member whose lease ran out before
+    /// the outage began is not spared.
+    fn counts_as_live(&self, s: &State, expires: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        if expires > now {
+            return true;
+        }
+        s.outage
+            .is_some_and(|o| expires > o.from && o.back.is_none_or(|b| now < b + chrono(self.ttl)))
+    }
+
     async fn read_members(&self) -> Result<(), KvError> {
         let now = self.clock.now();
+        {
+            // Reached again: the grace of `counts_as_live` runs from now; once over, forget it.
+            let mut s = self.lock();
+            if let Some(o) = &mut s.outage {
+                let back = *o.back.get_or_insert(now);
+                if now >= back + chrono(self.ttl) {
+                    s.outage = None;
+                }
+            }
+        }
         let ids = self.kv.list(&format!("{}/replicas", self.path)).await?;
         let mut live = vec![self.replica.id.clone()];
         let mut members = BTreeMap::from([(self.replica.id.clone(), self.replica.clone())]);
@@ -451,7 +537,8 @@ impl Coordinator {
             let Ok(member) = serde_json::from_value::<MemberDoc>(doc.value) else {
                 continue;
             };
-            if member.expires_at > now {
+            let live_now = self.counts_as_live(&self.lock(), member.expires_at, now);
+            if live_now {
                 live.push(id.clone());
                 members.insert(id.clone(), member.replica);
             } else if member.expires_at + chrono(self.ttl * 10) < now {

@@ -90,6 +90,32 @@ async fn every_key_has_exactly_one_holder_its_rendezvous_owner() {
 }
 
 #[tokio::test]
+async fn every_replica_names_the_holder_of_every_key_after_a_hand_over() {
+    let cluster = Cluster::new(30);
+    let a = cluster.replica("a");
+    cluster.tick(&a).await;
+    // b and c join: a hands their keys over, and forgets who it handed them to.
+    let (b, c) = (cluster.replica("b"), cluster.replica("c"));
+    for _ in 0..3 {
+        for r in [&a, &b, &c] {
+            cluster.tick(r).await;
+        }
+    }
+    for key in &cluster.keys {
+        let holders = cluster.held_by(&[&a, &b, &c], key);
+        assert_eq!(holders.len(), 1, "{key}: {holders:?}");
+        for r in [&a, &b, &c] {
+            assert_eq!(
+                r.holder(key).as_ref(),
+                Some(&holders[0]),
+                "{} names the holder of {key}",
+                r.replica.id
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_dead_replicas_keys_are_taken_over_within_ttl_and_one_renewal() {
     let cluster = Cluster::new(30);
     let (a, b) = (cluster.replica("a"), cluster.replica("b"));
@@ -266,4 +292,132 @@ async fn lease_traffic_grows_with_replicas_not_keys() {
     let rate = (cluster.kv.requests() - before) as f64 / seconds;
     println!("lease traffic, 3 replicas, 300 keys, steady state: {rate:.2} requests/s");
     assert!(rate < 20.0, "{rate} requests/s");
+}
+
+/// Every key's (holder, fencing number) as the documents say.
+fn documents(cluster: &Cluster) -> Vec<(Option<String>, u64)> {
+    cluster
+        .keys
+        .iter()
+        .map(|k| {
+            let doc = parse_key(
+                &cluster
+                    .kv
+                    .get(&format!("keyrotd/leases/keys/{k}"))
+                    .unwrap_or_default(),
+            );
+            (doc.holder, doc.fence)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_store_outage_longer_than_the_ttl_moves_no_key_when_the_store_is_back() {
+    let cluster = Cluster::new(20);
+    let (a, b) = (cluster.replica("a"), cluster.replica("b"));
+    for _ in 0..3 {
+        cluster.tick(&a).await;
+        cluster.tick(&b).await;
+    }
+    let before = documents(&cluster);
+    assert!(before.iter().all(|(h, _)| h.is_some()));
+    // The store is down for three ttls: every lease expires, nobody can renew.
+    cluster.kv.set_down(true);
+    for _ in 0..9 {
+        cluster.advance(a.renew_interval());
+        cluster.tick(&a).await;
+        cluster.tick(&b).await;
+    }
+    cluster.kv.set_down(false);
+    // a comes back first and finds b's lease long expired: b is alive, it just could not renew.
+    for _ in 0..6 {
+        cluster.tick(&a).await;
+        assert_eq!(documents(&cluster), before, "a key changed hands");
+        cluster.tick(&b).await;
+        assert_eq!(documents(&cluster), before, "a key changed hands");
+        cluster.advance(a.renew_interval());
+    }
+    for key in &cluster.keys {
+        assert_eq!(cluster.held_by(&[&a, &b], key).len(), 1, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_died_during_an_outage_loses_its_keys_one_ttl_after_the_store_is_back() {
+    let cluster = Cluster::new(20);
+    let (a, b) = (cluster.replica("a"), cluster.replica("b"));
+    for _ in 0..3 {
+        cluster.tick(&a).await;
+        cluster.tick(&b).await;
+    }
+    let of_b: Vec<String> = cluster
+        .keys
+        .iter()
+        .filter(|k| b.holds(k))
+        .cloned()
+        .collect();
+    assert!(!of_b.is_empty());
+    // b dies while the store is down.
+    cluster.kv.set_down(true);
+    for _ in 0..9 {
+        cluster.advance(a.renew_interval());
+        cluster.tick(&a).await;
+    }
+    cluster.kv.set_down(false);
+    let mut waited = Duration::ZERO;
+    while !of_b.iter().all(|k| a.holds(k)) {
+        let changes = cluster.tick(&a).await;
+        assert!(
+            gained(&changes).is_empty() || waited >= TTL,
+            "b's keys taken {waited:?} after the store came back, before b had a ttl to renew"
+        );
+        assert!(
+            waited <= TTL + a.renew_interval(),
+            "not taken after {waited:?}"
+        );
+        cluster.advance(a.renew_interval());
+        waited += a.renew_interval();
+    }
+}
+
+#[tokio::test]
+async fn a_rotation_started_before_the_key_left_and_came_back_may_not_regenerate() {
+    let cluster = Cluster::new(1);
+    let key = cluster.keys[0].clone();
+    let (a, b) = (cluster.replica("a"), cluster.replica("b"));
+    cluster.tick(&a).await;
+    cluster.tick(&b).await;
+    let owner_is_a =
+        owner(&key, &[a.replica.id.clone(), b.replica.id.clone()]) == Some(&a.replica.id);
+    let (first, second) = if owner_is_a { (&a, &b) } else { (&b, &a) };
+    for _ in 0..2 {
+        cluster.tick(second).await;
+        cluster.tick(first).await;
+    }
+    assert!(
+        first.holds(&key),
+        "the key settled with the replica it hashes to"
+    );
+    // A rotation starts under this fencing number, then its replica pauses past its lease.
+    let tenure = first.fence_of(&key);
+    assert!(first.may_regenerate_as(&key, tenure).is_ok());
+    while !second.holds(&key) {
+        cluster.advance(second.renew_interval());
+        cluster.tick(second).await;
+    }
+    // Resumed: it drops the key, the other hands it back (it hashes to the first), it takes it again.
+    for _ in 0..3 {
+        cluster.tick(first).await;
+        cluster.tick(second).await;
+    }
+    cluster.tick(first).await;
+    assert!(first.holds(&key), "the key came back");
+    assert!(matches!(
+        first.may_regenerate_as(&key, tenure),
+        Err(FenceError::Changed { .. })
+    ));
+    assert!(
+        first.may_regenerate_as(&key, first.fence_of(&key)).is_ok(),
+        "a rotation started now may"
+    );
 }

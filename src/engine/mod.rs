@@ -509,7 +509,7 @@ impl Engine {
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
         let dirty: Vec<&str> = slots
             .values()
-            .filter(|s| s.live().dirty)
+            .filter(|s| s.live().dirty && self.acts_on(&s.name))
             .map(|s| s.name.as_str())
             .collect();
         if dirty.is_empty() {
@@ -612,6 +612,13 @@ impl Engine {
     fn written(&self, slot: &KeySlot, result: &Result<(), JournalError>) {
         match result {
             Ok(()) => slot.live().dirty = false,
+            // Several replicas: the journal of a key another replica holds is that replica's to
+            // write (this copy is replaced by the stored one when this replica takes the key), so a
+            // refused write is not a journal failure.
+            Err(e) if !self.acts_on(&slot.name) => {
+                slot.live().dirty = false;
+                tracing::debug!(key = %slot.name, error = %e, "Journal not written: another replica holds the key.");
+            }
             Err(e) => {
                 slot.live().dirty = true;
                 self.metrics.journal_write_failure();
@@ -627,7 +634,7 @@ impl Engine {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .filter(|s| s.live().dirty)
+            .filter(|s| s.live().dirty && self.acts_on(&s.name))
             .cloned()
             .collect();
         for slot in slots {
@@ -921,6 +928,8 @@ impl Engine {
             *j = journal;
             self.journal_changed(&slot, &j);
         }
+        // The journal is now exactly the stored one: nothing of the old copy is owed a write.
+        slot.live().dirty = false;
         slot.live().last_outcome = slot.journal().await.last_outcome;
         self.schedule.key(key);
     }

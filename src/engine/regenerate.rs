@@ -51,6 +51,7 @@ pub async fn run(r: &Rotation, before: Option<&KeyStatus>) -> Regen {
     let old_key_id = before
         .map(|s| s.key_id.clone())
         .or_else(|| journal.active_key_id.clone());
+    fail::fail_point!("after_preflight");
     let mut attempt = 0;
     loop {
         if r.engine.shutdown.is_cancelled() {
@@ -63,7 +64,7 @@ pub async fn run(r: &Rotation, before: Option<&KeyStatus>) -> Regen {
         // Several replicas: only with a valid lease (the journal's check-and-set write below then
         // proves at the store that no other replica took the key).
         if let Some(c) = &r.engine.coordination
-            && let Err(e) = c.may_regenerate(&r.key.name)
+            && let Err(e) = c.may_regenerate_as(&r.key.name, r.tenure)
         {
             return Regen::NotSent(format!("no regenerate without the key's lease: {e}"));
         }
@@ -84,6 +85,15 @@ pub async fn run(r: &Rotation, before: Option<&KeyStatus>) -> Regen {
         r.engine
             .hold_shutdown(r.meta.rotation_id, Some(provisional));
         fail::fail_point!("before_regenerate");
+        // Several replicas: the journal write may have been slow, or this process paused after it
+        // (a long GC pause, SIGSTOP) while another replica took the key over. The lease is checked
+        // again at the last moment before the request leaves.
+        if let Some(c) = &r.engine.coordination
+            && let Err(e) = c.may_regenerate_as(&r.key.name, r.tenure)
+        {
+            not_sent(r, sent_at).await;
+            return Regen::NotSent(format!("no regenerate without the key's lease: {e}"));
+        }
         let answer = calls::regenerate(
             &r.engine.metrics,
             &r.provider,

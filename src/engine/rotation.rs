@@ -47,6 +47,9 @@ pub struct Rotation {
     pub meta: RotationMeta,
     pub slot: Arc<KeySlot>,
     pub record: Arc<Mutex<RotationRecord>>,
+    /// Several replicas: the fencing number this replica held the key under when the rotation
+    /// started; a regenerate is sent only under the same one.
+    pub tenure: Option<u64>,
     /// None for a dry run, which changes nothing and so needs no claim.
     _claim: Option<Claim>,
     started: Instant,
@@ -146,6 +149,10 @@ impl Rotation {
                 watch.cancel();
             }
         }
+        let tenure = engine
+            .coordination
+            .as_ref()
+            .and_then(|c| c.fence_of(&key.name));
         Ok(Rotation {
             engine: engine.clone(),
             rt,
@@ -155,6 +162,7 @@ impl Rotation {
             meta,
             slot,
             record,
+            tenure,
             _claim: claim,
             started: Instant::now(),
         })

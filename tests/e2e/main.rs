@@ -21,6 +21,7 @@ mod pause;
 mod preflight;
 mod prometheus;
 mod provider;
+mod replicas;
 mod rotation;
 mod signals;
 mod stores;

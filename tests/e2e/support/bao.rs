@@ -32,6 +32,31 @@ pub struct Bao {
 impl Bao {
     /// Starts OpenBao. Panics with a clear message when the binary is missing or it does not come up.
     pub fn start() -> Bao {
+        Bao::start_with_config(None)
+    }
+
+    /// Starts OpenBao with a file audit device writing every request it serves to `log` (one JSON
+    /// object per request and per response): OpenBao's own count of the traffic it received.
+    pub fn start_with_audit(log: &std::path::Path) -> Bao {
+        let dir = log.parent().expect("an audit log path has a directory");
+        let config = dir.join("openbao-audit.hcl");
+        std::fs::write(
+            &config,
+            format!(
+                "audit \"file\" \"requests\" {{\n  options {{\n    file_path = {:?}\n  }}\n}}\n",
+                log.display().to_string()
+            ),
+        )
+        .expect("write the OpenBao audit config");
+        Bao::start_with_config(Some(&config))
+    }
+
+    /// `http://127.0.0.1:PORT` of the server itself (not the gate).
+    pub fn direct_url(&self) -> &str {
+        &self.direct
+    }
+
+    fn start_with_config(config: Option<&std::path::Path>) -> Bao {
         let root_token = format!("root-{}", uuid::Uuid::new_v4().simple());
         let bin = tools_bin().join("bao");
         assert!(
@@ -48,6 +73,9 @@ impl Bao {
             "-dev-no-store-token",
         ])
         .env("HOME", std::env::temp_dir());
+        if let Some(c) = config {
+            cmd.arg(format!("-config={}", c.display()));
+        }
         let mut proc = Proc::spawn("OpenBao", cmd);
         // It also listens on a cluster port (TLS): the API port is the one that answers HTTP health.
         let port = proc.wait_port(READY_TIMEOUT, |p| {

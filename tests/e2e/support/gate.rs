@@ -6,6 +6,10 @@
 //! relays (keyrotd's pooled keep-alive connections included) and from then on accepts each new one
 //! and drops it at once: to a client the server is unreachable, as if it had gone down. The server
 //! keeps its data, and the test can still read it directly. [`Gate::open`] relays again.
+//!
+//! [`Gate::retarget`] points the gate at another upstream (a server started again on a new port), and
+//! [`Gate::on`] listens on an address other than loopback (a host-side veth address that a replica in
+//! its own network namespace can reach).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -19,6 +23,7 @@ pub struct Gate {
 }
 
 struct Shared {
+    upstream: Mutex<SocketAddr>,
     open: AtomicBool,
     stop: AtomicBool,
     /// Both ends of every relayed connection, so that closing the gate can cut them.
@@ -28,16 +33,30 @@ struct Shared {
 impl Gate {
     /// A gate on a loopback port of its own, open, relaying to `upstream`.
     pub fn new(upstream: SocketAddr) -> Gate {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the gate on 127.0.0.1:0");
+        Gate::on([127, 0, 0, 1].into(), upstream)
+    }
+
+    /// A gate on a port of its own at `ip` (which must be an address of this host), open, relaying
+    /// to `upstream`.
+    pub fn on(ip: std::net::IpAddr, upstream: SocketAddr) -> Gate {
+        let listener = TcpListener::bind((ip, 0))
+            .unwrap_or_else(|e| panic!("bind a gate on {ip} (port 0): {e}"));
         let addr = listener.local_addr().expect("the gate's address");
         let shared = Arc::new(Shared {
+            upstream: Mutex::new(upstream),
             open: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
-        thread::spawn(move || accept_loop(listener, upstream, s));
+        thread::spawn(move || accept_loop(listener, s));
         Gate { addr, shared }
+    }
+
+    /// New connections go to `upstream` from now on (the relayed ones are cut).
+    pub fn retarget(&self, upstream: SocketAddr) {
+        *self.shared.upstream.lock().unwrap() = upstream;
+        self.cut_live();
     }
 
     /// `http://127.0.0.1:PORT` of the gate.
@@ -48,6 +67,10 @@ impl Gate {
     /// The server becomes unreachable through the gate, existing connections included.
     pub fn close(&self) {
         self.shared.open.store(false, Ordering::SeqCst);
+        self.cut_live();
+    }
+
+    fn cut_live(&self) {
         let live = std::mem::take(&mut *self.shared.live.lock().unwrap());
         for (a, b) in live {
             let _ = a.shutdown(Shutdown::Both);
@@ -70,7 +93,7 @@ impl Drop for Gate {
     }
 }
 
-fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>) {
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     for conn in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             return;
@@ -80,6 +103,7 @@ fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>)
             let _ = client.shutdown(Shutdown::Both);
             continue;
         }
+        let upstream = *shared.upstream.lock().unwrap();
         let Ok(server) = TcpStream::connect(upstream) else {
             let _ = client.shutdown(Shutdown::Both);
             continue;

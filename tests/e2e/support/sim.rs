@@ -200,6 +200,17 @@ impl Portal {
             .collect()
     }
 
+    /// The id of every key the portal ever issued, oldest first (the first is the initial key).
+    pub async fn issued_key_ids(&self) -> Vec<String> {
+        let v: Value = get_json(&format!("{}/_sim/issued-secrets", self.url)).await;
+        v["secrets"]
+            .as_array()
+            .expect("secrets array")
+            .iter()
+            .map(|s| s["key_id"].as_str().expect("key_id string").to_string())
+            .collect()
+    }
+
     /// The secret of the active key.
     pub async fn current_secret(&self) -> String {
         self.issued_secrets()
