@@ -265,7 +265,7 @@ impl World {
             .as_ref()
             .map_or(String::new(), |s| format!("schedule = {s:?}\n"));
         let mut text = format!(
-            "\n[[keys]]\nname = \"k{i}\"\nprovider = \"p{i}\"\n{schedule}watch = \"0s\"\nstore_deadline = \"{}\"\nmax_regenerations_per_day = 1000\n",
+            "\n[[keys]]\nname = \"k{i}\"\nprovider = \"p{i}\"\n{schedule}on_first_contact = \"rotate\"\nwatch = \"0s\"\nstore_deadline = \"{}\"\nmax_regenerations_per_day = 1000\n",
             o.store_deadline
         );
         if o.with_vault_destination {
