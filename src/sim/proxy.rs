@@ -13,9 +13,11 @@
 //!
 //! How requests are counted: the client-to-upstream bytes are followed as HTTP/1 requests (head, then a
 //! `Content-Length` or chunked body), so pipelined and kept-alive requests each count once. A stream
-//! that stops looking like HTTP/1 is passed on uncounted from there on.
+//! that stops looking like HTTP/1 is passed on uncounted from there on. The last [`LOG_LEN`] requests
+//! are also kept with the time their head arrived (`GET /_sim/requests`), so a benchmark can tell which
+//! requests fell inside a given interval, such as one rotation's invalidation window.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -26,6 +28,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -35,6 +38,9 @@ use tokio::time::Instant;
 
 /// A request head larger than this is not HTTP the proxy follows: it stops counting that connection.
 const MAX_HEAD: usize = 64 * 1024;
+
+/// How many of the latest requests `GET /_sim/requests` keeps.
+pub const LOG_LEN: usize = 10_000;
 
 /// `GET /_sim/counters` of the proxy: what passed through since start or the last reset.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,12 +59,29 @@ pub struct ProxyCounters {
     pub bytes_down: u64,
 }
 
+/// One entry of `GET /_sim/requests`: a request that passed through, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedRequest {
+    /// When its head had arrived from the client (before the delay).
+    pub at: DateTime<Utc>,
+    /// `METHOD /path`, the query string dropped.
+    pub request: String,
+    /// Its `X-Amz-Target` header, if any.
+    pub target: Option<String>,
+}
+
+#[derive(Default)]
+struct Seen {
+    counters: ProxyCounters,
+    log: VecDeque<LoggedRequest>,
+}
+
 /// The proxy's shared state: where to forward, how late, and what it counted.
 #[derive(Clone)]
 pub struct Proxy {
     upstream: Arc<str>,
     delay: Duration,
-    counters: Arc<Mutex<ProxyCounters>>,
+    seen: Arc<Mutex<Seen>>,
 }
 
 impl Proxy {
@@ -67,26 +90,32 @@ impl Proxy {
         Proxy {
             upstream: upstream.into().into(),
             delay,
-            counters: Arc::default(),
+            seen: Arc::default(),
         }
     }
 
-    fn counters(&self) -> MutexGuard<'_, ProxyCounters> {
+    fn seen(&self) -> MutexGuard<'_, Seen> {
         // A poisoned lock means a connection task panicked mid-count; the counts are still the best
         // answer there is.
-        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A copy of the counters now.
     pub fn snapshot(&self) -> ProxyCounters {
-        self.counters().clone()
+        self.seen().counters.clone()
     }
 
-    /// `GET /_sim/counters` and `POST /_sim/reset` (loopback callers only), served by
+    /// The latest requests, oldest first.
+    pub fn log(&self) -> Vec<LoggedRequest> {
+        self.seen().log.iter().cloned().collect()
+    }
+
+    /// `GET /_sim/counters`, `GET /_sim/requests` and `POST /_sim/reset` (loopback callers only), served by
     /// [`super::serve`] on a listener of its own.
     pub fn control_router(&self) -> Router {
         Router::new()
             .route("/_sim/counters", get(control_counters))
+            .route("/_sim/requests", get(control_requests))
             .route("/_sim/reset", post(control_reset))
             .route_layer(axum::middleware::from_fn(super::loopback_only))
             .with_state(self.clone())
@@ -110,7 +139,7 @@ impl Proxy {
 
     async fn connection(self, client: TcpStream) {
         let accepted = Instant::now();
-        self.counters().connections += 1;
+        self.seen().counters.connections += 1;
         let upstream = match TcpStream::connect(&*self.upstream).await {
             Ok(s) => s,
             Err(e) => {
@@ -127,12 +156,12 @@ impl Proxy {
         let handshake = accepted + self.delay * 2;
         let mut requests = RequestCounter::default();
         let up = self.pipe(client_read, upstream_write, Some(handshake), |p, bytes| {
-            let mut c = p.counters();
-            c.bytes_up += bytes.len() as u64;
-            requests.feed(bytes, |head| c.count(head));
+            let mut seen = p.seen();
+            seen.counters.bytes_up += bytes.len() as u64;
+            requests.feed(bytes, |head| seen.count(head));
         });
         let down = self.pipe(upstream_read, client_write, None, |p, bytes| {
-            p.counters().bytes_down += bytes.len() as u64;
+            p.seen().counters.bytes_down += bytes.len() as u64;
         });
         tokio::join!(up, down);
     }
@@ -185,16 +214,23 @@ impl Proxy {
     }
 }
 
-impl ProxyCounters {
+impl Seen {
     fn count(&mut self, head: &RequestHead) {
-        self.requests += 1;
-        *self
-            .by_request
-            .entry(format!("{} {}", head.method, head.path))
-            .or_default() += 1;
+        let request = format!("{} {}", head.method, head.path);
+        let c = &mut self.counters;
+        c.requests += 1;
+        *c.by_request.entry(request.clone()).or_default() += 1;
         if let Some(target) = &head.amz_target {
-            *self.by_target.entry(target.clone()).or_default() += 1;
+            *c.by_target.entry(target.clone()).or_default() += 1;
         }
+        if self.log.len() == LOG_LEN {
+            self.log.pop_front();
+        }
+        self.log.push_back(LoggedRequest {
+            at: Utc::now(),
+            request,
+            target: head.amz_target.clone(),
+        });
     }
 }
 
@@ -202,8 +238,12 @@ async fn control_counters(State(p): State<Proxy>) -> Json<ProxyCounters> {
     Json(p.snapshot())
 }
 
+async fn control_requests(State(p): State<Proxy>) -> Json<Vec<LoggedRequest>> {
+    Json(p.log())
+}
+
 async fn control_reset(State(p): State<Proxy>) -> Response {
-    *p.counters() = ProxyCounters::default();
+    *p.seen() = Seen::default();
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -510,5 +550,8 @@ mod tests {
         assert_eq!(c.by_request.get("GET /v1/sys/health"), Some(&2));
         assert_eq!(c.bytes_up, 2 * request.len() as u64);
         assert_eq!(c.bytes_down, 2 * request.len() as u64);
+        let log = proxy.log();
+        assert_eq!(log.len(), 2);
+        assert!(log[0].at <= log[1].at && log[1].request == "GET /v1/sys/health");
     }
 }
