@@ -357,9 +357,11 @@ impl World {
             match a {
                 Ok(id) => ids.push(id),
                 Err((status, body)) => {
-                    *refused
-                        .entry(format!("HTTP {status}: {}", body["error"]))
-                        .or_default() += 1
+                    let why = match status {
+                        0 => format!("no answer: {}", body["error"]),
+                        _ => format!("HTTP {status}: {}", body["error"]),
+                    };
+                    *refused.entry(why).or_default() += 1
                 }
             }
         }
@@ -441,16 +443,16 @@ impl World {
     }
 }
 
-/// Polls `/v1/keys` every second until no key is in a rotation, then reads every rotation's record.
+/// Polls `/v1/keys` every second until as many keys as rotations started have an outcome and none
+/// is in a rotation (the state directory is new: no key had an outcome before), then reads every
+/// rotation's record.
 async fn wait_all(daemon: &mut Daemon, ids: &[String]) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         let keys = daemon.keys().await;
-        let busy = keys
-            .iter()
-            .filter(|k| k["phase"] != "idle" || k["last_outcome"].is_null())
-            .count();
-        if busy == 0 || Instant::now() > deadline {
+        let done = keys.iter().filter(|k| !k["last_outcome"].is_null()).count();
+        let busy = keys.iter().filter(|k| k["phase"] != "idle").count();
+        if (done >= ids.len() && busy == 0) || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -43,6 +43,9 @@ pub struct Daemon {
     pub base: String,
     admin_token: String,
     http: reqwest::Client,
+    /// For POSTs: a new connection each, so a POST never races the server closing an idle one (a
+    /// POST is not retried, and a retry could start a second rotation).
+    post: reqwest::Client,
 }
 
 impl Daemon {
@@ -65,6 +68,10 @@ impl Daemon {
             admin_token: admin_token.into(),
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
+                .build()
+                .expect("reqwest client"),
+            post: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
                 .build()
                 .expect("reqwest client"),
         }
@@ -135,14 +142,14 @@ impl Daemon {
     /// `POST /v1/keys/{key}/rotate`: the rotation id, or the status and body of a refusal.
     pub async fn start_rotation(&self, key: &str, reason: &str) -> Result<String, (u16, Value)> {
         let r = self
-            .http
+            .post
             .post(format!("{}/v1/keys/{key}/rotate", self.base))
             .bearer_auth(&self.admin_token)
             .json(&json!({ "reason": reason }))
             .timeout(Duration::from_secs(60))
             .send()
             .await
-            .map_err(|e| (0, Value::String(e.to_string())))?;
+            .map_err(|e| (0, json!({ "error": format!("{e:?}") })))?;
         let status = r.status().as_u16();
         let body: Value = r.json().await.unwrap_or(Value::Null);
         match (status, body["rotation_id"].as_str()) {
