@@ -357,22 +357,26 @@ impl World {
             match a {
                 Ok(id) => ids.push(id),
                 Err((status, body)) => {
+                    // One line per kind of refusal, whichever key it named.
+                    let error = fold_key_names(&body["error"].to_string());
                     let why = match status {
-                        0 => format!("no answer: {}", body["error"]),
-                        _ => format!("HTTP {status}: {}", body["error"]),
+                        0 => format!("no answer: {error}"),
+                        _ => format!("HTTP {status}: {error}"),
                     };
                     *refused.entry(why).or_default() += 1
                 }
             }
         }
         println!(
-            "  {} rotations started in {:.2} s ({} refused)",
+            "  {} rotations started in {:.2} s ({} refused: {refused:?})",
             ids.len(),
             started.elapsed().as_secs_f64(),
             keys - ids.len()
         );
-        let records = wait_all(daemon, &ids).await;
+        wait_all(daemon, ids.len()).await;
+        // Counted as soon as the last rotation ended: a reconcile pass may follow.
         let after = (daemon.stats(), self.requests().await);
+        let records = rotation_records(daemon, &ids).await;
         let mut outcomes = BTreeMap::new();
         let mut last = t0;
         for r in &records {
@@ -443,21 +447,43 @@ impl World {
     }
 }
 
-/// Polls `/v1/keys` every second until as many keys as rotations started have an outcome and none
-/// is in a rotation (the state directory is new: no key had an outcome before), then reads every
-/// rotation's record.
-async fn wait_all(daemon: &mut Daemon, ids: &[String]) -> Vec<Value> {
+/// `text` with every key name (`k` and digits) written `kN`.
+fn fold_key_names(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    let mut prev_alnum = false;
+    while let Some(c) = chars.next() {
+        if c == 'k' && !prev_alnum && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+            out.push_str("kN");
+            prev_alnum = true;
+            continue;
+        }
+        prev_alnum = c.is_ascii_alphanumeric();
+        out.push(c);
+    }
+    out
+}
+
+/// Polls `/v1/keys` every second until `started` keys have an outcome and none is in a rotation (the
+/// state directory is new: no key had an outcome before).
+async fn wait_all(daemon: &Daemon, started: usize) {
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         let keys = daemon.keys().await;
         let done = keys.iter().filter(|k| !k["last_outcome"].is_null()).count();
         let busy = keys.iter().filter(|k| k["phase"] != "idle").count();
-        if (done >= ids.len() && busy == 0) || Instant::now() > deadline {
-            break;
+        if (done >= started && busy == 0) || Instant::now() > deadline {
+            return;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let daemon = &*daemon;
+}
+
+/// Every rotation's record (`GET /v1/rotations/{id}`).
+async fn rotation_records(daemon: &Daemon, ids: &[String]) -> Vec<Value> {
     futures::stream::iter(ids)
         .map(|id| async move { daemon.get(&format!("/v1/rotations/{id}")).await.1 })
         .buffer_unordered(32)

@@ -202,7 +202,7 @@ async fn main() {
     report(n, delay_ms, &keyrotd_ms, &floor_ms, &warmup, clean);
     if let Some(d) = delay_ms {
         report_requests(n, &keyrotd_route, &floor_route).await;
-        report_phases(&keyrotd_route, &posted).await;
+        report_phases(&keyrotd_route, &posted, &keyrotd_ms).await;
         if d > 0 {
             report_round_trips(d, &world, &floor_route, &keyrotd_ms, &floor_ms).await;
         }
@@ -583,64 +583,120 @@ async fn report_round_trips(
     );
 }
 
+/// One rotation's requests as the proxies saw them: its regenerate, its last hook request, and every
+/// request from the rotation's API request to the next one, in time order.
+struct Timeline {
+    regen: DateTime<Utc>,
+    end: DateTime<Utc>,
+    requests: Vec<(&'static str, DateTime<Utc>, String)>,
+}
+
+impl Timeline {
+    /// The rotation requested at `start` (the next one at `next`) in `logs` (`(where, log)`, the
+    /// portal's first and the hooks' last).
+    fn of(
+        logs: &[(&'static str, Vec<LoggedRequest>)],
+        start: DateTime<Utc>,
+        next: DateTime<Utc>,
+    ) -> Option<Timeline> {
+        let within = |r: &&LoggedRequest| r.at >= start && r.at < next;
+        let regen = logs[0]
+            .1
+            .iter()
+            .filter(within)
+            .find(|r| r.request.ends_with("/regenerate"))?
+            .at;
+        let end = logs[logs.len() - 1]
+            .1
+            .iter()
+            .filter(within)
+            .map(|r| r.at)
+            .max()?;
+        let mut requests: Vec<_> = logs
+            .iter()
+            .flat_map(|(place, log)| {
+                log.iter().filter(within).map(|r| {
+                    let what = r.target.clone().unwrap_or_else(|| r.request.clone());
+                    (*place, r.at, what)
+                })
+            })
+            .collect();
+        requests.sort_by_key(|(_, at, _)| *at);
+        Some(Timeline {
+            regen,
+            end,
+            requests,
+        })
+    }
+
+    fn phase(&self, at: DateTime<Utc>) -> &'static str {
+        match at {
+            t if t < self.regen => "before the regenerate",
+            t if t <= self.end => "in the window",
+            _ => "after the last hook",
+        }
+    }
+}
+
 /// When each request keyrotd sent fell, per rotation: before the regenerate, inside the invalidation
 /// window (regenerate request to the last hook request), or after the last hook (until the next
-/// rotation was requested). Times are the proxies' arrival times; `posted` is when each counted
-/// rotation was requested.
-async fn report_phases(route: &Route, posted: &[DateTime<Utc>]) {
+/// rotation was requested); then the requests of the median rotation with their times from its
+/// regenerate. Times are the proxies' arrival times; `posted` is when each counted rotation was
+/// requested, `windows` its window as keyrotd reported it.
+async fn report_phases(route: &Route, posted: &[DateTime<Utc>], windows: &[f64]) {
     let Some(portal) = &route.portal else { return };
-    let portal_log = portal.log().await;
     let mut hooks_log = Vec::new();
     for p in &route.proxies[2..] {
         hooks_log.extend(p.log().await);
     }
     let logs = [
-        ("portal", portal_log.clone()),
+        ("portal", portal.log().await),
         ("OpenBao", route.proxies[0].log().await),
         ("AWS", route.proxies[1].log().await),
-        ("hooks", hooks_log.clone()),
+        ("hooks", hooks_log),
     ];
-    let mut phases: BTreeMap<(&str, &str, String), u64> = BTreeMap::new();
-    for (j, start) in posted.iter().enumerate() {
-        let next = posted
-            .get(j + 1)
-            .copied()
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
-        let within = |r: &&LoggedRequest| r.at >= *start && r.at < next;
-        let Some(regen) = portal_log
-            .iter()
-            .filter(within)
-            .find(|r| r.request.ends_with("/regenerate"))
-            .map(|r| r.at)
-        else {
-            continue;
-        };
-        let end = hooks_log
-            .iter()
-            .filter(within)
-            .map(|r| r.at)
-            .max()
-            .unwrap_or(regen);
-        for (store, log) in &logs {
-            for r in log.iter().filter(within) {
-                let phase = match r.at {
-                    t if t < regen => "1 before the regenerate",
-                    t if t <= end => "2 in the window",
-                    _ => "3 after the last hook",
-                };
-                let what = r.target.clone().unwrap_or_else(|| r.request.clone());
-                *phases.entry((phase, store, what)).or_default() += 1;
-            }
+    let timelines: Vec<Option<Timeline>> = (0..posted.len())
+        .map(|j| {
+            let next = posted
+                .get(j + 1)
+                .copied()
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            Timeline::of(&logs, posted[j], next)
+        })
+        .collect();
+    let mut phases: BTreeMap<(usize, &str, String), u64> = BTreeMap::new();
+    let order = [
+        "before the regenerate",
+        "in the window",
+        "after the last hook",
+    ];
+    for t in timelines.iter().flatten() {
+        for (place, at, what) in &t.requests {
+            let phase = order.iter().position(|p| *p == t.phase(*at)).unwrap_or(0);
+            *phases.entry((phase, place, what.clone())).or_default() += 1;
         }
     }
     println!("  keyrotd's requests per rotation, by when they were sent:");
     let n = posted.len().max(1) as f64;
-    let mut last = "";
-    for ((phase, store, what), count) in &phases {
+    let mut last = usize::MAX;
+    for ((phase, place, what), count) in &phases {
         if *phase != last {
-            println!("    {}:", &phase[2..]);
-            last = phase;
+            println!("    {}:", order[*phase]);
+            last = *phase;
         }
-        println!("      {store:<8} {:.2}  {what}", *count as f64 / n);
+        println!("      {place:<8} {:.2}  {what}", *count as f64 / n);
+    }
+    let mut by_window: Vec<usize> = (0..windows.len()).collect();
+    by_window.sort_by(|a, b| windows[*a].total_cmp(&windows[*b]));
+    let median = by_window[by_window.len() / 2];
+    if let Some(t) = &timelines[median] {
+        println!(
+            "  the median rotation ({:.1} ms), each request's arrival after its regenerate:",
+            windows[median]
+        );
+        for (place, at, what) in &t.requests {
+            let ms = (*at - t.regen).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            println!("    {ms:+8.1} ms  {place:<8} {what}");
+        }
     }
 }

@@ -110,7 +110,13 @@ impl Daemon {
             .timeout(Duration::from_secs(60))
             .send()
             .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "GET {path}: {e:?}; the end of keyrotd's log ({}):\n{}",
+                    self.proc.log.display(),
+                    self.proc.log_tail(40)
+                )
+            });
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }

@@ -1,7 +1,8 @@
 //! `keyrotd-sim`: the portal and dependent simulators and the delaying proxy (library: `keyrotd::sim`)
-//! as a program, for the integration tests, the benchmarks and the demo. Prints one line, `keyrotd-sim <what> listening on http://ADDR`, once
-//! it accepts connections (with `--listen 127.0.0.1:0` that line carries the real port); never prints a
-//! secret (the portal's issued secrets are at `GET /_sim/issued-secrets`).
+//! as a program, for the integration tests, the benchmarks and the demo. Prints one line,
+//! `keyrotd-sim <what> listening on http://ADDR`, once it accepts connections (with
+//! `--listen 127.0.0.1:0` that line carries the real port); never prints a secret (the portal's issued
+//! secrets are at `GET /_sim/issued-secrets`).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -123,74 +124,87 @@ fn env_secret(name: &str) -> Result<Secret> {
         .with_context(|| format!("reading --{name}"))
 }
 
+/// The single-account portal.
+fn portal_router(
+    management_token: Secret,
+    account_id: String,
+    seed_secret_file: Option<PathBuf>,
+) -> Result<axum::Router> {
+    let seed_secret = match seed_secret_file {
+        Some(path) => Some(
+            SecretRef::File(path)
+                .resolve()
+                .context("the seed secret (--seed-secret-file)")?,
+        ),
+        None => None,
+    };
+    let p = portal::Portal::new(portal::PortalOptions {
+        management_token,
+        account_id,
+        seed_secret,
+    });
+    Ok(p.router())
+}
+
+/// `--accounts N`: N accounts under `/a/<i>`.
+fn fleet_router(management_token: Secret, accounts: usize) -> Result<axum::Router> {
+    if accounts == 0 {
+        bail!("--accounts must be at least 1");
+    }
+    let fleet = portal::Fleet::new(portal::FleetOptions {
+        management_token,
+        accounts,
+    });
+    Ok(fleet.router())
+}
+
+/// The proxy on `listen`, its counters on `control`, until the process ends.
+async fn run_proxy(
+    listen: SocketAddr,
+    upstream: String,
+    delay: Duration,
+    control: SocketAddr,
+) -> Result<()> {
+    let p = proxy::Proxy::new(upstream, delay);
+    let control = tokio::net::TcpListener::bind(control)
+        .await
+        .with_context(|| format!("listening on {control} (--control)"))?;
+    let control_addr = control.local_addr()?;
+    tokio::spawn(sim::serve(control, p.control_router()));
+    let listener = proxy::bind_and_announce(listen, control_addr)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    p.serve(listener).await;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Portal {
             listen,
             token_env,
-            accounts: Some(accounts),
-            ..
-        } => {
-            let management_token = SecretRef::Env(token_env.clone())
-                .resolve()
-                .with_context(|| format!("the management token (--token-env {token_env})"))?;
-            if accounts == 0 {
-                bail!("--accounts must be at least 1");
-            }
-            let fleet = portal::Fleet::new(portal::FleetOptions {
-                management_token,
-                accounts,
-            });
-            let listener = sim::bind_and_announce(listen, "portal")
-                .await
-                .with_context(|| format!("listening on {listen}"))?;
-            sim::serve(listener, fleet.router()).await?;
-        }
-        Command::Portal {
-            listen,
-            token_env,
             account_id,
             seed_secret_file,
-            accounts: None,
+            accounts,
         } => {
             let management_token = SecretRef::Env(token_env.clone())
                 .resolve()
                 .with_context(|| format!("the management token (--token-env {token_env})"))?;
-            let seed_secret = match seed_secret_file {
-                Some(path) => Some(
-                    SecretRef::File(path)
-                        .resolve()
-                        .context("the seed secret (--seed-secret-file)")?,
-                ),
-                None => None,
+            let router = match accounts {
+                Some(accounts) => fleet_router(management_token, accounts)?,
+                None => portal_router(management_token, account_id, seed_secret_file)?,
             };
-            let p = portal::Portal::new(portal::PortalOptions {
-                management_token,
-                account_id,
-                seed_secret,
-            });
             let listener = sim::bind_and_announce(listen, "portal")
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
-            sim::serve(listener, p.router()).await?;
+            sim::serve(listener, router).await?;
         }
         Command::Proxy {
             listen,
             upstream,
             delay_ms,
             control,
-        } => {
-            let p = proxy::Proxy::new(upstream, Duration::from_millis(delay_ms));
-            let control = tokio::net::TcpListener::bind(control)
-                .await
-                .with_context(|| format!("listening on {control} (--control)"))?;
-            let control_addr = control.local_addr()?;
-            tokio::spawn(sim::serve(control, p.control_router()));
-            let listener = proxy::bind_and_announce(listen, control_addr)
-                .await
-                .with_context(|| format!("listening on {listen}"))?;
-            p.serve(listener).await;
-        }
+        } => run_proxy(listen, upstream, Duration::from_millis(delay_ms), control).await?,
         Command::Dependent {
             listen,
             portal,
