@@ -22,6 +22,7 @@
 //! FLEET="1000 10000:file" IDLE_SECS=30 FLEET_DAEMON_EXTRA='max_concurrent_rotations = 64' cargo bench --bench fleet
 //! ```
 //! `FLEET_DAEMON_EXTRA` / `FLEET_KEY_EXTRA` are TOML lines added to `[daemon]` / every `[[keys]]`;
+//! `KEYROTD_NOFILE=1024` runs keyrotd with that open-files limit (systemd's default soft limit);
 //! `KEEP_BENCH_DIR=1` keeps the temporary directory (config, state, every process's log).
 
 mod support;

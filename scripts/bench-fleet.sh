@@ -8,7 +8,8 @@
 #   scripts/bench-fleet.sh 200 5000:file     # other sizes; ":file" = file destinations only
 #
 # Environment (see benches/fleet.rs): IDLE_SECS (default 30), FLEET_DAEMON_EXTRA / FLEET_KEY_EXTRA
-# (TOML lines added to [daemon] / every [[keys]]), KEEP_BENCH_DIR=1 (keep the temporary directory with
+# (TOML lines added to [daemon] / every [[keys]]), KEYROTD_NOFILE=1024 (keyrotd's open-files limit, as
+# systemd's default soft limit), KEEP_BENCH_DIR=1 (keep the temporary directory with
 # the config, the state and every process's log). Everything runs in a temporary directory; every
 # process the benchmark starts is stopped when it ends, fails or is interrupted.
 set -euo pipefail

@@ -57,7 +57,16 @@ impl Daemon {
         admin_token: &str,
         env: &[(String, String)],
     ) -> Daemon {
-        let mut cmd = Command::new(keyrotd_bin());
+        // `KEYROTD_NOFILE=N`: run keyrotd with an open-files limit of N, as a service gets from the
+        // init system (systemd's default soft limit is 1024). The shell execs keyrotd: same pid.
+        let mut cmd = match std::env::var("KEYROTD_NOFILE") {
+            Ok(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &n, keyrotd_bin()]);
+                c
+            }
+            Err(_) => Command::new(keyrotd_bin()),
+        };
         cmd.arg("-c")
             .arg(config)
             .arg("run")
