@@ -22,7 +22,8 @@
 //! - [`systemd`]: the sd_notify protocol (READY, WATCHDOG, RELOADING, STOPPING);
 //! - [`cli`]: the commands, parsed and printed; [`commands`]: the async bodies of `status`, `rotate`
 //!   and `approve`; [`checklist`]: the rotation checklist of one key as data (`plan --checklist`);
-//! - [`sim`]: the portal and dependent simulators used by the tests and the demo;
+//! - [`sim`]: the portal and dependent simulators used by the tests and the demo, and the delaying
+//!   proxy the benchmarks use;
 //! - [`testing`] (feature `testing`): the in-process seam — an in-memory store, a scripted provider
 //!   and scripted dependents — that the engine's tests run on.
 //!

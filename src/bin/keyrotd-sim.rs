@@ -1,7 +1,8 @@
-//! `keyrotd-sim`: the portal and dependent simulators (library: `keyrotd::sim`) as a program, for the
-//! integration tests and the demo. Prints one line, `keyrotd-sim <what> listening on http://ADDR`, once
-//! it accepts connections (with `--listen 127.0.0.1:0` that line carries the real port); never prints a
-//! secret (the portal's issued secrets are at `GET /_sim/issued-secrets`).
+//! `keyrotd-sim`: the portal and dependent simulators and the delaying proxy (library: `keyrotd::sim`)
+//! as a program, for the integration tests, the benchmarks and the demo. Prints one line,
+//! `keyrotd-sim <what> listening on http://ADDR`, once it accepts connections (with
+//! `--listen 127.0.0.1:0` that line carries the real port); never prints a secret (the portal's issued
+//! secrets are at `GET /_sim/issued-secrets`).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -12,13 +13,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use keyrotd::secret::{Secret, SecretRef};
-use keyrotd::sim::{self, dependent, portal};
+use keyrotd::sim::{self, dependent, portal, proxy};
 use url::Url;
 
 #[derive(Parser)]
 #[command(
     name = "keyrotd-sim",
-    about = "Simulators of the AOS portal and of a dependent service"
+    about = "Simulators of the AOS portal and of a dependent service, and a delaying TCP proxy"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,6 +44,25 @@ enum Command {
         /// File holding the initial key's secret (one trailing newline stripped); random otherwise.
         #[arg(long)]
         seed_secret_file: Option<PathBuf>,
+        /// Serve N independent accounts (one random key each), account i (0..N) reporting `acct_<i>`
+        /// under /a/<i>/v1/... and /a/<i>/_sim/..., with totals at /_sim/counters.
+        #[arg(long, conflicts_with_all = ["account_id", "seed_secret_file"])]
+        accounts: Option<usize>,
+    },
+    /// A TCP proxy that delays each direction and counts the HTTP/1 requests passing through it.
+    Proxy {
+        /// Address to listen on (port 0: any free port, printed on stdout).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Where connections are forwarded (HOST:PORT).
+        #[arg(long)]
+        upstream: String,
+        /// Delay added to each direction, in milliseconds (a round trip costs twice this).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Address of the counters' HTTP endpoint (GET /_sim/counters, POST /_sim/reset).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        control: SocketAddr,
     },
     /// A service that reads the key on reload and authenticates with it at the portal.
     Dependent {
@@ -107,6 +127,60 @@ fn env_secret(name: &str) -> Result<Secret> {
         .with_context(|| format!("reading --{name}"))
 }
 
+/// The single-account portal.
+fn portal_router(
+    management_token: Secret,
+    account_id: String,
+    seed_secret_file: Option<PathBuf>,
+) -> Result<axum::Router> {
+    let seed_secret = match seed_secret_file {
+        Some(path) => Some(
+            SecretRef::File(path)
+                .resolve()
+                .context("the seed secret (--seed-secret-file)")?,
+        ),
+        None => None,
+    };
+    let p = portal::Portal::new(portal::PortalOptions {
+        management_token,
+        account_id,
+        seed_secret,
+    });
+    Ok(p.router())
+}
+
+/// `--accounts N`: N accounts under `/a/<i>`.
+fn fleet_router(management_token: Secret, accounts: usize) -> Result<axum::Router> {
+    if accounts == 0 {
+        bail!("--accounts must be at least 1");
+    }
+    let fleet = portal::Fleet::new(portal::FleetOptions {
+        management_token,
+        accounts,
+    });
+    Ok(fleet.router())
+}
+
+/// The proxy on `listen`, its counters on `control`, until the process ends.
+async fn run_proxy(
+    listen: SocketAddr,
+    upstream: String,
+    delay: Duration,
+    control: SocketAddr,
+) -> Result<()> {
+    let p = proxy::Proxy::new(upstream, delay);
+    let control = tokio::net::TcpListener::bind(control)
+        .await
+        .with_context(|| format!("listening on {control} (--control)"))?;
+    let control_addr = control.local_addr()?;
+    tokio::spawn(sim::serve(control, p.control_router()));
+    let listener = proxy::bind_and_announce(listen, control_addr)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    p.serve(listener).await;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Portal {
@@ -114,28 +188,26 @@ async fn run(cli: Cli) -> Result<()> {
             token_env,
             account_id,
             seed_secret_file,
+            accounts,
         } => {
             let management_token = SecretRef::Env(token_env.clone())
                 .resolve()
                 .with_context(|| format!("the management token (--token-env {token_env})"))?;
-            let seed_secret = match seed_secret_file {
-                Some(path) => Some(
-                    SecretRef::File(path)
-                        .resolve()
-                        .context("the seed secret (--seed-secret-file)")?,
-                ),
-                None => None,
+            let router = match accounts {
+                Some(accounts) => fleet_router(management_token, accounts)?,
+                None => portal_router(management_token, account_id, seed_secret_file)?,
             };
-            let p = portal::Portal::new(portal::PortalOptions {
-                management_token,
-                account_id,
-                seed_secret,
-            });
             let listener = sim::bind_and_announce(listen, "portal")
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
-            sim::serve(listener, p.router()).await?;
+            sim::serve(listener, router).await?;
         }
+        Command::Proxy {
+            listen,
+            upstream,
+            delay_ms,
+            control,
+        } => run_proxy(listen, upstream, Duration::from_millis(delay_ms), control).await?,
         Command::Dependent {
             listen,
             portal,

@@ -1,5 +1,5 @@
 //! Simulators of the portal ([`portal`]) and of a dependent service ([`dependent`]), for the tests and
-//! the demo. They are test equipment, not part of the daemon: the daemon never links to them at run
+//! the demo, and a TCP proxy that adds latency and counts requests ([`proxy`]), for the benchmarks. They are test equipment, not part of the daemon: the daemon never links to them at run
 //! time, and the portal simulator deliberately hands out the secrets it issued (`/_sim/issued-secrets`)
 //! so leak tests can search logs and files for them.
 //!
@@ -9,6 +9,7 @@
 
 pub mod dependent;
 pub mod portal;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,53 @@ pub struct PortalState {
     /// `/v1/auth/check` calls that passed / failed: the ground truth for auth failures.
     pub auth_ok: u64,
     pub auth_failed: u64,
+}
+
+/// `GET /_sim/counters` of the portal simulator (of one account in a fleet): requests that reached each
+/// contract route since start or the last reset, whatever they were answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortalCounters {
+    /// `GET /v1/api-keys/current`.
+    pub status: u64,
+    /// `POST /v1/api-keys/regenerate`, including refused and failed ones.
+    pub regenerate: u64,
+    /// `GET /v1/auth/check`.
+    pub auth_check: u64,
+}
+
+impl PortalCounters {
+    pub fn total(&self) -> u64 {
+        self.status + self.regenerate + self.auth_check
+    }
+
+    pub fn add(&mut self, other: &PortalCounters) {
+        self.status += other.status;
+        self.regenerate += other.regenerate;
+        self.auth_check += other.auth_check;
+    }
+}
+
+/// `GET /_sim/counters` of a fleet of accounts (`keyrotd-sim portal --accounts N`): every account's
+/// counters summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetCounters {
+    pub accounts: usize,
+    pub requests: PortalCounters,
+    /// Regenerates that rotated a key (as [`PortalState::regenerations`]), summed.
+    pub regenerations: u64,
+    pub out_of_band_rotations: u64,
+    pub auth_ok: u64,
+    pub auth_failed: u64,
+}
+
+/// One entry of `GET /_sim/accounts` of a fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetAccount {
+    /// Its index: its routes are under `/a/<account>`.
+    pub account: usize,
+    pub key_id: String,
+    pub regenerations: u64,
+    pub requests: PortalCounters,
 }
 
 /// `GET /_sim/state` of the dependent simulator.
