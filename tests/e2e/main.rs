@@ -17,6 +17,7 @@ mod pause;
 mod preflight;
 mod prometheus;
 mod provider;
+mod rerotation;
 mod rotation;
 mod signals;
 mod stores;
