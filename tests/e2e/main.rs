@@ -20,6 +20,7 @@ mod provider;
 mod rerotation;
 mod rotation;
 mod signals;
+mod soak;
 mod stores;
 mod systemd;
 mod triggers;
