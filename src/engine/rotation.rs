@@ -375,7 +375,13 @@ impl Rotation {
                 self.key.max_regenerations_per_day
             ));
         }
-        self.respect_write_rates().await;
+        // A drift loop gives the destinations a new value every round: it waits for a store that asks
+        // for few values per secret. A lost key's last round gave no destination a value (lost in
+        // transit, or none confirmed it) and no working key exists anywhere meanwhile, so waiting
+        // would only lengthen the outage: it goes at once.
+        if matches!(reason, RerotationReason::Drift) {
+            self.respect_write_rates().await;
+        }
         self.engine.metrics.rerotation(&self.key.name, reason);
         self.engine.audit(AuditRecord::rerotation(
             &self.key.name,
@@ -388,7 +394,7 @@ impl Rotation {
         Ok(())
     }
 
-    /// A re-rotation loop must not hammer a store that asks for few writes per secret (AWS): wait
+    /// A drift loop must not hammer a store that asks for few writes per secret (AWS): wait
     /// until every destination may take another value, saying why. Shutdown ends the wait.
     async fn respect_write_rates(&self) {
         let wait = self

@@ -97,6 +97,12 @@ impl Daemon {
         }
     }
 
+    /// Waits for the process to exit by itself; `None` when it still runs after `timeout` (for callers
+    /// that report a slow exit rather than fail at once).
+    pub fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.wait_exit(timeout)
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let r = self
             .http

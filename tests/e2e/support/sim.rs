@@ -135,6 +135,11 @@ impl Portal {
         &self.url
     }
 
+    /// Everything the simulator has printed so far.
+    pub fn log_text(&self) -> String {
+        self._proc.log_text()
+    }
+
     /// The management token it accepts.
     pub fn token(&self) -> &str {
         &self.token
@@ -384,6 +389,11 @@ impl Dependent {
 }
 
 impl Dependent {
+    /// Everything the simulator has printed so far.
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+
     /// Kills the dependent: its verify and reload URLs stop answering.
     pub fn kill(&mut self) {
         self.proc.kill();
