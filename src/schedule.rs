@@ -554,6 +554,9 @@ pub enum DueReason {
     MaxAge,
     /// A cron occurrence was missed while the daemon was down; `catch_up` runs it now.
     CatchUp,
+    /// Not a rotation: a dual key's old key, kept for a dependent that never confirmed, reaches its
+    /// `revoke_after` and is revoked.
+    Revoke,
 }
 
 impl DueReason {
@@ -563,6 +566,7 @@ impl DueReason {
             DueReason::Schedule => "schedule",
             DueReason::MaxAge => "max_age",
             DueReason::CatchUp => "catch_up",
+            DueReason::Revoke => "revoke",
         }
     }
 }
@@ -876,6 +880,7 @@ mod tests {
             auto_recover: true,
             max_rerotations: 3,
             max_regenerations_per_day: 6,
+            rollout: Default::default(),
             destinations: Vec::new(),
             dependents: Vec::new(),
         }

@@ -140,6 +140,10 @@ label_set! {
         Status => "status",
         Regenerate => "regenerate",
         AuthCheck => "auth_check",
+        /// A dual provider's second key (`overlap = "dual"`).
+        Create => "create",
+        Revoke => "revoke",
+        List => "list",
     }
 }
 
@@ -175,6 +179,12 @@ struct KeyShape {
     verified: BTreeSet<String>,
     /// Has a schedule or a max age, so it can have a next rotation.
     scheduled: bool,
+    /// Its provider keeps two keys live (`overlap = "dual"`): the overlap series exist.
+    dual: bool,
+    /// Dual keys: dependents that confirm the new key (with a `verify` or a `confirm`).
+    confirmers: BTreeSet<String>,
+    /// Dual keys: `revoke_after`.
+    revoke_after: Option<Duration>,
 }
 
 /// The registry and every keyrotd metric. Share it behind an `Arc`; every method takes `&self`.
@@ -208,6 +218,12 @@ pub struct Metrics {
     lease_held: IntGaugeVec,
     lease_takeovers: IntCounterVec,
     lease_renew_failures: prometheus::IntCounter,
+    key_overlap: GaugeVec,
+    dependents_confirmed: IntGaugeVec,
+    dependent_unconfirmed: IntGaugeVec,
+    old_key_live_since: GaugeVec,
+    revoke_after: GaugeVec,
+    reloads_coalesced: prometheus::IntCounter,
     paused: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -483,6 +499,46 @@ impl Metrics {
                     .expect("metric registered once");
                 c
             },
+            key_overlap: gauge(
+                &r,
+                "keyrotd_key_overlap_seconds",
+                "Dual keys: how long the old and the new key were both live in the last rotation that retired its old key (creation of the new to revoke of the old), seconds.",
+                k,
+            ),
+            dependents_confirmed: int_gauge(
+                &r,
+                "keyrotd_dependents_confirmed",
+                "Dual keys: dependents that confirmed the key's newest key (healthy, and reporting its fingerprint where they can).",
+                k,
+            ),
+            dependent_unconfirmed: int_gauge(
+                &r,
+                "keyrotd_dependent_unconfirmed",
+                "Dual keys: 1 while the dependent has not confirmed the newest key and the old key is kept live for it.",
+                &["key", "dependent"],
+            ),
+            old_key_live_since: gauge(
+                &r,
+                "keyrotd_key_old_key_live_since_timestamp_seconds",
+                "Dual keys: when the overlap began (the new key's creation) while a rotation has ended with the old key still live, Unix seconds; 0 when no old key is kept.",
+                k,
+            ),
+            revoke_after: gauge(
+                &r,
+                "keyrotd_key_revoke_after_seconds",
+                "Dual keys with revoke_after: how long after the new key's creation the old key is revoked even if a dependent never confirmed, seconds.",
+                k,
+            ),
+            reloads_coalesced: {
+                let c = prometheus::IntCounter::new(
+                    "keyrotd_reloads_coalesced_total",
+                    "Reload requests served by another key's reload of the same target (reload_coalesce, groups).",
+                )
+                .expect("valid counter definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
             paused: {
                 let g = IntGauge::new("keyrotd_paused", "1 while scheduled rotations are paused.")
                     .expect("valid gauge definition");
@@ -584,6 +640,14 @@ impl Metrics {
                     .map(|d| d.name.clone())
                     .collect(),
                 scheduled: !key.is_manual_only(),
+                dual: key.rollout.overlap == crate::config::Overlap::Dual,
+                confirmers: key
+                    .dependents
+                    .iter()
+                    .filter(|d| d.verify.is_some() || d.confirm.is_some())
+                    .map(|d| d.name.clone())
+                    .collect(),
+                revoke_after: key.rollout.revoke_after,
             };
             new_known.keys.insert(key.name.clone(), shape);
         }
@@ -630,6 +694,7 @@ impl Metrics {
             }
             self.drift.with_label_values(&[name]);
             self.journal_blocked.with_label_values(&[name]);
+            self.apply_dual_locked(name, shape);
             if config.coordination.is_some() {
                 self.lease_held.with_label_values(&[name]);
                 self.lease_takeovers.with_label_values(&[name]);
@@ -671,6 +736,29 @@ impl Metrics {
         }
     }
 
+    /// A dual key's series: created at 0 (a reload keeps their values), `revoke_after` from config.
+    fn apply_dual_locked(&self, name: &str, shape: &KeyShape) {
+        if !shape.dual {
+            return;
+        }
+        self.key_overlap.with_label_values(&[name]);
+        self.dependents_confirmed.with_label_values(&[name]);
+        self.old_key_live_since.with_label_values(&[name]);
+        for dependent in &shape.confirmers {
+            self.dependent_unconfirmed
+                .with_label_values(&[name, dependent]);
+        }
+        match shape.revoke_after {
+            Some(after) => self
+                .revoke_after
+                .with_label_values(&[name])
+                .set(after.as_secs_f64()),
+            None => {
+                let _ = self.revoke_after.remove_label_values(&[name]);
+            }
+        }
+    }
+
     /// Removes every series whose names `known` does not allow.
     fn prune(&self, known: &Known) {
         let key_known =
@@ -695,6 +783,18 @@ impl Metrics {
         prune(&self.journal_blocked, key_known);
         prune(&self.lease_held, key_known);
         prune(&self.lease_takeovers, key_known);
+        let dual_known = |l: &HashMap<&str, &str>| {
+            l.get("key")
+                .and_then(|k| known.keys.get(*k))
+                .is_some_and(|shape| shape.dual)
+        };
+        prune(&self.key_overlap, dual_known);
+        prune(&self.dependents_confirmed, dual_known);
+        prune(&self.old_key_live_since, dual_known);
+        prune(&self.revoke_after, dual_known);
+        prune(&self.dependent_unconfirmed, |l| {
+            shape_has(l, |s| &s.confirmers, "dependent") && dual_known(l)
+        });
         // For known keys, apply_config sets or removes these two from the key's config.
         prune(&self.key_max_age, key_known);
         prune(&self.key_schedule_period, key_known);
@@ -1001,6 +1101,55 @@ impl Metrics {
         self.lease_renew_failures.inc();
     }
 
+    /// A dual key's old key was revoked `overlap` after its successor was created.
+    pub fn key_overlap(&self, key: &str, overlap: Duration) {
+        self.with_key(key, |shape| {
+            if shape.dual {
+                self.key_overlap
+                    .with_label_values(&[key])
+                    .set(overlap.as_secs_f64());
+            }
+        });
+    }
+
+    /// How many of a dual key's dependents confirmed its newest key.
+    pub fn dependents_confirmed(&self, key: &str, confirmed: usize) {
+        self.with_key(key, |shape| {
+            if shape.dual {
+                self.dependents_confirmed
+                    .with_label_values(&[key])
+                    .set(i64::try_from(confirmed).unwrap_or(i64::MAX));
+            }
+        });
+    }
+
+    /// Whether `dependent` has not confirmed a dual key's newest key (its old key kept live for it).
+    pub fn dependent_unconfirmed(&self, key: &str, dependent: &str, unconfirmed: bool) {
+        self.with_key(key, |shape| {
+            if shape.dual && shape.confirmers.contains(dependent) {
+                self.dependent_unconfirmed
+                    .with_label_values(&[key, dependent])
+                    .set(i64::from(unconfirmed));
+            }
+        });
+    }
+
+    /// Since when a dual key's old key has been kept live after its rotation ended; `None` = none.
+    pub fn old_key_live_since(&self, key: &str, since: Option<DateTime<Utc>>) {
+        self.with_key(key, |shape| {
+            if shape.dual {
+                self.old_key_live_since
+                    .with_label_values(&[key])
+                    .set(since.map_or(0.0, unix_seconds));
+            }
+        });
+    }
+
+    /// `n` reload requests were served by one reload of a target another key asked for too.
+    pub fn reloads_coalesced(&self, n: u64) {
+        self.reloads_coalesced.inc_by(n);
+    }
+
     /// Whether scheduled rotations are paused.
     pub fn paused(&self, paused: bool) {
         self.paused.set(i64::from(paused));
@@ -1034,6 +1183,8 @@ mod tests {
                 env: BTreeMap::new(),
                 retries: 2,
             }),
+            canary: false,
+            confirm: None,
         }
     }
 
@@ -1053,6 +1204,7 @@ mod tests {
             auto_recover: true,
             max_rerotations: 3,
             max_regenerations_per_day: 6,
+            rollout: Default::default(),
             destinations: stores
                 .iter()
                 .map(|s| DestinationConfig {

@@ -21,6 +21,14 @@ pub enum LivePhase {
     Storing,
     Notifying,
     Watching,
+    /// Dual keys: the vendor is creating the new key (the old one stays live).
+    Creating,
+    /// Dual keys: waiting for the dependents to confirm the new key.
+    Confirming,
+    /// Dual keys: retiring a key by id.
+    Revoking,
+    /// Dual keys: a canary failed; the old key goes back into the destinations.
+    RollingBack,
 }
 
 impl LivePhase {
@@ -34,6 +42,10 @@ impl LivePhase {
             (Phase::Idle | Phase::Watch, true) => LivePhase::Preflight,
             (Phase::Watch, false) => LivePhase::Watching,
             (Phase::Idle, false) => LivePhase::Idle,
+            (Phase::Creating, _) => LivePhase::Creating,
+            (Phase::Confirming, _) => LivePhase::Confirming,
+            (Phase::Revoking, _) => LivePhase::Revoking,
+            (Phase::RollingBack, _) => LivePhase::RollingBack,
         }
     }
 
@@ -45,6 +57,10 @@ impl LivePhase {
             LivePhase::Storing => "storing",
             LivePhase::Notifying => "notifying",
             LivePhase::Watching => "watching",
+            LivePhase::Creating => "creating",
+            LivePhase::Confirming => "confirming",
+            LivePhase::Revoking => "revoking",
+            LivePhase::RollingBack => "rolling_back",
         }
     }
 }
@@ -75,6 +91,15 @@ pub enum EventKind {
     Finished,
     Probe,
     Resumed,
+    /// Dual keys.
+    Created,
+    Confirmed,
+    Unconfirmed,
+    Revoked,
+    CanaryFailed,
+    RolledBack,
+    /// A reload was coalesced with other keys' reloads of the same target.
+    Coalesced,
 }
 
 impl EventKind {
@@ -102,6 +127,13 @@ impl EventKind {
             EventKind::Finished => "finished",
             EventKind::Probe => "probe",
             EventKind::Resumed => "resumed",
+            EventKind::Created => "created",
+            EventKind::Confirmed => "confirmed",
+            EventKind::Unconfirmed => "unconfirmed",
+            EventKind::Revoked => "revoked",
+            EventKind::CanaryFailed => "canary_failed",
+            EventKind::RolledBack => "rolled_back",
+            EventKind::Coalesced => "coalesced",
         }
     }
 }

@@ -74,15 +74,27 @@ pub fn next_due(
         .issued_at
         .filter(|_| j.active_key_id.is_some() && j.active_key_id == j.new_key_id);
     let last_rotated = provider_last_rotated.max(issued);
-    let mut due = schedule::next_due(key, now, j.last_scheduled_run, last_rotated, sample)?;
-    if let (Some(Outcome::Failed | Outcome::Aborted), Some(finished)) =
-        (j.last_outcome, j.last_finished_at)
+    let mut due = schedule::next_due(key, now, j.last_scheduled_run, last_rotated, sample);
+    if let (Some(d), Some(Outcome::Failed | Outcome::Aborted), Some(finished)) =
+        (due.as_mut(), j.last_outcome, j.last_finished_at)
     {
         let not_before =
             finished + chrono::Duration::from_std(RETRY_AFTER_FAILURE).unwrap_or_default();
-        due.at = due.at.max(not_before);
+        d.at = d.at.max(not_before);
     }
-    Some(due)
+    // A dual key's old key kept for an unconfirmed dependent is revoked at `revoke_after`, before
+    // the next rotation if that comes later.
+    let revoke = j
+        .revoke_due
+        .filter(|_| !j.pending_revoke.is_empty())
+        .map(|at| Due {
+            at,
+            reason: DueReason::Revoke,
+        });
+    match (due, revoke) {
+        (Some(d), Some(r)) if r.at <= d.at => Some(r),
+        (d, r) => d.or(r),
+    }
 }
 
 struct Plan {
@@ -145,10 +157,22 @@ pub async fn run(engine: Arc<Engine>) {
             engine.schedule.all();
         }
         (wall, mono) = (now, tokio::time::Instant::now());
-        if !engine.is_paused() {
-            fire_due(&engine, &mut plan, now);
-        }
+        fire_due(&engine, &mut plan, now, engine.is_paused());
     }
+}
+
+/// The other keys of `key`'s group.
+fn group_members(engine: &Engine, key: &str) -> Vec<String> {
+    let config = engine.config();
+    let Some(group) = config.key(key).and_then(|k| k.rollout.group.clone()) else {
+        return Vec::new();
+    };
+    config
+        .keys
+        .iter()
+        .filter(|k| k.rollout.group.as_deref() == Some(group.as_str()) && k.name != key)
+        .map(|k| k.name.clone())
+        .collect()
 }
 
 async fn recompute(engine: &Arc<Engine>, plan: &mut Plan, dirty: Dirty) {
@@ -179,7 +203,8 @@ async fn recompute(engine: &Arc<Engine>, plan: &mut Plan, dirty: Dirty) {
         };
         let j = slot.journal().await;
         let last_rotated = slot.live().status.as_ref().and_then(|s| s.last_rotated);
-        let sample = plan.sample(&key.name);
+        // The keys of a group share one jittered due time, so they start together.
+        let sample = plan.sample(key.rollout.group.as_deref().unwrap_or(&key.name));
         let due = next_due(key, &j, last_rotated, now, sample);
         plan.set(&key.name, due);
         engine.set_next_rotation(&key.name, due.map(|d| d.at));
@@ -187,24 +212,49 @@ async fn recompute(engine: &Arc<Engine>, plan: &mut Plan, dirty: Dirty) {
 }
 
 /// Starts every rotation whose time has come. A started key leaves the queue until its rotation ends
-/// (the rotation signals it back); a key that could not start is tried again shortly.
-fn fire_due(engine: &Arc<Engine>, plan: &mut Plan, now: DateTime<Utc>) {
-    while let Some((at, key)) = plan.queue.first().cloned() {
-        if at > now {
-            break;
+/// (the rotation signals it back); a key that could not start is tried again shortly. While paused,
+/// only revokes (`revoke_after`) fire: they finish rotations that already happened.
+fn fire_due(engine: &Arc<Engine>, plan: &mut Plan, now: DateTime<Utc>, paused: bool) {
+    let ready: Vec<String> = plan
+        .queue
+        .iter()
+        .take_while(|(at, _)| *at <= now)
+        .map(|(_, key)| key.clone())
+        .collect();
+    for key in ready {
+        let Some(due) = plan.due.get(&key).copied() else {
+            continue;
+        };
+        if paused && due.reason != DueReason::Revoke {
+            continue;
         }
-        let due = plan.due.get(&key).copied();
         plan.set(&key, None);
-        let Some(due) = due else { continue };
         let trigger = match due.reason {
             DueReason::Schedule => Trigger::Schedule,
             DueReason::MaxAge => Trigger::MaxAge,
             DueReason::CatchUp => Trigger::CatchUp,
+            DueReason::Revoke => {
+                engine
+                    .tasks
+                    .spawn(super::dual::revoke_due(engine.clone(), key.clone()));
+                continue;
+            }
         };
         let req = RotationRequest::new(trigger, trigger.as_str(), engine.requested_by());
         match engine.start_rotation(&key, req) {
             Ok(_) => {
                 plan.samples.remove(&key);
+                if let Some(group) = engine
+                    .config()
+                    .key(&key)
+                    .and_then(|k| k.rollout.group.clone())
+                {
+                    plan.samples.remove(&group);
+                }
+                // A group started every key of it: none of them is due any more.
+                for member in group_members(engine, &key) {
+                    plan.set(&member, None);
+                }
             }
             Err(
                 e @ (TriggerError::UnknownKey(_)

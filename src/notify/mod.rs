@@ -24,6 +24,9 @@ use uuid::Uuid;
 use crate::config::{ReloadHook, TlsConfig, VerifyConfig};
 use crate::secret::Secret;
 
+mod confirm;
+pub use confirm::parse_fingerprint;
+
 /// The header carrying `sha256=<hex>`.
 pub const SIGNATURE_HEADER: &str = "X-Keyrotd-Signature";
 /// The header carrying the signing time, in Unix seconds; it is part of what is signed.
@@ -46,6 +49,9 @@ pub struct ReloadNotice<'a> {
     pub rotation_id: Uuid,
     pub key_id: &'a str,
     pub rotated_at: DateTime<Utc>,
+    /// A coalesced reload: every key it serves (`key` among them). Absent from the body otherwise.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub keys: &'a [String],
 }
 
 /// Why a hook call failed. Never holds a body or an environment value; a command's output excerpt
@@ -279,6 +285,9 @@ impl Notifier {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        if !notice.keys.is_empty() {
+            cmd.env("KEYROTD_KEYS", notice.keys.join(","));
+        }
         let mut child = cmd.spawn().map_err(|e| HookError::Spawn {
             program: program.clone(),
             reason: e.to_string(),
@@ -455,6 +464,7 @@ mod tests {
             rotated_at: DateTime::parse_from_rfc3339("2026-12-01T03:00:00Z")
                 .unwrap()
                 .with_timezone(&Utc),
+            keys: &[],
         }
     }
 

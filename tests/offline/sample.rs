@@ -29,6 +29,8 @@ pub fn dependent(name: &str) -> DependentConfig {
             env: BTreeMap::new(),
             retries: 2,
         }),
+        canary: false,
+        confirm: None,
     }
 }
 
@@ -48,6 +50,7 @@ pub fn config() -> Config {
         auto_recover: true,
         max_rerotations: 3,
         max_regenerations_per_day: 6,
+        rollout: Default::default(),
         destinations: vec![DestinationConfig {
             store: "files".into(),
             target: DestinationTarget::File {
