@@ -98,7 +98,7 @@ pub async fn run(r: Rotation, pre: Preflight, prepared: Vec<Prepared>) -> RunRes
     }
     if let Some(why) = rollout_trouble(&r, &dist, audience).await {
         return match &old.value {
-            Some(value) => rollback(r, &issued.ident, &old, value.clone(), why).await,
+            Some(value) => rollback(r, &issued.ident, &old, value.clone(), why, audience).await,
             None => finish(r, issued.ident, dist, &old, false).await,
         };
     }
@@ -699,10 +699,17 @@ fn confirmed(r: &Rotation, d: &DependentConfig, ident: &Ident) {
     r.engine.audit(record);
 }
 
-/// The rollout failed: the old value back into every destination, the dependents told, then the
-/// new key revoked. A destination that will not take the old value keeps the journal at
+/// The rollout failed: the old value back into every destination, the dependents that were `told`
+/// told again, then the new key revoked. A destination that will not take the old value keeps the journal at
 /// `rolling_back`, and recovery finishes the rollback.
-async fn rollback(r: Rotation, new: &Ident, old: &Old, value: Secret, why: String) -> RunResult {
+async fn rollback(
+    r: Rotation,
+    new: &Ident,
+    old: &Old,
+    value: Secret,
+    why: String,
+    told: Audience,
+) -> RunResult {
     let _ = r.engine.commit(&r.slot, |j| j.rolling_back()).await;
     r.show_phase();
     r.event(EventKind::CanaryFailed, &why);
@@ -712,7 +719,12 @@ async fn rollback(r: Rotation, new: &Ident, old: &Old, value: Secret, why: Strin
             format!("{why}; the old key could not be put back in every destination yet (retried)");
         return r.failed(Failure::Unresolved, why, Some(new.clone())).await;
     }
-    for d in r.key.dependents.iter().filter(|d| d.reload.is_some()) {
+    for d in r
+        .key
+        .dependents
+        .iter()
+        .filter(|d| d.reload.is_some() && told.includes(d))
+    {
         let notice = calls::Notice {
             rotation_id: r.meta.rotation_id,
             key_id: old.key_id.clone().unwrap_or_default(),
@@ -841,7 +853,8 @@ pub async fn resume(r: Rotation, resume: Resume) -> RunResult {
                 ..old
             };
             let why = "recovery finishes a rollback interrupted by a crash".to_string();
-            rollback(r, &new, &old, secret, why).await
+            // Who was told before the crash is not journaled: every dependent reloads (idempotent).
+            rollback(r, &new, &old, secret, why, Audience::All).await
         }
     }
 }

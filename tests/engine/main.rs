@@ -4,6 +4,7 @@
 //! the end-to-end tests (tests/README.md).
 #![cfg(feature = "testing")]
 
+mod dual;
 mod fixture;
 mod races;
 mod rules;
