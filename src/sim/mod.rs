@@ -1,5 +1,5 @@
-//! Simulators of the portal ([`portal`]) and of a dependent service ([`dependent`]), for the tests and
-//! the demo. They are test equipment, not part of the daemon: the daemon never links to them at run
+//! Simulators of the portal ([`portal`]), of a vendor that keeps two keys live ([`vendor`]) and of a
+//! dependent service ([`dependent`]), for the tests and the demo. They are test equipment, not part of the daemon: the daemon never links to them at run
 //! time, and the portal simulator deliberately hands out the secrets it issued (`/_sim/issued-secrets`)
 //! so leak tests can search logs and files for them.
 //!
@@ -9,6 +9,7 @@
 
 pub mod dependent;
 pub mod portal;
+pub mod vendor;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,27 @@ pub struct PortalState {
     /// `/v1/auth/check` calls that passed / failed: the ground truth for auth failures.
     pub auth_ok: u64,
     pub auth_failed: u64,
+}
+
+/// `GET /_sim/state` of the dual-key vendor simulator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VendorState {
+    /// Every live key, oldest first.
+    pub live: Vec<VendorKey>,
+    /// Creates that made a key (`lose_next` ones included), and revokes that retired one.
+    pub creates: u64,
+    pub revokes: u64,
+    /// `/v1/auth/check` calls that passed / failed.
+    pub auth_ok: u64,
+    pub auth_failed: u64,
+}
+
+/// One live key of the vendor simulator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VendorKey {
+    pub id: String,
+    pub name: String,
+    pub fingerprint: String,
 }
 
 /// `GET /_sim/state` of the dependent simulator.
