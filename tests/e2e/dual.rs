@@ -9,7 +9,8 @@
 //!   and the metrics name the dependent (the alert on them is tested by promtool, offline);
 //! - a failing canary: the rollout stops, the others are never told, the new key is revoked and the
 //!   old one still works everywhere;
-//! - three keys of a group read by one dependent: one reload;
+//! - three keys of a group read by one dependent: one reload; three keys with `reload_coalesce`
+//!   rotated within its window: one reload;
 //! - no secret of any of these paths reaches an output.
 
 use std::time::Duration;
@@ -235,7 +236,7 @@ async fn a_failing_canary_aborts_the_rollout_and_the_others_are_never_told() {
 #[tokio::test(flavor = "multi_thread")]
 async fn three_keys_of_a_group_read_by_one_dependent_reload_it_once() {
     let stack = DualStack::start().await;
-    let config = stack.group_config();
+    let config = stack.three_keys_config(true);
     let d = stack.daemon(&config, &[]).await;
     let before = stack.canary.state().await.reloads;
 
@@ -279,4 +280,33 @@ async fn three_keys_of_a_group_read_by_one_dependent_reload_it_once() {
         );
     }
     stack.assert_no_secret_leaked(Haystacks::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_rotated_within_reload_coalesce_reload_their_shared_dependent_once() {
+    let stack = DualStack::start().await;
+    let config = stack.three_keys_config(false);
+    let d = stack.daemon(&config, &[]).await;
+    let before = stack.canary.state().await.reloads;
+    let mut ids = Vec::new();
+    for key in ["set-a", "set-b", "set-c"] {
+        ids.push(d.start_rotate_key(key, "test: coalesce").await);
+    }
+    for id in &ids {
+        let record = d.wait_rotation(id, Duration::from_secs(60)).await;
+        assert_eq!(record["outcome"], "success", "{record:#}");
+    }
+    assert_eq!(
+        stack.canary.state().await.reloads - before,
+        1,
+        "three keys stored within the window: one reload"
+    );
+    let m = d.metrics().await;
+    assert_eq!(m.get("keyrotd_reloads_coalesced_total", &[]), 2.0);
+
+    // A rotation after the window is reloaded on its own.
+    let record = d.rotate_key("set-a", "test: later").await;
+    assert_eq!(record["outcome"], "success", "{record:#}");
+    assert_eq!(stack.canary.state().await.reloads - before, 2);
+    assert_eq!(m.get("keyrotd_reloads_coalesced_total", &[]), 2.0);
 }

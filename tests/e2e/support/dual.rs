@@ -319,19 +319,25 @@ dir = "{keys}"
         self.write(&text)
     }
 
-    /// A group of three keys on the vendor (`set-a`, `set-b`, `set-c`), each in a file, and one
-    /// dependent (`canary`'s simulator, reading `set-a`) that every key names with the same reload
-    /// hook: a service that uses all three.
-    pub fn group_config(&self) -> PathBuf {
-        let mut text = format!(
-            "{}\n[groups.set]\nschedule = \"@yearly\"\n",
-            // The status names `payments`' key: these keys go without (their old ids come from the
-            // journal once keyrotd created them).
-            self.head(false)
-        );
+    /// Three keys on the vendor (`set-a`, `set-b`, `set-c`), each in a file, and one dependent
+    /// (`canary`'s simulator, reading `set-a`) that every key names with the same reload hook: a
+    /// service that uses all three. `grouped`: the keys are the group `set`; otherwise each has
+    /// `reload_coalesce = "3s"`.
+    pub fn three_keys_config(&self, grouped: bool) -> PathBuf {
+        let mut text = self.head(false);
+        if grouped {
+            text.push_str("\n[groups.set]\nschedule = \"@yearly\"\n");
+        }
+        // The status names `payments`' key: these keys go without (their old ids come from the
+        // journal once keyrotd created them).
+        let how = if grouped {
+            "group = \"set\""
+        } else {
+            "reload_coalesce = \"3s\""
+        };
         for name in ["set-a", "set-b", "set-c"] {
             text.push_str(&format!(
-                "\n[[keys]]\nname = \"{name}\"\nprovider = \"vendor\"\ngroup = \"set\"\nwatch = \"0s\"\nconfirm_deadline = \"10s\"\n  [[keys.destinations]]\n  store = \"local\"\n  file = \"{name}.key\"\n  [[keys.dependents]]\n  name = \"shared\"\n  reload = {{ url = \"{reload}\", timeout = \"3s\" }}\n",
+                "\n[[keys]]\nname = \"{name}\"\nprovider = \"vendor\"\n{how}\nwatch = \"0s\"\nconfirm_deadline = \"10s\"\n  [[keys.destinations]]\n  store = \"local\"\n  file = \"{name}.key\"\n  [[keys.dependents]]\n  name = \"shared\"\n  reload = {{ url = \"{reload}\", timeout = \"3s\" }}\n",
                 reload = self.canary.reload_url(),
             ));
         }
