@@ -74,24 +74,31 @@ pub fn next_due(
         .issued_at
         .filter(|_| j.active_key_id.is_some() && j.active_key_id == j.new_key_id);
     let last_rotated = provider_last_rotated.max(issued);
-    let mut due = schedule::next_due(key, now, j.last_scheduled_run, last_rotated, sample);
-    if let (Some(d), Some(Outcome::Failed | Outcome::Aborted), Some(finished)) =
-        (due.as_mut(), j.last_outcome, j.last_finished_at)
+    let mut due = schedule::next_due(key, now, j.last_scheduled_run, last_rotated, sample)?;
+    if let (Some(Outcome::Failed | Outcome::Aborted), Some(finished)) =
+        (j.last_outcome, j.last_finished_at)
     {
         let not_before =
             finished + chrono::Duration::from_std(RETRY_AFTER_FAILURE).unwrap_or_default();
-        d.at = d.at.max(not_before);
+        due.at = due.at.max(not_before);
     }
-    // A dual key's old key kept for an unconfirmed dependent is revoked at `revoke_after`, before
-    // the next rotation if that comes later.
-    let revoke = j
-        .revoke_due
+    Some(due)
+}
+
+/// When a dual key's old key, kept for a dependent that never confirmed, is revoked anyway
+/// (`revoke_after`). Pure.
+pub fn revoke_due(j: &KeyJournal) -> Option<Due> {
+    j.revoke_due
         .filter(|_| !j.pending_revoke.is_empty())
         .map(|at| Due {
             at,
             reason: DueReason::Revoke,
-        });
-    match (due, revoke) {
+        })
+}
+
+/// The earlier of a rotation and a revoke.
+fn earliest(rotation: Option<Due>, revoke: Option<Due>) -> Option<Due> {
+    match (rotation, revoke) {
         (Some(d), Some(r)) if r.at <= d.at => Some(r),
         (d, r) => d.or(r),
     }
@@ -206,7 +213,7 @@ async fn recompute(engine: &Arc<Engine>, plan: &mut Plan, dirty: Dirty) {
         // The keys of a group share one jittered due time, so they start together.
         let sample = plan.sample(key.rollout.group.as_deref().unwrap_or(&key.name));
         let due = next_due(key, &j, last_rotated, now, sample);
-        plan.set(&key.name, due);
+        plan.set(&key.name, earliest(due, revoke_due(&j)));
         engine.set_next_rotation(&key.name, due.map(|d| d.at));
     }
 }
