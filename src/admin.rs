@@ -182,12 +182,21 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
             .metrics
             .store_credential(name, store.credential_status().as_ref());
     }
+    // Written a few hundred keys at a time as the client reads: at 10,000 keys the whole text is tens
+    // of megabytes, which the daemon never holds at once.
+    let chunks = futures::stream::unfold(
+        (engine, crate::telemetry::Scrape::default()),
+        |(engine, mut cursor)| async move {
+            let chunk = engine.metrics.next_chunk(&mut cursor)?;
+            Some((Ok::<_, std::convert::Infallible>(chunk), (engine, cursor)))
+        },
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        engine.metrics.encode(),
+        axum::body::Body::from_stream(chunks),
     )
         .into_response()
 }

@@ -505,16 +505,21 @@ impl Journal {
         self.dir.join(format!("{key}.json"))
     }
 
-    /// The key's journal; a fresh one when the key has none yet.
+    /// The key's journal; a fresh one when the key has none yet. A journal that is a link, not a
+    /// regular file, or larger than [`MAX_JOURNAL`] is not valid (it is set aside like one that does
+    /// not parse): a link placed in the state dir must not make keyrotd act on another file, or read
+    /// `/dev/zero` until memory runs out.
     pub fn load(&self, key: &str) -> Result<KeyJournal, JournalError> {
         let path = self.path(key);
-        match std::fs::read(&path) {
-            Ok(bytes) => parse(&bytes).map_err(|reason| JournalError::Corrupt {
-                path: path.display().to_string(),
-                reason,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyJournal::new(key)),
-            Err(e) => Err(io_err(&path, e)),
+        let corrupt = |reason: String| JournalError::Corrupt {
+            path: path.display().to_string(),
+            reason,
+        };
+        match read_regular(&path) {
+            Ok(Some(bytes)) => parse(&bytes).map_err(corrupt),
+            Ok(None) => Ok(KeyJournal::new(key)),
+            Err(ReadProblem::NotRegular(why)) => Err(corrupt(why)),
+            Err(ReadProblem::Io(e)) => Err(io_err(&path, e)),
         }
     }
 
@@ -557,6 +562,53 @@ impl Journal {
         })();
         result.map_err(|e| io_err(&self.dir, e))
     }
+}
+
+/// The largest journal file read. A journal holds ids, fingerprints and a day's regenerate times: a
+/// few kilobytes.
+pub const MAX_JOURNAL: u64 = 1 << 20;
+
+enum ReadProblem {
+    /// A link, a device, a FIFO, a directory or an oversized file: never read as a journal.
+    NotRegular(String),
+    Io(std::io::Error),
+}
+
+/// A regular file's bytes, opened without following a link or blocking on a FIFO, at most
+/// [`MAX_JOURNAL`]; `None` when there is no such file.
+fn read_regular(path: &Path) -> Result<Option<Vec<u8>>, ReadProblem> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(ReadProblem::NotRegular(
+                "it is a symbolic link; keyrotd does not follow links in its state dir".into(),
+            ));
+        }
+        Err(e) => return Err(ReadProblem::Io(e)),
+    };
+    let md = file.metadata().map_err(ReadProblem::Io)?;
+    if !md.is_file() {
+        return Err(ReadProblem::NotRegular("it is not a regular file".into()));
+    }
+    let too_large = || ReadProblem::NotRegular(format!("it is larger than {MAX_JOURNAL} bytes"));
+    if md.len() > MAX_JOURNAL {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(md.len() as usize);
+    file.take(MAX_JOURNAL + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadProblem::Io)?;
+    if bytes.len() as u64 > MAX_JOURNAL {
+        return Err(too_large());
+    }
+    Ok(Some(bytes))
 }
 
 /// Durable replace of a file: temp in the same directory, fsync, rename, fsync the directory.
@@ -960,6 +1012,38 @@ mod tests {
         assert!(aside.exists());
         assert_eq!(std::fs::read(&aside).unwrap(), b"{not json");
         assert_eq!(j.load("k").unwrap().phase, Phase::Idle);
+    }
+
+    #[test]
+    fn a_linked_device_or_huge_journal_is_refused_unread_and_can_be_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let file = dir.path().join("journal/k.json");
+        // A link to a valid journal elsewhere is still a link: never trusted, never followed.
+        let elsewhere = dir.path().join("elsewhere.json");
+        std::fs::write(
+            &elsewhere,
+            serde_json::to_vec(&KeyJournal::new("k")).unwrap(),
+        )
+        .unwrap();
+        for target in [Path::new("/dev/zero"), elsewhere.as_path()] {
+            std::os::unix::fs::symlink(target, &file).unwrap();
+            let e = j.load("k").unwrap_err().to_string();
+            assert!(e.contains("symbolic link"), "{e}");
+            let aside = j.set_aside("k", Utc::now()).unwrap();
+            assert!(aside.is_symlink(), "the link itself is moved aside");
+            std::fs::remove_file(aside).unwrap();
+        }
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(MAX_JOURNAL + 1)
+            .unwrap();
+        let e = j.load("k").unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        nix::unistd::mkfifo(&file, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = j.load("k").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     #[test]

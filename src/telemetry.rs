@@ -25,6 +25,8 @@
 //! Two gauges exist for the alert rules alone (docs/metrics.md#two-gauges-for-the-alert-rules):
 //! `keyrotd_key_max_age_seconds{key}` and `keyrotd_key_schedule_period_seconds{key}`.
 
+mod keyed;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
@@ -32,9 +34,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use keyed::{Gauge, KeySeries, Table};
 
 use crate::config::{Config, KeyConfig};
 use crate::store::CredentialStatus;
@@ -70,6 +73,11 @@ macro_rules! label_set {
         impl $name {
             /// Every value, in the order docs/metrics.md lists them.
             pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// Its position in [`Self::ALL`].
+            pub fn index(self) -> usize {
+                self as usize
+            }
 
             /// The label value as exported.
             pub fn as_str(self) -> &'static str {
@@ -159,70 +167,25 @@ label_set! {
     }
 }
 
-/// What the current config lets exist: the names label values may take.
-#[derive(Debug, Default)]
-struct Known {
-    keys: BTreeMap<String, KeyShape>,
-    providers: BTreeSet<String>,
-    /// Every `[stores.*]` name, used by a key or not.
-    stores: BTreeSet<String>,
-}
-
-/// The names one key's series may carry, from its `[[keys]]` entry.
-#[derive(Debug, Default)]
-struct KeyShape {
-    /// Stores the key has a destination on.
-    stores: BTreeSet<String>,
-    /// Dependents with a reload hook.
-    hooked: BTreeSet<String>,
-    /// Dependents with a `verify` probe.
-    verified: BTreeSet<String>,
-    /// Has a schedule or a max age, so it can have a next rotation.
-    scheduled: bool,
-    /// Its provider keeps two keys live (`overlap = "dual"`): the overlap series exist.
-    dual: bool,
-    /// Dual keys: dependents that confirm the new key (with a `verify` or a `confirm`).
-    confirmers: BTreeSet<String>,
-    /// Dual keys: `revoke_after`.
-    revoke_after: Option<Duration>,
-}
-
-/// The registry and every keyrotd metric. Share it behind an `Arc`; every method takes `&self`.
+/// The registry, the per-key table and every keyrotd metric. Share it behind an `Arc`; every method
+/// takes `&self`.
 pub struct Metrics {
     registry: Registry,
-    known: RwLock<Known>,
+    /// Every per-key and per-provider series ([`keyed`]); its key and provider names are the ones the
+    /// current config has, and recording calls for other names are ignored.
+    table: RwLock<Table>,
+    /// Every `[stores.*]` name, used by a key or not.
+    stores: RwLock<BTreeSet<String>>,
 
-    rotations: IntCounterVec,
-    rotation_duration: HistogramVec,
-    invalidation_window: HistogramVec,
-    store_writes: IntCounterVec,
-    reload_hooks: IntCounterVec,
-    checks: IntCounterVec,
-    auth_failures: IntCounterVec,
-    auth_failing: IntGaugeVec,
-    rerotations: IntCounterVec,
-    last_success: GaugeVec,
-    last_attempt: GaugeVec,
-    key_active: IntGaugeVec,
-    key_last_rotation: GaugeVec,
-    key_next_rotation: GaugeVec,
-    key_max_age: GaugeVec,
-    key_schedule_period: GaugeVec,
-    drift: IntGaugeVec,
-    provider_requests: IntCounterVec,
     store_credential_expiry: GaugeVec,
     store_credential_renewal_failing: IntGaugeVec,
     config_reloads: IntCounterVec,
     journal_write_failures: prometheus::IntCounter,
-    journal_blocked: IntGaugeVec,
-    lease_held: IntGaugeVec,
-    lease_takeovers: IntCounterVec,
     lease_renew_failures: prometheus::IntCounter,
-    key_overlap: GaugeVec,
-    dependents_confirmed: IntGaugeVec,
+    /// Dual keys' dependents that confirm (few series: kept in the registry).
     dependent_unconfirmed: IntGaugeVec,
-    old_key_live_since: GaugeVec,
-    revoke_after: GaugeVec,
+    /// Per dual key, the dependents `dependent_unconfirmed` may name.
+    confirmers: RwLock<BTreeMap<String, BTreeSet<String>>>,
     reloads_coalesced: prometheus::IntCounter,
     paused: IntGauge,
     build_info: IntGaugeVec,
@@ -267,19 +230,12 @@ fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
     vec
 }
 
-fn histogram(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-    buckets: &[f64],
-) -> HistogramVec {
-    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-    let vec = HistogramVec::new(opts, labels).expect("valid histogram definition");
+fn int_counter(registry: &Registry, name: &str, help: &str) -> prometheus::IntCounter {
+    let c = prometheus::IntCounter::new(name, help).expect("valid counter definition");
     registry
-        .register(Box::new(vec.clone()))
+        .register(Box::new(c.clone()))
         .expect("metric registered once");
-    vec
+    c
 }
 
 fn unix_seconds(at: DateTime<Utc>) -> f64 {
@@ -303,17 +259,6 @@ fn prune<T: MetricVecBuilder>(vec: &MetricVec<T>, keep: impl Fn(&HashMap<&str, &
     }
 }
 
-/// Keys present in `vec`'s series.
-fn keys_present<T: MetricVecBuilder>(vec: &MetricVec<T>) -> BTreeSet<String> {
-    vec.collect()
-        .iter()
-        .flat_map(|family| family.get_metric())
-        .flat_map(|metric| metric.get_label())
-        .filter(|pair| pair.name() == "key")
-        .map(|pair| pair.value().to_string())
-        .collect()
-}
-
 /// The longest gap between consecutive runs among the next few: the period a key is rotated at. The
 /// longest, not the first, so that "weekdays at 03:00" counts the weekend gap and an alert on 2×
 /// period does not fire every Monday.
@@ -326,123 +271,25 @@ fn schedule_period(runs: &[DateTime<Utc>]) -> Option<Duration> {
 /// How many upcoming runs [`Metrics::apply_config`] looks at to find a key's schedule period.
 const PERIOD_RUNS: usize = 8;
 
+/// How many keys (or providers) one chunk of a scrape holds: [`Metrics::next_chunk`].
+const KEYS_PER_CHUNK: usize = 256;
+
+/// Where a scrape is: [`Metrics::next_chunk`].
+#[derive(Debug, Default)]
+pub struct Scrape {
+    registry_done: bool,
+    family: usize,
+    after: Option<Box<str>>,
+    /// The current family's HELP and TYPE lines are still to be written.
+    header_written: bool,
+}
+
 impl Metrics {
-    /// A registry holding every metric, the process metrics and `keyrotd_build_info`, with no per-key
-    /// series yet: call [`Metrics::apply_config`] before recording anything.
+    /// A registry holding the process metrics, `keyrotd_build_info` and the families with few series,
+    /// and an empty per-key table: call [`Metrics::apply_config`] before recording anything.
     pub fn new() -> Metrics {
         let r = Registry::new();
-        let k = &["key"];
         let metrics = Metrics {
-            rotations: counter(
-                &r,
-                "keyrotd_rotations_total",
-                "Finished rotations by outcome (success, degraded, aborted, failed).",
-                &["key", "outcome"],
-            ),
-            rotation_duration: histogram(
-                &r,
-                "keyrotd_rotation_duration_seconds",
-                "Rotation duration, from the start of preflight to the end of notify.",
-                k,
-                ROTATION_DURATION_BUCKETS,
-            ),
-            invalidation_window: histogram(
-                &r,
-                "keyrotd_invalidation_window_seconds",
-                "Outage window: regenerate response to the last destination written and the last reload hook answered.",
-                k,
-                INVALIDATION_WINDOW_BUCKETS,
-            ),
-            store_writes: counter(
-                &r,
-                "keyrotd_store_writes_total",
-                "Destination writes by store and outcome (ok, error).",
-                &["key", "store", "outcome"],
-            ),
-            reload_hooks: counter(
-                &r,
-                "keyrotd_reload_hooks_total",
-                "Reload hook calls by dependent and outcome (ok, error).",
-                &["key", "dependent", "outcome"],
-            ),
-            checks: counter(
-                &r,
-                "keyrotd_post_rotation_checks_total",
-                "Post-rotation watch probes of dependents by result (ok, auth_failure, error).",
-                &["key", "dependent", "result"],
-            ),
-            auth_failures: counter(
-                &r,
-                "keyrotd_post_rotation_auth_failures_total",
-                "Post-rotation watch probes that failed authentication (401/403).",
-                &["key", "dependent"],
-            ),
-            auth_failing: int_gauge(
-                &r,
-                "keyrotd_post_rotation_auth_failing",
-                "1 while the dependent's latest answered probe failed authentication, else 0.",
-                &["key", "dependent"],
-            ),
-            rerotations: counter(
-                &r,
-                "keyrotd_rerotations_total",
-                "Re-rotations by reason (lost_before_storage, crash_recovery, drift).",
-                &["key", "reason"],
-            ),
-            last_success: gauge(
-                &r,
-                "keyrotd_rotation_last_success_timestamp_seconds",
-                "End of the last rotation with outcome success or degraded, Unix seconds.",
-                k,
-            ),
-            last_attempt: gauge(
-                &r,
-                "keyrotd_rotation_last_attempt_timestamp_seconds",
-                "Start of the last rotation, whatever its outcome, Unix seconds.",
-                k,
-            ),
-            key_active: int_gauge(
-                &r,
-                "keyrotd_key_active",
-                "1 when the provider last said the key is Active, 0 when it said otherwise.",
-                k,
-            ),
-            key_last_rotation: gauge(
-                &r,
-                "keyrotd_key_last_rotation_timestamp_seconds",
-                "The provider's Last Rotated for the key, Unix seconds.",
-                k,
-            ),
-            key_next_rotation: gauge(
-                &r,
-                "keyrotd_key_next_rotation_timestamp_seconds",
-                "Next scheduled rotation of the key (window and jitter applied), Unix seconds.",
-                k,
-            ),
-            key_max_age: gauge(
-                &r,
-                "keyrotd_key_max_age_seconds",
-                "The key's configured max_age, in seconds (only keys with a max_age).",
-                k,
-            ),
-            key_schedule_period: gauge(
-                &r,
-                "keyrotd_key_schedule_period_seconds",
-                "Longest gap between the key's upcoming scheduled rotations, in seconds (only scheduled keys).",
-                k,
-            ),
-            drift: int_gauge(
-                &r,
-                "keyrotd_drift",
-                "1 while no destination holds the provider's active key, or destinations disagree.",
-                k,
-            ),
-            provider_requests: counter(
-                &r,
-                "keyrotd_provider_requests_total",
-                "Provider calls by operation (status, regenerate, auth_check) and outcome.",
-                &["provider", "operation", "outcome"],
-            ),
             store_credential_expiry: gauge(
                 &r,
                 "keyrotd_store_credential_expiry_timestamp_seconds",
@@ -461,55 +308,15 @@ impl Metrics {
                 "SIGHUP configuration reloads by outcome (ok, error).",
                 &["outcome"],
             ),
-            journal_write_failures: {
-                let c = prometheus::IntCounter::new(
-                    "keyrotd_journal_write_failures_total",
-                    "Journal writes that failed (state_dir full, read-only or gone); retried, and /readyz fails meanwhile.",
-                )
-                .expect("valid counter definition");
-                r.register(Box::new(c.clone()))
-                    .expect("metric registered once");
-                c
-            },
-            journal_blocked: int_gauge(
+            journal_write_failures: int_counter(
                 &r,
-                "keyrotd_journal_blocked",
-                "1 while the key's journal was unreadable at start: set aside, and the key blocked from automatic rotation until an operator rotates it.",
-                k,
+                "keyrotd_journal_write_failures_total",
+                "Journal writes that failed (state_dir full, read-only or gone); retried, and /readyz fails meanwhile.",
             ),
-            lease_held: int_gauge(
+            lease_renew_failures: int_counter(
                 &r,
-                "keyrotd_lease_held",
-                "1 while this replica holds the key's lease (several replicas, [coordination]).",
-                k,
-            ),
-            lease_takeovers: counter(
-                &r,
-                "keyrotd_lease_takeovers_total",
-                "Times this replica took the key over from another replica whose lease had expired.",
-                k,
-            ),
-            lease_renew_failures: {
-                let c = prometheus::IntCounter::new(
-                    "keyrotd_lease_renew_failures_total",
-                    "Renewals of this replica's membership lease that failed (Vault unreachable or refusing).",
-                )
-                .expect("valid counter definition");
-                r.register(Box::new(c.clone()))
-                    .expect("metric registered once");
-                c
-            },
-            key_overlap: gauge(
-                &r,
-                "keyrotd_key_overlap_seconds",
-                "Dual keys: how long the old and the new key were both live in the last rotation that retired its old key (creation of the new to revoke of the old), seconds.",
-                k,
-            ),
-            dependents_confirmed: int_gauge(
-                &r,
-                "keyrotd_dependents_confirmed",
-                "Dual keys: dependents that confirmed the key's newest key (healthy, and reporting its fingerprint where they can).",
-                k,
+                "keyrotd_lease_renew_failures_total",
+                "Renewals of this replica's membership lease that failed (Vault unreachable or refusing).",
             ),
             dependent_unconfirmed: int_gauge(
                 &r,
@@ -517,28 +324,11 @@ impl Metrics {
                 "Dual keys: 1 while the dependent has not confirmed the newest key and the old key is kept live for it.",
                 &["key", "dependent"],
             ),
-            old_key_live_since: gauge(
+            reloads_coalesced: int_counter(
                 &r,
-                "keyrotd_key_old_key_live_since_timestamp_seconds",
-                "Dual keys: when the overlap began (the new key's creation) while a rotation has ended with the old key still live, Unix seconds; 0 when no old key is kept.",
-                k,
+                "keyrotd_reloads_coalesced_total",
+                "Reload requests served by another key's reload of the same target (reload_coalesce, groups).",
             ),
-            revoke_after: gauge(
-                &r,
-                "keyrotd_key_revoke_after_seconds",
-                "Dual keys with revoke_after: how long after the new key's creation the old key is revoked even if a dependent never confirmed, seconds.",
-                k,
-            ),
-            reloads_coalesced: {
-                let c = prometheus::IntCounter::new(
-                    "keyrotd_reloads_coalesced_total",
-                    "Reload requests served by another key's reload of the same target (reload_coalesce, groups).",
-                )
-                .expect("valid counter definition");
-                r.register(Box::new(c.clone()))
-                    .expect("metric registered once");
-                c
-            },
             paused: {
                 let g = IntGauge::new("keyrotd_paused", "1 while scheduled rotations are paused.")
                     .expect("valid gauge definition");
@@ -552,7 +342,9 @@ impl Metrics {
                 "Always 1; the version label tells which keyrotd runs.",
                 &["version"],
             ),
-            known: RwLock::new(Known::default()),
+            table: RwLock::new(Table::default()),
+            stores: RwLock::new(BTreeSet::new()),
+            confirmers: RwLock::new(BTreeMap::new()),
             registry: r,
         };
         metrics
@@ -574,20 +366,68 @@ impl Metrics {
         metrics
     }
 
-    /// The underlying registry, for a caller that wants to add its own collectors.
+    /// The underlying registry, for a caller that wants to add its own collectors. The per-key
+    /// families are not in it: see [`keyed`].
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
-    /// The whole registry in the Prometheus text format ([`CONTENT_TYPE`]).
+    /// Every metric in the Prometheus text format ([`CONTENT_TYPE`]), as one string. A scrape uses
+    /// [`Metrics::encode_chunks`] instead, which never holds the whole text.
     pub fn encode(&self) -> String {
-        let mut buf = Vec::new();
-        match TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            Ok(()) => String::from_utf8_lossy(&buf).into_owned(),
-            // Only reachable for a malformed metric family, which the definitions above exclude; a
-            // comment line is still a valid exposition, and scrapes then show `up` = 1 with no data.
-            Err(error) => format!("# keyrotd: encoding metrics failed: {error}\n"),
+        self.encode_chunks().collect()
+    }
+
+    /// Every metric in the Prometheus text format, in pieces of at most a few hundred keys' series:
+    /// see [`Metrics::next_chunk`].
+    pub fn encode_chunks(&self) -> impl Iterator<Item = String> + '_ {
+        let mut cursor = Scrape::default();
+        std::iter::from_fn(move || self.next_chunk(&mut cursor))
+    }
+
+    /// The next piece of a scrape, `None` when it is complete: the registry's families first, then the
+    /// per-key ones, a few hundred keys at a time. Each piece is written under the table's read lock,
+    /// released before the next, so a long scrape never holds up a rotation and never holds the whole
+    /// text; a config reload between two pieces shows the later pieces with the new config.
+    pub fn next_chunk(&self, cursor: &mut Scrape) -> Option<String> {
+        if !cursor.registry_done {
+            cursor.registry_done = true;
+            let mut buf = Vec::new();
+            return Some(
+                match TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+                    Ok(()) => String::from_utf8_lossy(&buf).into_owned(),
+                    // Only reachable for a malformed metric family, which the definitions above exclude;
+                    // a comment line is still a valid exposition.
+                    Err(error) => format!("# keyrotd: encoding metrics failed: {error}\n"),
+                },
+            );
         }
+        let family = *keyed::Family::ALL.get(cursor.family)?;
+        let mut out = String::new();
+        let mut header = !cursor.header_written;
+        let table = self.table();
+        match table.render(
+            family,
+            cursor.after.as_deref(),
+            KEYS_PER_CHUNK,
+            &mut header,
+            &mut out,
+        ) {
+            Some(last) => {
+                cursor.after = Some(last);
+                cursor.header_written = !header;
+            }
+            None => {
+                cursor.after = None;
+                cursor.header_written = false;
+                cursor.family += 1;
+            }
+        }
+        Some(out)
+    }
+
+    fn table(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Makes the series match `config`, as of now: see [`Metrics::apply_config_at`].
@@ -619,230 +459,104 @@ impl Metrics {
         now: DateTime<Utc>,
         next_runs: impl Fn(&KeyConfig, DateTime<Utc>, usize) -> Vec<DateTime<Utc>>,
     ) {
-        let mut new_known = Known {
-            providers: config.providers.keys().cloned().collect(),
-            stores: config.stores.keys().cloned().collect(),
-            ..Known::default()
-        };
+        // Hold the write lock while the new table replaces the old, so that no recording call lands in
+        // the old one after its values were copied.
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        let mut keys = BTreeMap::new();
+        let mut names = keyed::Names::default();
         for key in &config.keys {
-            let shape = KeyShape {
+            let shape = keyed::Shape {
                 stores: key.destinations.iter().map(|d| d.store.clone()).collect(),
-                hooked: key
-                    .dependents
-                    .iter()
-                    .filter(|d| d.reload.is_some())
-                    .map(|d| d.name.clone())
-                    .collect(),
-                verified: key
-                    .dependents
-                    .iter()
-                    .filter(|d| d.verify.is_some())
-                    .map(|d| d.name.clone())
-                    .collect(),
-                scheduled: !key.is_manual_only(),
+                hooked: names_of(key, |d| d.reload.is_some()),
+                verified: names_of(key, |d| d.verify.is_some()),
+                coordinated: config.coordination.is_some(),
                 dual: key.rollout.overlap == crate::config::Overlap::Dual,
-                confirmers: key
-                    .dependents
-                    .iter()
-                    .filter(|d| d.verify.is_some() || d.confirm.is_some())
-                    .map(|d| d.name.clone())
-                    .collect(),
-                revoke_after: key.rollout.revoke_after,
+                revoke_after: key.rollout.revoke_after.map(|a| a.as_secs_f64()),
             };
-            new_known.keys.insert(key.name.clone(), shape);
-        }
-
-        // Hold the write lock across pruning and creation, so that no recording call interleaves with
-        // a half-applied config (and none recreates a series just pruned).
-        let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
-        *known = new_known;
-        self.prune(&known);
-
-        let next_present = keys_present(&self.key_next_rotation);
-        for key in &config.keys {
-            let name = key.name.as_str();
-            // Cannot panic: `known` was built from these very keys above.
-            let shape = &known.keys[name];
-            for outcome in Outcome::ALL {
-                self.rotations.with_label_values(&[name, outcome.as_str()]);
-            }
-            self.rotation_duration.with_label_values(&[name]);
-            self.invalidation_window.with_label_values(&[name]);
-            for store in &shape.stores {
-                for outcome in StoreOutcome::ALL {
-                    self.store_writes
-                        .with_label_values(&[name, store, outcome.as_str()]);
-                }
-            }
-            for dependent in &shape.hooked {
-                for outcome in StoreOutcome::ALL {
-                    self.reload_hooks
-                        .with_label_values(&[name, dependent, outcome.as_str()]);
-                }
-            }
-            for dependent in &shape.verified {
-                for result in CheckResult::ALL {
-                    self.checks
-                        .with_label_values(&[name, dependent, result.as_str()]);
-                }
-                self.auth_failures.with_label_values(&[name, dependent]);
-                // `with_label_values` keeps a current value: a reload does not clear a failing state.
-                self.auth_failing.with_label_values(&[name, dependent]);
-            }
-            for reason in RerotationReason::ALL {
-                self.rerotations.with_label_values(&[name, reason.as_str()]);
-            }
-            self.drift.with_label_values(&[name]);
-            self.journal_blocked.with_label_values(&[name]);
-            self.apply_dual_locked(name, shape);
-            if config.coordination.is_some() {
-                self.lease_held.with_label_values(&[name]);
-                self.lease_takeovers.with_label_values(&[name]);
-            }
-
-            match key.max_age {
-                Some(max_age) => self
-                    .key_max_age
-                    .with_label_values(&[name])
-                    .set(max_age.as_secs_f64()),
-                None => {
-                    let _ = self.key_max_age.remove_label_values(&[name]);
-                }
-            }
+            let series = KeySeries::new(&shape, &mut names, table.keys.get(key.name.as_str()));
+            series.set(Gauge::MaxAge, key.max_age.map(|m| m.as_secs_f64()));
             let runs = if key.schedule.is_some() {
                 next_runs(key, now, PERIOD_RUNS)
             } else {
                 Vec::new()
             };
-            self.set_schedule_period_locked(name, schedule_period(&runs));
-            if !next_present.contains(name)
+            series.set(
+                Gauge::SchedulePeriod,
+                schedule_period(&runs).map(|p| p.as_secs_f64()),
+            );
+            if key.is_manual_only() {
+                series.set(Gauge::NextRotation, None);
+            } else if series.gauge(Gauge::NextRotation).is_none()
                 && let Some(first) = runs.first()
             {
-                self.key_next_rotation
-                    .with_label_values(&[name])
-                    .set(unix_seconds(*first));
+                series.set(Gauge::NextRotation, Some(unix_seconds(*first)));
             }
+            keys.insert(Box::from(key.name.as_str()), series);
         }
-        for provider in &known.providers {
-            for operation in ProviderOperation::ALL {
-                for outcome in ProviderOutcome::ALL {
-                    self.provider_requests.with_label_values(&[
-                        provider,
-                        operation.as_str(),
-                        outcome.as_str(),
-                    ]);
-                }
-            }
-        }
-    }
+        let providers = config
+            .providers
+            .keys()
+            .map(|p| {
+                let old = table.providers.get(p.as_str()).map(|c| &**c);
+                (Box::from(p.as_str()), Table::provider_cells(old))
+            })
+            .collect();
+        *table = Table { keys, providers };
 
-    /// A dual key's series: created at 0 (a reload keeps their values), `revoke_after` from config.
-    fn apply_dual_locked(&self, name: &str, shape: &KeyShape) {
-        if !shape.dual {
-            return;
-        }
-        self.key_overlap.with_label_values(&[name]);
-        self.dependents_confirmed.with_label_values(&[name]);
-        self.old_key_live_since.with_label_values(&[name]);
-        for dependent in &shape.confirmers {
-            self.dependent_unconfirmed
-                .with_label_values(&[name, dependent]);
-        }
-        match shape.revoke_after {
-            Some(after) => self
-                .revoke_after
-                .with_label_values(&[name])
-                .set(after.as_secs_f64()),
-            None => {
-                let _ = self.revoke_after.remove_label_values(&[name]);
-            }
-        }
-    }
+        drop(table);
+        self.apply_confirmers(config);
 
-    /// Removes every series whose names `known` does not allow.
-    fn prune(&self, known: &Known) {
-        let key_known =
-            |l: &HashMap<&str, &str>| l.get("key").is_some_and(|k| known.keys.contains_key(*k));
-        let shape_has = |l: &HashMap<&str, &str>,
-                         pick: fn(&KeyShape) -> &BTreeSet<String>,
-                         label: &str| {
-            match (l.get("key").and_then(|k| known.keys.get(*k)), l.get(label)) {
-                (Some(shape), Some(value)) => pick(shape).contains(*value),
-                _ => false,
-            }
-        };
-        prune(&self.rotations, key_known);
-        prune(&self.rotation_duration, key_known);
-        prune(&self.invalidation_window, key_known);
-        prune(&self.rerotations, key_known);
-        prune(&self.last_success, key_known);
-        prune(&self.last_attempt, key_known);
-        prune(&self.key_active, key_known);
-        prune(&self.key_last_rotation, key_known);
-        prune(&self.drift, key_known);
-        prune(&self.journal_blocked, key_known);
-        prune(&self.lease_held, key_known);
-        prune(&self.lease_takeovers, key_known);
-        let dual_known = |l: &HashMap<&str, &str>| {
-            l.get("key")
-                .and_then(|k| known.keys.get(*k))
-                .is_some_and(|shape| shape.dual)
-        };
-        prune(&self.key_overlap, dual_known);
-        prune(&self.dependents_confirmed, dual_known);
-        prune(&self.old_key_live_since, dual_known);
-        prune(&self.revoke_after, dual_known);
-        prune(&self.dependent_unconfirmed, |l| {
-            shape_has(l, |s| &s.confirmers, "dependent") && dual_known(l)
-        });
-        // For known keys, apply_config sets or removes these two from the key's config.
-        prune(&self.key_max_age, key_known);
-        prune(&self.key_schedule_period, key_known);
-        prune(&self.key_next_rotation, |l| {
-            l.get("key")
-                .and_then(|k| known.keys.get(*k))
-                .is_some_and(|shape| shape.scheduled)
-        });
-        prune(&self.store_writes, |l| shape_has(l, |s| &s.stores, "store"));
-        prune(&self.reload_hooks, |l| {
-            shape_has(l, |s| &s.hooked, "dependent")
-        });
-        prune(&self.checks, |l| shape_has(l, |s| &s.verified, "dependent"));
-        prune(&self.auth_failures, |l| {
-            shape_has(l, |s| &s.verified, "dependent")
-        });
-        prune(&self.auth_failing, |l| {
-            shape_has(l, |s| &s.verified, "dependent")
-        });
+        let stores: BTreeSet<String> = config.stores.keys().cloned().collect();
         let store_known =
-            |l: &HashMap<&str, &str>| l.get("store").is_some_and(|s| known.stores.contains(*s));
+            |l: &HashMap<&str, &str>| l.get("store").is_some_and(|s| stores.contains(*s));
         prune(&self.store_credential_expiry, store_known);
         prune(&self.store_credential_renewal_failing, store_known);
-        prune(&self.provider_requests, |l| {
-            l.get("provider")
-                .is_some_and(|p| known.providers.contains(*p))
+        *self.stores.write().unwrap_or_else(PoisonError::into_inner) = stores;
+    }
+
+    /// The dual keys' dependents that confirm: created at 0, and the series of any other removed.
+    fn apply_confirmers(&self, config: &Config) {
+        let confirmers: BTreeMap<String, BTreeSet<String>> = config
+            .keys
+            .iter()
+            .filter(|k| k.rollout.overlap == crate::config::Overlap::Dual)
+            .map(|k| {
+                let deps = names_of(k, |d| d.verify.is_some() || d.confirm.is_some());
+                (k.name.clone(), deps)
+            })
+            .collect();
+        let mut known = self
+            .confirmers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        prune(&self.dependent_unconfirmed, |l| {
+            match (
+                l.get("key").and_then(|k| confirmers.get(*k)),
+                l.get("dependent"),
+            ) {
+                (Some(deps), Some(d)) => deps.contains(*d),
+                _ => false,
+            }
         });
+        for (key, deps) in &confirmers {
+            for d in deps {
+                self.dependent_unconfirmed.with_label_values(&[key, d]);
+            }
+        }
+        *known = confirmers;
     }
 
-    fn known(&self) -> RwLockReadGuard<'_, Known> {
-        self.known.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Runs `f` under the read lock when the current config has `key`; ignores the call otherwise.
-    fn with_key(&self, key: &str, f: impl FnOnce(&KeyShape)) {
-        let known = self.known();
-        if let Some(shape) = known.keys.get(key) {
-            f(shape);
+    /// Runs `f` on `key`'s series under the read lock when the current config has `key`; ignores the
+    /// call otherwise.
+    fn with_key(&self, key: &str, f: impl FnOnce(&KeySeries)) {
+        if let Some(series) = self.table().keys.get(key) {
+            f(series);
         }
     }
 
     /// A rotation of `key` started (preflight begins): `keyrotd_rotation_last_attempt_timestamp_seconds`.
     pub fn rotation_started(&self, key: &str, at: DateTime<Utc>) {
-        self.with_key(key, |_| {
-            self.last_attempt
-                .with_label_values(&[key])
-                .set(unix_seconds(at))
-        });
+        self.with_key(key, |s| s.set(Gauge::LastAttempt, Some(unix_seconds(at))));
     }
 
     /// A rotation of `key` finished with `outcome` after `duration` (preflight start to notify end),
@@ -855,17 +569,10 @@ impl Metrics {
         duration: Duration,
         finished_at: DateTime<Utc>,
     ) {
-        self.with_key(key, |_| {
-            self.rotations
-                .with_label_values(&[key, outcome.as_str()])
-                .inc();
-            self.rotation_duration
-                .with_label_values(&[key])
-                .observe(duration.as_secs_f64());
+        self.with_key(key, |s| {
+            s.rotation(outcome, duration.as_secs_f64());
             if matches!(outcome, Outcome::Success | Outcome::Degraded) {
-                self.last_success
-                    .with_label_values(&[key])
-                    .set(unix_seconds(finished_at));
+                s.set(Gauge::LastSuccess, Some(unix_seconds(finished_at)));
             }
         });
     }
@@ -873,53 +580,23 @@ impl Metrics {
     /// Sets `keyrotd_rotation_last_success_timestamp_seconds` without counting a rotation: for the
     /// engine to seed it at start from what the journal or audit log remembers.
     pub fn last_success(&self, key: &str, at: DateTime<Utc>) {
-        self.with_key(key, |_| {
-            self.last_success
-                .with_label_values(&[key])
-                .set(unix_seconds(at))
-        });
+        self.with_key(key, |s| s.set(Gauge::LastSuccess, Some(unix_seconds(at))));
     }
 
     /// The invalidation window of a rotation of `key`: regenerate response to the last destination
     /// written and the last hook answered.
     pub fn invalidation_window(&self, key: &str, window: Duration) {
-        self.with_key(key, |_| {
-            self.invalidation_window
-                .with_label_values(&[key])
-                .observe(window.as_secs_f64())
-        });
+        self.with_key(key, |s| s.window(window.as_secs_f64()));
     }
 
     /// One write of `key` to a destination on `store` (each attempt counts).
     pub fn store_write(&self, key: &str, store: &str, ok: bool) {
-        self.with_key(key, |shape| {
-            if shape.stores.contains(store) {
-                let outcome = if ok {
-                    StoreOutcome::Ok
-                } else {
-                    StoreOutcome::Error
-                };
-                self.store_writes
-                    .with_label_values(&[key, store, outcome.as_str()])
-                    .inc();
-            }
-        });
+        self.with_key(key, |s| s.store_write(store, StoreOutcome::of(ok)));
     }
 
     /// One call of `dependent`'s reload hook for `key` (each attempt counts).
     pub fn reload_hook(&self, key: &str, dependent: &str, ok: bool) {
-        self.with_key(key, |shape| {
-            if shape.hooked.contains(dependent) {
-                let outcome = if ok {
-                    StoreOutcome::Ok
-                } else {
-                    StoreOutcome::Error
-                };
-                self.reload_hooks
-                    .with_label_values(&[key, dependent, outcome.as_str()])
-                    .inc();
-            }
-        });
+        self.with_key(key, |s| s.reload_hook(dependent, StoreOutcome::of(ok)));
     }
 
     /// One post-rotation `verify` probe of `dependent`: counts it; an [`CheckResult::AuthFailure`]
@@ -927,46 +604,20 @@ impl Metrics {
     /// `keyrotd_post_rotation_auth_failing` to 1, an [`CheckResult::Ok`] sets it to 0, and an
     /// [`CheckResult::Error`] leaves it as it was (a timeout says nothing about the dependent's key).
     pub fn post_rotation_check(&self, key: &str, dependent: &str, result: CheckResult) {
-        self.with_key(key, |shape| {
-            if !shape.verified.contains(dependent) {
-                return;
-            }
-            self.checks
-                .with_label_values(&[key, dependent, result.as_str()])
-                .inc();
-            let failing = self.auth_failing.with_label_values(&[key, dependent]);
-            match result {
-                CheckResult::AuthFailure => {
-                    self.auth_failures
-                        .with_label_values(&[key, dependent])
-                        .inc();
-                    failing.set(1);
-                }
-                CheckResult::Ok => failing.set(0),
-                CheckResult::Error => {}
-            }
-        });
+        self.with_key(key, |s| s.check(dependent, result));
     }
 
     /// A re-rotation of `key` started for `reason`.
     pub fn rerotation(&self, key: &str, reason: RerotationReason) {
-        self.with_key(key, |_| {
-            self.rerotations
-                .with_label_values(&[key, reason.as_str()])
-                .inc()
-        });
+        self.with_key(key, |s| s.rerotation(reason));
     }
 
     /// What the provider said about `key`: Active or not, and its Last Rotated when it reports one.
     pub fn key_status(&self, key: &str, active: bool, last_rotated: Option<DateTime<Utc>>) {
-        self.with_key(key, |_| {
-            self.key_active
-                .with_label_values(&[key])
-                .set(i64::from(active));
+        self.with_key(key, |s| {
+            s.set(Gauge::Active, Some(f64::from(u8::from(active))));
             if let Some(at) = last_rotated {
-                self.key_last_rotation
-                    .with_label_values(&[key])
-                    .set(unix_seconds(at));
+                s.set(Gauge::LastRotation, Some(unix_seconds(at)));
             }
         });
     }
@@ -974,41 +625,21 @@ impl Metrics {
     /// The next scheduled rotation of `key` (window and jitter applied); `None` removes the series
     /// (nothing scheduled).
     pub fn next_rotation(&self, key: &str, at: Option<DateTime<Utc>>) {
-        self.with_key(key, |_| match at {
-            Some(at) => self
-                .key_next_rotation
-                .with_label_values(&[key])
-                .set(unix_seconds(at)),
-            None => {
-                let _ = self.key_next_rotation.remove_label_values(&[key]);
-            }
-        });
+        self.with_key(key, |s| s.set(Gauge::NextRotation, at.map(unix_seconds)));
     }
 
     /// The period `key` is rotated at (`keyrotd_key_schedule_period_seconds`); `None` removes it.
     /// [`Metrics::apply_config`] sets it from the schedule; the engine may refine it.
     pub fn schedule_period(&self, key: &str, period: Option<Duration>) {
-        self.with_key(key, |_| self.set_schedule_period_locked(key, period));
-    }
-
-    fn set_schedule_period_locked(&self, key: &str, period: Option<Duration>) {
-        match period {
-            Some(period) => self
-                .key_schedule_period
-                .with_label_values(&[key])
-                .set(period.as_secs_f64()),
-            None => {
-                let _ = self.key_schedule_period.remove_label_values(&[key]);
-            }
-        }
+        self.with_key(key, |s| {
+            s.set(Gauge::SchedulePeriod, period.map(|p| p.as_secs_f64()))
+        });
     }
 
     /// Whether `key` drifts: no destination holds the provider's active key, or destinations disagree.
     pub fn drift(&self, key: &str, drifting: bool) {
-        self.with_key(key, |_| {
-            self.drift
-                .with_label_values(&[key])
-                .set(i64::from(drifting))
+        self.with_key(key, |s| {
+            s.set(Gauge::Drift, Some(f64::from(u8::from(drifting))))
         });
     }
 
@@ -1019,20 +650,15 @@ impl Metrics {
         operation: ProviderOperation,
         outcome: ProviderOutcome,
     ) {
-        let known = self.known();
-        if known.providers.contains(provider) {
-            self.provider_requests
-                .with_label_values(&[provider, operation.as_str(), outcome.as_str()])
-                .inc();
-        }
+        self.table().provider_request(provider, operation, outcome);
     }
 
     /// What `store` (a `[stores.*]` name) knows of its credential's lifetime
     /// ([`crate::store::Store::credential_status`]); `None` removes its series (a store whose
     /// credential does not expire, or one that has not looked yet).
     pub fn store_credential(&self, store: &str, status: Option<&CredentialStatus>) {
-        let known = self.known();
-        if !known.stores.contains(store) {
+        let stores = self.stores.read().unwrap_or_else(PoisonError::into_inner);
+        if !stores.contains(store) {
             return;
         }
         match status {
@@ -1056,13 +682,8 @@ impl Metrics {
 
     /// One SIGHUP reload, applied (`ok`) or refused.
     pub fn config_reload(&self, ok: bool) {
-        let outcome = if ok {
-            StoreOutcome::Ok
-        } else {
-            StoreOutcome::Error
-        };
         self.config_reloads
-            .with_label_values(&[outcome.as_str()])
+            .with_label_values(&[StoreOutcome::of(ok).as_str()])
             .inc();
     }
 
@@ -1073,27 +694,23 @@ impl Metrics {
 
     /// Whether `key` is blocked because its journal was unreadable.
     pub fn journal_blocked(&self, key: &str, blocked: bool) {
-        self.with_key(key, |_| {
-            self.journal_blocked
-                .with_label_values(&[key])
-                .set(i64::from(blocked))
+        self.with_key(key, |s| {
+            s.set(Gauge::JournalBlocked, Some(f64::from(u8::from(blocked))))
         });
     }
 
-    /// Whether this replica holds `key`'s lease.
+    /// Whether this replica holds `key`'s lease (ignored without `[coordination]`).
     pub fn lease_held(&self, key: &str, held: bool) {
-        self.with_key(key, |_| {
-            self.lease_held
-                .with_label_values(&[key])
-                .set(i64::from(held))
+        self.with_key(key, |s| {
+            if s.gauge(Gauge::LeaseHeld).is_some() {
+                s.set(Gauge::LeaseHeld, Some(f64::from(u8::from(held))));
+            }
         });
     }
 
     /// This replica took `key` over from another.
     pub fn lease_takeover(&self, key: &str) {
-        self.with_key(key, |_| {
-            self.lease_takeovers.with_label_values(&[key]).inc()
-        });
+        self.with_key(key, KeySeries::lease_takeover);
     }
 
     /// A membership renewal failed.
@@ -1103,46 +720,39 @@ impl Metrics {
 
     /// A dual key's old key was revoked `overlap` after its successor was created.
     pub fn key_overlap(&self, key: &str, overlap: Duration) {
-        self.with_key(key, |shape| {
-            if shape.dual {
-                self.key_overlap
-                    .with_label_values(&[key])
-                    .set(overlap.as_secs_f64());
-            }
-        });
+        self.set_dual(key, Gauge::Overlap, overlap.as_secs_f64());
     }
 
     /// How many of a dual key's dependents confirmed its newest key.
     pub fn dependents_confirmed(&self, key: &str, confirmed: usize) {
-        self.with_key(key, |shape| {
-            if shape.dual {
-                self.dependents_confirmed
-                    .with_label_values(&[key])
-                    .set(i64::try_from(confirmed).unwrap_or(i64::MAX));
+        self.set_dual(key, Gauge::DependentsConfirmed, confirmed as f64);
+    }
+
+    /// Since when a dual key's old key has been kept live after its rotation ended; `None` = none.
+    pub fn old_key_live_since(&self, key: &str, since: Option<DateTime<Utc>>) {
+        self.set_dual(key, Gauge::OldKeyLiveSince, since.map_or(0.0, unix_seconds));
+    }
+
+    /// Sets a dual key's gauge (ignored for another key: the gauge has no series there).
+    fn set_dual(&self, key: &str, g: Gauge, value: f64) {
+        self.with_key(key, |s| {
+            if s.gauge(g).is_some() {
+                s.set(g, Some(value));
             }
         });
     }
 
     /// Whether `dependent` has not confirmed a dual key's newest key (its old key kept live for it).
     pub fn dependent_unconfirmed(&self, key: &str, dependent: &str, unconfirmed: bool) {
-        self.with_key(key, |shape| {
-            if shape.dual && shape.confirmers.contains(dependent) {
-                self.dependent_unconfirmed
-                    .with_label_values(&[key, dependent])
-                    .set(i64::from(unconfirmed));
-            }
-        });
-    }
-
-    /// Since when a dual key's old key has been kept live after its rotation ended; `None` = none.
-    pub fn old_key_live_since(&self, key: &str, since: Option<DateTime<Utc>>) {
-        self.with_key(key, |shape| {
-            if shape.dual {
-                self.old_key_live_since
-                    .with_label_values(&[key])
-                    .set(since.map_or(0.0, unix_seconds));
-            }
-        });
+        let known = self
+            .confirmers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if known.get(key).is_some_and(|d| d.contains(dependent)) {
+            self.dependent_unconfirmed
+                .with_label_values(&[key, dependent])
+                .set(i64::from(unconfirmed));
+        }
     }
 
     /// `n` reload requests were served by one reload of a target another key asked for too.
@@ -1153,6 +763,28 @@ impl Metrics {
     /// Whether scheduled rotations are paused.
     pub fn paused(&self, paused: bool) {
         self.paused.set(i64::from(paused));
+    }
+}
+
+/// The names of `key`'s dependents that `pick` selects.
+fn names_of(
+    key: &KeyConfig,
+    pick: impl Fn(&crate::config::DependentConfig) -> bool,
+) -> BTreeSet<String> {
+    key.dependents
+        .iter()
+        .filter(|d| pick(d))
+        .map(|d| d.name.clone())
+        .collect()
+}
+
+impl StoreOutcome {
+    fn of(ok: bool) -> StoreOutcome {
+        if ok {
+            StoreOutcome::Ok
+        } else {
+            StoreOutcome::Error
+        }
     }
 }
 
@@ -1831,6 +1463,113 @@ mod tests {
         );
         s.expires_at = None;
         assert_eq!(s.summary(now), "credential does not expire");
+    }
+
+    #[test]
+    fn a_scrape_in_pieces_writes_each_family_once_and_every_key_in_it() {
+        let keys: Vec<KeyConfig> = (0..(KEYS_PER_CHUNK * 2 + 7))
+            .map(|i| key(&format!("k{i:04}"), &["files"], Vec::new()))
+            .collect();
+        let n = keys.len();
+        let m = Metrics::new();
+        m.apply_config_with(&config(keys), t0(), weekday_runs);
+        m.rotation_finished("k0300", Outcome::Failed, Duration::from_secs(2), t0());
+        let chunks: Vec<String> = m.encode_chunks().collect();
+        assert!(chunks.len() > 3, "{} pieces", chunks.len());
+        let text = chunks.concat();
+        // Each family's lines are together, under one HELP and one TYPE line.
+        let mut seen = BTreeSet::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap().to_string();
+                assert!(seen.insert(name.clone()), "{name} written twice");
+                current = name;
+            } else if !line.starts_with('#') {
+                assert!(
+                    line.starts_with(&current),
+                    "{line} outside its family {current}"
+                );
+            }
+        }
+        let rotations = series_with(&text, "keyrotd_rotations_total{");
+        assert_eq!(rotations.len(), n * Outcome::ALL.len());
+        let lines: BTreeSet<&String> = rotations.iter().collect();
+        assert_eq!(lines.len(), rotations.len(), "a series written twice");
+        assert_eq!(
+            value(
+                &text,
+                "keyrotd_rotations_total",
+                &[("key", "k0300"), ("outcome", "failed")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "keyrotd_rotation_duration_seconds_bucket",
+                &[("key", "k0300"), ("le", "2.5")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "keyrotd_rotation_duration_seconds_bucket",
+                &[("key", "k0300"), ("le", "1")]
+            ),
+            Some(0.0)
+        );
+        // A family without series (no key is coordinated) writes nothing, not even its HELP line.
+        assert!(!text.contains("keyrotd_lease_held"));
+    }
+
+    #[test]
+    fn a_reload_that_changes_a_keys_stores_and_dependents_keeps_the_values_of_those_that_stay() {
+        let m = Metrics::new();
+        let before = key(
+            "billing",
+            &["a", "b"],
+            vec![dependent("api", true, true), dependent("old", true, true)],
+        );
+        m.apply_config_with(&config(vec![before]), t0(), weekday_runs);
+        m.store_write("billing", "b", false);
+        m.store_write("billing", "a", true);
+        m.post_rotation_check("billing", "api", CheckResult::AuthFailure);
+        m.reload_hook("billing", "api", true);
+        m.rotation_finished("billing", Outcome::Success, Duration::from_millis(70), t0());
+
+        let after = key(
+            "billing",
+            &["b", "c"],
+            vec![dependent("new", true, true), dependent("api", true, true)],
+        );
+        m.apply_config_with(&config(vec![after]), t0(), weekday_runs);
+        let text = m.encode();
+        let v = |name: &str, labels: &[(&str, &str)]| value(&text, name, labels);
+        let k = ("key", "billing");
+        let writes = "keyrotd_store_writes_total";
+        assert_eq!(
+            v(writes, &[k, ("store", "b"), ("outcome", "error")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            v(writes, &[k, ("store", "c"), ("outcome", "error")]),
+            Some(0.0)
+        );
+        assert_eq!(v(writes, &[k, ("store", "a"), ("outcome", "ok")]), None);
+        let failing = "keyrotd_post_rotation_auth_failing";
+        assert_eq!(v(failing, &[k, ("dependent", "api")]), Some(1.0));
+        assert_eq!(v(failing, &[k, ("dependent", "new")]), Some(0.0));
+        assert_eq!(v(failing, &[k, ("dependent", "old")]), None);
+        let hooks = "keyrotd_reload_hooks_total";
+        assert_eq!(
+            v(hooks, &[k, ("dependent", "api"), ("outcome", "ok")]),
+            Some(1.0)
+        );
+        let duration = "keyrotd_rotation_duration_seconds_bucket";
+        assert_eq!(v(duration, &[k, ("le", "0.1")]), Some(1.0));
+        assert_eq!(v(duration, &[k, ("le", "0.05")]), Some(0.0));
     }
 
     #[test]

@@ -101,6 +101,9 @@ enum Command {
         /// Environment variable holding the HMAC key reloads must be signed with.
         #[arg(long)]
         signing_key_env: Option<String>,
+        /// How far a signed reload's timestamp may be from this process's clock.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        max_signature_age: Duration,
     },
 }
 
@@ -187,6 +190,7 @@ async fn run(cli: Cli) -> Result<()> {
             aws_field,
             probe_interval,
             signing_key_env,
+            max_signature_age,
         } => {
             let source = match source {
                 SourceKind::File => {
@@ -224,6 +228,7 @@ async fn run(cli: Cli) -> Result<()> {
                 source,
                 probe_interval,
                 signing_key,
+                max_signature_age,
             })
             .map_err(anyhow::Error::msg)?;
             d.start_background().await;

@@ -283,12 +283,28 @@ async fn verify(r: &Rotation, secret: Option<&Secret>, ident: &Ident) -> VerifyR
                 }
                 return VerifyResult::Ok;
             }
-            Ok(None) => return VerifyResult::Drift,
+            Ok(None) => return refused(r, ident).await,
             Err(_) if attempt < 4 => tokio::time::sleep(backoff(attempt)).await,
             Err(_) => {}
         }
     }
     VerifyResult::Unknown
+}
+
+/// The provider's auth check refused the new key. That is drift — someone rotated in between —
+/// unless the provider's status names the very key just issued as its active one: then it is the
+/// auth check that is wrong, and a re-rotation would only destroy another good key.
+async fn refused(r: &Rotation, ident: &Ident) -> VerifyResult {
+    if r.provider.has_status()
+        && let Ok(s) = calls::status_retrying(&r.engine.metrics, &r.provider).await
+    {
+        r.engine.set_status(&r.slot, &s);
+        if s.key_id == ident.key_id {
+            tracing::warn!(key_id = %ident.key_id, "The provider's auth check refuses the key its status names as active: not treated as drift.");
+            return VerifyResult::Unknown;
+        }
+    }
+    VerifyResult::Drift
 }
 
 fn report_verify(r: &Rotation, verify: VerifyResult, ident: &Ident) {

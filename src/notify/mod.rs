@@ -149,10 +149,22 @@ pub fn verify_signature(
     body: &[u8],
     now: i64,
 ) -> Result<(), SignatureError> {
+    verify_signature_within(key, timestamp, signature, body, now, MAX_SIGNATURE_AGE)
+}
+
+/// [`verify_signature`] with another freshness limit than [`MAX_SIGNATURE_AGE`].
+pub fn verify_signature_within(
+    key: &[u8],
+    timestamp: Option<&str>,
+    signature: Option<&str>,
+    body: &[u8],
+    now: i64,
+    max_age: Duration,
+) -> Result<(), SignatureError> {
     let ts: i64 = timestamp
         .and_then(|t| t.trim().parse().ok())
         .ok_or(SignatureError::Timestamp)?;
-    if now.abs_diff(ts) > MAX_SIGNATURE_AGE.as_secs() {
+    if now.abs_diff(ts) > max_age.as_secs() {
         return Err(SignatureError::Stale);
     }
     let sig = signature

@@ -379,15 +379,18 @@ pub mod wire {
     #[derive(Debug)]
     pub enum BodyError {
         /// Longer than the limit (by its Content-Length or as it arrived).
-        TooLarge,
+        /// Larger than the limit it names.
+        TooLarge(usize),
         /// The connection failed before the end of the body.
         Incomplete(String),
     }
 
+    impl std::error::Error for BodyError {}
+
     impl std::fmt::Display for BodyError {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             match self {
-                BodyError::TooLarge => write!(f, "response body larger than {MAX_BODY} bytes"),
+                BodyError::TooLarge(limit) => write!(f, "response body larger than {limit} bytes"),
                 BodyError::Incomplete(why) => write!(f, "response body incomplete: {why}"),
             }
         }
@@ -402,7 +405,7 @@ pub mod wire {
     ) -> Result<Zeroizing<Vec<u8>>, BodyError> {
         let declared = resp.content_length().unwrap_or(0);
         if declared > limit as u64 {
-            return Err(BodyError::TooLarge);
+            return Err(BodyError::TooLarge(limit));
         }
         let mut buf = Zeroizing::new(Vec::with_capacity((declared as usize).max(1024)));
         loop {
@@ -412,7 +415,7 @@ pub mod wire {
                 Err(e) => return Err(BodyError::Incomplete(transport_message(&e))),
             };
             if buf.len() + chunk.len() > limit {
-                return Err(BodyError::TooLarge);
+                return Err(BodyError::TooLarge(limit));
             }
             let mut chunk: Vec<u8> = chunk.into();
             append_wiping(&mut buf, &chunk);

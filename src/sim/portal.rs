@@ -51,6 +51,8 @@ struct Faults {
     regenerate_delay_ms: u64,
     status_fail_next: u64,
     status_fail_status: Option<u16>,
+    auth_check_fail_next: u64,
+    auth_check_fail_status: Option<u16>,
     rate_limit_next: u64,
     inactive: bool,
     account_id: Option<String>,
@@ -318,6 +320,16 @@ async fn auth_check(State(p): State<Portal>, headers: HeaderMap) -> Response {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let mut inner = p.lock();
+    if inner.faults.auth_check_fail_next > 0 {
+        inner.faults.auth_check_fail_next -= 1;
+        let code = inner.faults.auth_check_fail_status.unwrap_or(503);
+        return fault(
+            &inner,
+            &headers,
+            StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            "simulated auth check failure",
+        );
+    }
     let ok: bool = !presented.is_empty()
         && bool::from(
             presented
@@ -355,6 +367,7 @@ async fn sim_state(State(p): State<Portal>) -> Json<PortalState> {
 struct FaultsRequest {
     regenerate: Option<RegenerateFaults>,
     status: Option<StatusFaults>,
+    auth_check: Option<StatusFaults>,
     rate_limit_next: Option<u64>,
     active: Option<bool>,
     account_id: Option<String>,
@@ -389,6 +402,7 @@ async fn sim_faults(State(p): State<Portal>, body: axum::body::Bytes) -> Respons
     };
     if !valid_error_status(req.regenerate.as_ref().and_then(|r| r.status))
         || !valid_error_status(req.status.as_ref().and_then(|s| s.status))
+        || !valid_error_status(req.auth_check.as_ref().and_then(|s| s.status))
     {
         return error(StatusCode::BAD_REQUEST, "fault status must be 400..=599");
     }
@@ -414,6 +428,14 @@ async fn sim_faults(State(p): State<Portal>, body: axum::body::Bytes) -> Respons
         }
         if s.status.is_some() {
             f.status_fail_status = s.status;
+        }
+    }
+    if let Some(a) = req.auth_check {
+        if let Some(n) = a.fail_next {
+            f.auth_check_fail_next = n;
+        }
+        if a.status.is_some() {
+            f.auth_check_fail_status = a.status;
         }
     }
     if let Some(n) = req.rate_limit_next {

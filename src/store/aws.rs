@@ -13,8 +13,9 @@
 //! `PutSecretValue` (last writer wins). Keys sharing one AWS secret should not be rotated by two
 //! writers at once; the read-back of the store phase catches the case where our own field was lost.
 //!
-//! Responses larger than [`MAX_RESPONSE`] (by their Content-Length) are refused before the SDK reads
-//! them; JSON objects read from a secret are wiped once used.
+//! Responses larger than [`MAX_RESPONSE`] are refused: by their Content-Length before the SDK reads
+//! them, and as they arrive when they have none (a chunked body is cut off at the cap); JSON objects
+//! read from a secret are wiped once used.
 //!
 //! Credentials come from the standard AWS chain ([`AwsStore::new`]); tests and embedders that hold
 //! an `SdkConfig` of their own use [`AwsStore::with_sdk_config`].
@@ -22,11 +23,14 @@
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_secretsmanager::Client;
 use aws_sdk_secretsmanager::config::http::HttpResponse;
-use aws_sdk_secretsmanager::config::interceptors::BeforeDeserializationInterceptorContextRef;
+use aws_sdk_secretsmanager::config::interceptors::{
+    BeforeDeserializationInterceptorContextMut, BeforeDeserializationInterceptorContextRef,
+};
 use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
 use aws_sdk_secretsmanager::config::{ConfigBag, Intercept, Region, RuntimeComponents};
 use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::types::Tag;
+use aws_smithy_types::body::SdkBody;
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value};
 
@@ -59,8 +63,9 @@ pub const WRITE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600
 /// JSON envelope an answer stays far below this.
 pub const MAX_RESPONSE: u64 = 1 << 20;
 
-/// Refuses a response whose declared length is over [`MAX_RESPONSE`] before its body is read. (The
-/// SDK reads bodies whole and offers no streaming cap; a body without a length is read as it comes.)
+/// Refuses a response whose declared length is over [`MAX_RESPONSE`] before its body is read, and
+/// caps the body of one that declares none: the SDK reads bodies whole, so a chunked answer would
+/// otherwise be read to its end, however long.
 #[derive(Debug)]
 struct ResponseCap;
 
@@ -87,6 +92,20 @@ impl Intercept for ResponseCap {
             }
             _ => Ok(()),
         }
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let response = context.response_mut();
+        let body = response.take_body();
+        *response.body_mut() = body.map(|b| {
+            SdkBody::from_body_1_x(http_body_util::Limited::new(b, MAX_RESPONSE as usize))
+        });
+        Ok(())
     }
 }
 
@@ -228,6 +247,12 @@ impl AwsStore {
                 "a version with this request token exists with different content (the secret changed after keyrotd wrote it)".to_string(),
             ),
             _ if status >= 500 || status == 429 => (StoreErrorKind::Transient, String::new()),
+            // Refused without an AWS error code (a proxy or gateway in front): still a credential
+            // or permission problem, which retrying will not fix.
+            _ if status == 401 || status == 403 => (
+                StoreErrorKind::Auth,
+                format!("HTTP {status}: credentials or permission refused"),
+            ),
             _ => (StoreErrorKind::Permanent, String::new()),
         };
         let mut text = format!("{what} failed: {code}");

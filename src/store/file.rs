@@ -39,6 +39,8 @@ pub const MAX_FILE: u64 = 1 << 20;
 const TEMP_INFIX: &str = ".keyrotd-tmp-";
 /// The prefix of a preflight probe file's name.
 const PROBE_PREFIX: &str = ".keyrotd-preflight-";
+/// What the preflight probe writes: more than a key and its sidecar take.
+const PROBE_BYTES: usize = 4096;
 
 /// The sidecar's content. Holds no secret: the fingerprint is a truncated hash.
 #[derive(Debug, Serialize, Deserialize)]
@@ -272,8 +274,17 @@ fn probe_dir(dir: &Path) -> BlockingResult<()> {
         ));
     }
     let probe = dir.join(format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4()));
-    match open_private(&probe) {
-        Ok(_) => {
+    // A block of zeros, written through: an empty file can still be created on a full disk, and the
+    // write that follows the regenerate must not be the first to find out.
+    let written = open_private(&probe).and_then(|mut f| {
+        let filled = f.write_all(&[0u8; PROBE_BYTES]).and_then(|()| f.sync_all());
+        if filled.is_err() {
+            let _ = std::fs::remove_file(&probe);
+        }
+        filled
+    });
+    match written {
+        Ok(()) => {
             std::fs::remove_file(&probe).map_err(|e| {
                 io_err(&format!("cannot remove probe file {}", probe.display()), &e)
             })?;

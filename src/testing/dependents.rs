@@ -17,6 +17,10 @@ use crate::store::Store;
 struct State {
     held: Option<String>,
     failing_reloads: u32,
+    /// Errors of the next reload calls: what a real hook call returned for a fault.
+    reload_errors: std::collections::VecDeque<HookError>,
+    /// Answers of the next probes: what a real probe returned for a fault.
+    probe_answers: std::collections::VecDeque<Probe>,
     reload_delay: Duration,
     unreachable: bool,
     /// Every reload call, answered or not, with the tokio time it was made.
@@ -74,6 +78,22 @@ impl DependentScript {
     /// The next `n` reload calls fail (HTTP 500).
     pub fn fail_reloads(&self, n: u32) {
         self.state().failing_reloads = n;
+    }
+
+    /// The next `n` reload calls fail with `error`.
+    pub fn fail_reloads_with(&self, n: usize, error: HookError) {
+        let mut s = self.state();
+        for _ in 0..n {
+            s.reload_errors.push_back(error.clone());
+        }
+    }
+
+    /// The next `n` probes answer `probe`.
+    pub fn probe_with(&self, n: usize, probe: Probe) {
+        let mut s = self.state();
+        for _ in 0..n {
+            s.probe_answers.push_back(probe.clone());
+        }
     }
 
     pub fn delay_reloads(&self, by: Duration) {
@@ -140,6 +160,9 @@ impl DependentScript {
             if s.unreachable {
                 return Err(HookError::Request("connection refused".into()));
             }
+            if let Some(e) = s.reload_errors.pop_front() {
+                return Err(e);
+            }
             s.reload_delay
         };
         if !delay.is_zero() {
@@ -176,6 +199,9 @@ impl DependentScript {
     fn probe(&self) -> Probe {
         let mut s = self.state();
         s.probes += 1;
+        if let Some(p) = s.probe_answers.pop_front() {
+            return p;
+        }
         if s.unreachable {
             return Probe::Unreachable("connection refused".into());
         }

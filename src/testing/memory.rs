@@ -20,11 +20,21 @@ pub enum StoreFault {
     Permanent,
 }
 
+/// A store operation, for [`MemoryStore::fail_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreOp {
+    Preflight,
+    Write,
+    Read,
+}
+
 #[derive(Default)]
 struct State {
     values: HashMap<String, (String, Option<String>, u64)>,
     /// Faults of the next writes, one per write.
     write_faults: VecDeque<StoreFault>,
+    /// Errors of the next calls of each operation: what a real store client returned for a fault.
+    injected: HashMap<StoreOp, VecDeque<StoreError>>,
     down: bool,
     read_only: bool,
     write_delay: Duration,
@@ -96,6 +106,24 @@ impl MemoryStore {
         }
     }
 
+    /// The next `n` calls of `op` return `error` (its store and target as the call names them).
+    pub fn fail_with(&self, op: StoreOp, n: usize, error: StoreError) {
+        let mut s = self.state();
+        let q = s.injected.entry(op).or_default();
+        for _ in 0..n {
+            q.push_back(error.clone());
+        }
+    }
+
+    /// The next injected error of `op`, as a call on `target` returns it.
+    fn injected(&self, op: StoreOp, target: &DestinationTarget) -> Option<StoreError> {
+        let mut s = self.state();
+        let mut e = s.injected.get_mut(&op)?.pop_front()?;
+        e.store = self.name.clone();
+        e.target = target.to_string();
+        Some(e)
+    }
+
     /// Puts a value there as someone else would (no key id metadata).
     pub fn put(&self, target: &str, value: &str) {
         let mut s = self.state();
@@ -137,6 +165,9 @@ impl MemoryStore {
     }
 
     pub async fn preflight(&self, target: &DestinationTarget) -> Result<(), StoreError> {
+        if let Some(e) = self.injected(StoreOp::Preflight, target) {
+            return Err(e);
+        }
         let s = self.state();
         if s.down {
             return Err(self.unreachable(target));
@@ -159,6 +190,9 @@ impl MemoryStore {
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
+        }
+        if let Some(e) = self.injected(StoreOp::Write, target) {
+            return Err(e);
         }
         let mut s = self.state();
         if s.down {
@@ -193,6 +227,9 @@ impl MemoryStore {
         let delay = self.state().read_delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
+        }
+        if let Some(e) = self.injected(StoreOp::Read, target) {
+            return Err(e);
         }
         let s = self.state();
         if s.down {

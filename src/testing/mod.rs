@@ -12,5 +12,5 @@ mod memory;
 mod scripted;
 
 pub use dependents::{DependentScript, ScriptedDependents};
-pub use memory::{MemoryStore, StoreFault};
+pub use memory::{MemoryStore, StoreFault, StoreOp};
 pub use scripted::{Fault, Op, ScriptedProvider};

@@ -42,10 +42,27 @@ pub enum Fault {
     Permanent,
     /// Answers normally after this long (tokio time), with the state as it is then.
     Delay(Duration),
+    /// An auth check answers 401/403: the secret does not authenticate (whatever it is).
+    Refuses,
     /// Answers with the state as it is now, delivered this much later (a slow network): the answer
     /// may be stale by the time it arrives.
     Late(Duration),
 }
+
+/// What the next call of an operation does: a scripted fault, or an error a real client returned.
+#[derive(Debug, Clone)]
+enum Injected {
+    Fault(Fault),
+    /// Returns this very error; `rotates`: the portal rotated before the answer went wrong (a
+    /// regenerate whose response was lost, cut off or unreadable after the portal committed).
+    Error {
+        error: ProviderError,
+        rotates: bool,
+    },
+}
+
+/// Runs when an operation is called, before it answers (a test changes the world at that moment).
+type Cue = Box<dyn Fn() + Send + Sync>;
 
 struct State {
     key_id: String,
@@ -55,7 +72,8 @@ struct State {
     account_id: Option<String>,
     last_rotated: Option<chrono::DateTime<chrono::Utc>>,
     generated_by: Option<String>,
-    faults: HashMap<Op, VecDeque<Fault>>,
+    faults: HashMap<Op, VecDeque<Injected>>,
+    cues: HashMap<Op, Cue>,
     calls: HashMap<Op, u32>,
     /// Regenerate calls that rotated the key (whether the answer arrived or not).
     regenerations: u32,
@@ -94,6 +112,7 @@ impl ScriptedProvider {
                 last_rotated: None,
                 generated_by: Some("role:test".into()),
                 faults: HashMap::new(),
+                cues: HashMap::new(),
                 calls: HashMap::new(),
                 regenerations: 0,
                 out_of_band: 0,
@@ -125,7 +144,7 @@ impl ScriptedProvider {
         let mut s = self.state();
         let q = s.faults.entry(op).or_default();
         for _ in 0..n {
-            q.push_back(fault);
+            q.push_back(Injected::Fault(fault));
         }
     }
 
@@ -156,6 +175,29 @@ impl ScriptedProvider {
         } else {
             s.secret == secret
         }
+    }
+
+    /// The next `n` calls of `op` return `error` (an error a real client returned for a fault);
+    /// with `rotates`, a regenerate rotates the key before failing.
+    pub fn fail_with(&self, op: Op, n: usize, error: ProviderError, rotates: bool) {
+        let mut s = self.state();
+        let q = s.faults.entry(op).or_default();
+        for _ in 0..n {
+            q.push_back(Injected::Error {
+                error: error.clone(),
+                rotates,
+            });
+        }
+    }
+
+    /// The next `n` calls of `op` answer normally (ahead of faults queued after them).
+    pub fn pass(&self, op: Op, n: usize) {
+        self.fail(op, n, Fault::Delay(Duration::ZERO));
+    }
+
+    /// `cue` runs at every call of `op`, before it answers.
+    pub fn on_call(&self, op: Op, cue: impl Fn() + Send + Sync + 'static) {
+        self.state().cues.insert(op, Box::new(cue));
     }
 
     pub fn without_status(&self) {
@@ -237,19 +279,33 @@ impl ScriptedProvider {
 
     /// Counts the call and takes its next fault; a `Delay` is waited here. A `Late` comes back as
     /// the time to wait after answering.
-    async fn enter(&self, op: Op) -> (Option<Fault>, Duration) {
-        let fault = {
+    async fn enter(&self, op: Op) -> (Option<Injected>, Duration) {
+        let injected = {
             let mut s = self.state();
             *s.calls.entry(op).or_default() += 1;
             s.faults.get_mut(&op).and_then(|q| q.pop_front())
         };
-        match fault {
-            Some(Fault::Delay(d)) => {
+        // The cue runs outside the lock: it may call back into this provider.
+        let cue = self.state().cues.remove(&op);
+        if let Some(cue) = cue {
+            cue();
+            self.state().cues.entry(op).or_insert(cue);
+        }
+        match injected {
+            Some(Injected::Fault(Fault::Delay(d))) => {
                 tokio::time::sleep(d).await;
                 (None, Duration::ZERO)
             }
-            Some(Fault::Late(d)) => (None, d),
+            Some(Injected::Fault(Fault::Late(d))) => (None, d),
             f => (f, Duration::ZERO),
+        }
+    }
+
+    /// The error an injected fault answers with.
+    fn injected_error(&self, op: Op, injected: Injected) -> ProviderError {
+        match injected {
+            Injected::Fault(f) => self.error(op, f),
+            Injected::Error { error, .. } => error,
         }
     }
 
@@ -308,7 +364,7 @@ impl ScriptedProvider {
     pub async fn status(&self) -> Result<KeyStatus, ProviderError> {
         let (fault, late) = self.enter(Op::Status).await;
         if let Some(f) = fault {
-            return Err(self.error(Op::Status, f));
+            return Err(self.injected_error(Op::Status, f));
         }
         let answer = {
             let s = self.state();
@@ -327,12 +383,20 @@ impl ScriptedProvider {
     pub async fn regenerate(&self) -> Result<Regenerated, ProviderError> {
         let (fault, late) = self.enter(Op::Regenerate).await;
         match fault {
-            Some(Fault::Lose) => {
+            Some(Injected::Fault(Fault::Lose)) => {
                 let mut s = self.state();
                 Self::rotate(&mut s, &self.name, self.clock.now());
                 return Err(self.error(Op::Regenerate, Fault::Lose));
             }
-            Some(f) => return Err(self.error(Op::Regenerate, f)),
+            Some(Injected::Error {
+                error,
+                rotates: true,
+            }) => {
+                let mut s = self.state();
+                Self::rotate(&mut s, &self.name, self.clock.now());
+                return Err(error);
+            }
+            Some(f) => return Err(self.injected_error(Op::Regenerate, f)),
             None => {}
         }
         let answer = {
@@ -351,8 +415,10 @@ impl ScriptedProvider {
 
     pub async fn auth_check(&self, secret: &Secret) -> Result<Option<AuthIdentity>, ProviderError> {
         let (fault, late) = self.enter(Op::AuthCheck).await;
-        if let Some(f) = fault {
-            return Err(self.error(Op::AuthCheck, f));
+        match fault {
+            Some(Injected::Fault(Fault::Refuses)) => return Ok(None),
+            Some(f) => return Err(self.injected_error(Op::AuthCheck, f)),
+            None => {}
         }
         let answer = {
             let s = self.state();
@@ -387,12 +453,20 @@ impl ScriptedProvider {
     pub async fn create(&self) -> Result<Regenerated, ProviderError> {
         let (fault, late) = self.enter(Op::Create).await;
         match fault {
-            Some(Fault::Lose) => {
+            Some(Injected::Fault(Fault::Lose)) => {
                 let mut s = self.state();
                 Self::rotate(&mut s, &self.name, self.clock.now());
                 return Err(self.error(Op::Create, Fault::Lose));
             }
-            Some(f) => return Err(self.error(Op::Create, f)),
+            Some(Injected::Error {
+                error,
+                rotates: true,
+            }) => {
+                let mut s = self.state();
+                Self::rotate(&mut s, &self.name, self.clock.now());
+                return Err(error);
+            }
+            Some(f) => return Err(self.injected_error(Op::Create, f)),
             None => {}
         }
         let answer = {
@@ -412,7 +486,7 @@ impl ScriptedProvider {
     pub async fn revoke(&self, key_id: &str) -> Result<Revoked, ProviderError> {
         let (fault, late) = self.enter(Op::Revoke).await;
         if let Some(f) = fault {
-            return Err(self.error(Op::Revoke, f));
+            return Err(self.injected_error(Op::Revoke, f));
         }
         let answer = {
             let mut s = self.state();
@@ -434,7 +508,7 @@ impl ScriptedProvider {
     pub async fn list(&self) -> Result<Vec<String>, ProviderError> {
         let (fault, late) = self.enter(Op::List).await;
         if let Some(f) = fault {
-            return Err(self.error(Op::List, f));
+            return Err(self.injected_error(Op::List, f));
         }
         let answer = self.live_ids();
         Ok(Self::deliver(answer, late).await)

@@ -6,6 +6,7 @@
 
 mod dual;
 mod fixture;
+mod matrix;
 mod races;
 mod rules;
 mod table;

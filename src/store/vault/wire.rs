@@ -1,6 +1,7 @@
-//! How the Vault store talks to Vault: vaultrs's endpoint and response types, sent through
-//! rustify's reqwest client with keyrotd's own request decoration, and the one function that turns
-//! any failure into a [`StoreError`].
+//! How the Vault store talks to Vault: vaultrs's endpoint and response types, sent with keyrotd's own
+//! request decoration through keyrotd's reqwest client, whose answers are read up to [`MAX_ANSWER`]
+//! (rustify's own client reads every body whole), and the one function that turns any failure into a
+//! [`StoreError`].
 //!
 //! Why not vaultrs's `VaultClient` and its `api::exec_*` helpers: its middleware adds the token as
 //! an ordinary header (`HeaderValue::from_str(token).unwrap()`, which also panics on a token holding
@@ -17,7 +18,6 @@
 
 use std::collections::HashMap;
 
-use rustify::client::Client as _;
 use rustify::endpoint::{Endpoint, EndpointResult};
 use rustify::enums::{RequestMethod, RequestType, ResponseType};
 use rustify::errors::ClientError as RestError;
@@ -25,8 +25,13 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::http_client::{chain, sensitive_header};
+use crate::provider::http::wire::{BodyError, read_capped};
 use crate::secret::Secret;
 use crate::store::{StoreError, StoreErrorKind};
+
+/// The largest answer read from Vault. KV values are small (and Vault's integrated storage keeps an
+/// entry under 1 MiB); twice that leaves room for the JSON around the largest one.
+pub const MAX_ANSWER: usize = 2 << 20;
 
 /// The Vault HTTP client of one store. Holds no token: each request is given the one in force.
 pub struct Wire {
@@ -36,7 +41,7 @@ pub struct Wire {
     /// The path of `address` (without a trailing slash), kept in front of `/v1`.
     prefix: String,
     namespace: Option<String>,
-    http: rustify::clients::reqwest::Client,
+    http: reqwest::Client,
 }
 
 impl std::fmt::Debug for Wire {
@@ -62,7 +67,7 @@ impl Wire {
             prefix: address.path().trim_end_matches('/').to_string(),
             address: base.clone(),
             namespace,
-            http: rustify::clients::reqwest::Client::new(&base, http),
+            http,
         }
     }
 
@@ -75,8 +80,46 @@ impl Wire {
     ) -> Result<EndpointResult<E::Response>, RestError> {
         let mut req = endpoint.request(&self.address)?;
         self.decorate(&mut req, token)?;
-        let resp = self.http.execute(req).await?;
+        let resp = self.execute(req).await?;
         Ok(EndpointResult::new(resp, E::RESPONSE_BODY_TYPE))
+    }
+
+    /// What rustify's reqwest client does, but with the answer's body read up to [`MAX_ANSWER`]: Vault's
+    /// answers are small, and a server (or something in front of it) that sends more gets an error,
+    /// not all of keyrotd's memory. Any non-2xx status is `Err(ServerResponseError)`.
+    async fn execute(
+        &self,
+        req: http::Request<Vec<u8>>,
+    ) -> Result<http::Response<Vec<u8>>, RestError> {
+        let request = reqwest::Request::try_from(req)
+            .map_err(|source| RestError::ReqwestBuildError { source })?;
+        let (url, method) = (request.url().to_string(), request.method().to_string());
+        let response = self
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| RestError::RequestError {
+                source: e.into(),
+                url,
+                method,
+            })?;
+        let code = response.status().as_u16();
+        let mut builder = http::Response::builder().status(code);
+        for (name, value) in response.headers() {
+            builder = builder.header(name, value);
+        }
+        let body = read_capped(response, MAX_ANSWER)
+            .await
+            .map_err(|e| RestError::ResponseError { source: e.into() })?;
+        if !rustify::client::HTTP_SUCCESS_CODES.contains(&code) {
+            return Err(RestError::ServerResponseError {
+                code,
+                content: String::from_utf8(body.to_vec()).ok(),
+            });
+        }
+        builder
+            .body(body.to_vec())
+            .map_err(|e| RestError::ResponseError { source: e.into() })
     }
 
     /// `/v1` after the address's own path, Vault's request marker, the namespace and the token (as
@@ -274,6 +317,9 @@ fn classify(code: u16, errors: &[String]) -> (StoreErrorKind, Option<&'static st
 /// A reqwest transport error's causes (connection refused, timeout, TLS: "invalid peer
 /// certificate: UnknownIssuer"). These never hold a body.
 fn transport(source: &anyhow::Error) -> String {
+    if let Some(e) = source.downcast_ref::<BodyError>() {
+        return e.to_string();
+    }
     match source.downcast_ref::<reqwest::Error>() {
         Some(e) if e.is_timeout() => "timed out".to_string(),
         Some(e) => chain(e),

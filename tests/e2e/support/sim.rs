@@ -236,6 +236,8 @@ pub struct DependentOptions {
     pub signing_key: Option<String>,
     /// Default 1s.
     pub probe_interval: Duration,
+    /// How far a signed reload's timestamp may be from the dependent's clock; default 5 minutes.
+    pub max_signature_age: Option<Duration>,
 }
 
 impl DependentOptions {
@@ -244,6 +246,7 @@ impl DependentOptions {
             source,
             signing_key: None,
             probe_interval: Duration::from_secs(1),
+            max_signature_age: None,
         }
     }
 }
@@ -312,6 +315,9 @@ impl Dependent {
         if let Some(key) = options.signing_key {
             args.extend(["--signing-key-env".into(), "KEYROTD_SIM_HOOK_KEY".into()]);
             envs.push(("KEYROTD_SIM_HOOK_KEY".into(), key));
+        }
+        if let Some(age) = options.max_signature_age {
+            args.extend(["--max-signature-age".into(), format!("{}s", age.as_secs())]);
         }
         let (proc, url) = spawn_sim("dependent", &args, &envs);
         Dependent { proc, url }

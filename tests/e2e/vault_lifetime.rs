@@ -3,10 +3,12 @@
 //! for the next write, a policy 403 does not spend an AppRole `secret_id` use, and a deleted latest
 //! version does not break check-and-set.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::bao::Bao;
+use crate::support::eventually;
+use crate::support::secrets::{Haystacks, secrets_of};
+use crate::support::stack::{Options, Stack};
 use chrono::Utc;
 use keyrotd::config::{DestinationTarget, VaultAuth, VaultStoreConfig};
 use keyrotd::secret::{Secret, fingerprint};
@@ -14,8 +16,6 @@ use keyrotd::store::vault::VaultStore;
 use keyrotd::store::{Store, StoreErrorKind, WriteRequest};
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::bao::Bao;
-use support::daemon::{Options, Stack, metric_value};
 use uuid::Uuid;
 
 /// Everything a keyrotd token needs on `secret/` (the default policy adds lookup-self,
@@ -71,13 +71,34 @@ async fn token_with(bao: &Bao, body: Value) -> String {
         .to_string()
 }
 
+/// The token's lifetime as OpenBao counts it (looked up as root, which does not renew it): seconds
+/// from its creation to its last renewal, 0 before the first renewal. Panics when OpenBao no longer
+/// knows the token (it expired).
+async fn renewed_after(bao: &Bao, token: &str) -> u64 {
+    let lookup = bao
+        .api(
+            Method::POST,
+            "auth/token/lookup",
+            Some(json!({ "token": token })),
+        )
+        .await;
+    let created = lookup["data"]["creation_time"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no creation_time in the token lookup: {lookup}"));
+    // OpenBao names the last renewal only once there has been one.
+    lookup["data"]["last_renewal_time"]
+        .as_u64()
+        .map_or(0, |renewed| renewed.saturating_sub(created))
+}
+
 #[tokio::test]
 async fn a_periodic_token_outlives_its_period_and_a_rotation_then_succeeds() {
+    const PERIOD: u64 = 10;
     let stack = Stack::start().await;
     stack.bao.write_policy("keyrotd", KV_POLICY).await;
     let token = token_with(
         &stack.bao,
-        json!({ "policies": ["keyrotd"], "period": "10s", "no_parent": true }),
+        json!({ "policies": ["keyrotd"], "period": format!("{PERIOD}s"), "no_parent": true }),
     )
     .await;
     let o = Options {
@@ -89,9 +110,15 @@ async fn a_periodic_token_outlives_its_period_and_a_rotation_then_succeeds() {
     let d = stack
         .daemon_with_env(&config, &[("KEYROTD_TEST_VAULT_TOKEN", &token)])
         .await;
-    // Four periods: without renewal the token would have died after the first.
-    tokio::time::sleep(Duration::from_secs(40)).await;
-    let record = d.rotate("after 40 s of uptime").await;
+    // Three periods on OpenBao's clock: without renewal the token would have died after the
+    // first (and the lookup would fail), so only a daemon that kept renewing it gets here.
+    eventually(
+        Duration::from_secs(90),
+        "OpenBao shows the token renewed more than three periods after its creation",
+        || async { renewed_after(&stack.bao, &token).await > 3 * PERIOD },
+    )
+    .await;
+    let record = d.rotate("after three token periods of uptime").await;
     assert_eq!(
         record["outcome"],
         "success",
@@ -107,25 +134,29 @@ async fn a_periodic_token_outlives_its_period_and_a_rotation_then_succeeds() {
         )
         .await;
     assert!(lookup["data"]["ttl"].as_u64().unwrap_or(0) > 0, "{lookup}");
-    let text = d.metrics().await;
-    let expiry = metric_value(
-        &text,
-        "keyrotd_store_credential_expiry_timestamp_seconds",
-        &[("store", "vault")],
-    );
+    let scrape = d.metrics().await;
     assert_eq!(
-        expiry,
+        scrape.value(
+            "keyrotd_store_credential_expiry_timestamp_seconds",
+            &[("store", "vault")],
+        ),
         Some(f64::INFINITY),
-        "kept valid by renewal:\n{text}"
+        "kept valid by renewal:\n{scrape}"
     );
     assert_eq!(
-        metric_value(
-            &text,
+        scrape.value(
             "keyrotd_store_credential_renewal_failing",
             &[("store", "vault")]
         ),
-        Some(0.0)
+        Some(0.0),
+        "{scrape}"
     );
+    // Renewal sends the token on every call: it must not surface in any output either.
+    let mut outputs = Haystacks::default();
+    outputs.gather_standard(&stack).await;
+    let mut secrets = secrets_of(&stack).await;
+    secrets.push(("the periodic Vault token".into(), token.clone()));
+    outputs.assert_none_of(&secrets);
 }
 
 #[tokio::test]

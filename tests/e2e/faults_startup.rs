@@ -2,30 +2,20 @@
 //! dumpable (no core dump, no ptrace by its own user, so memory with keys stays private), and it
 //! removes the temp files an interrupted write left (each may hold a secret).
 
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::eventually;
+use crate::support::process::{Proc, refusing_port};
 
 const NOBODY: u32 = 65534;
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A config with one key on a file store in `dir/keys`, a portal that refuses connections, and the
-/// admin API on a free port.
-fn write_config(dir: &Path) -> std::path::PathBuf {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+/// A config with one key on a file store in `dir/keys`, a portal at `portal` (a port that refuses
+/// connections), and the admin API on a port the daemon picks.
+fn write_config(dir: &Path, portal: SocketAddr) -> std::path::PathBuf {
     std::fs::write(dir.join("tok"), "portal-token").unwrap();
     std::fs::create_dir_all(dir.join("keys")).unwrap();
     std::fs::create_dir_all(dir.join("state")).unwrap();
@@ -36,11 +26,11 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
             r#"
 [daemon]
 state_dir = "{d}/state"
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 reconcile_interval = "0s"
 [providers.p]
 kind = "aos"
-base_url = "http://127.0.0.1:1"
+base_url = "http://{portal}"
 management_token = {{ file = "{d}/tok" }}
 timeout = "1s"
 [stores.local]
@@ -61,56 +51,51 @@ provider = "p"
 }
 
 /// Starts `keyrotd run` as `nobody` (so that who owns `/proc/PID` tells whether it is dumpable).
-fn start_as_nobody(dir: &Path, config: &Path) -> Daemon {
+/// `setpriv` execs keyrotd, so the child's pid is keyrotd's.
+fn start_as_nobody(dir: &Path, config: &Path) -> Proc {
     for entry in ["", "tok", "keys", "state", "keyrotd.toml"] {
         std::os::unix::fs::chown(dir.join(entry), Some(NOBODY), Some(NOBODY)).unwrap();
     }
-    let child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(env!("CARGO_BIN_EXE_keyrotd"))
         .arg("-c")
         .arg(config)
         .arg("run")
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("setpriv runs keyrotd (util-linux must be installed)");
-    Daemon(child)
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    Proc::spawn("keyrotd run as nobody (setpriv, from util-linux)", cmd)
 }
 
-fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-#[test]
-fn the_daemon_is_not_dumpable_and_removes_temp_files_left_by_a_crash() {
+#[tokio::test]
+async fn the_daemon_is_not_dumpable_and_removes_temp_files_left_by_a_crash() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let config = write_config(dir);
+    let (portal, _held) = refusing_port();
+    let config = write_config(dir, portal);
     let leftover = dir.join("keys/.api-key.keyrotd-tmp-6f1c2c7e");
     std::fs::write(&leftover, "aos_sk_live_LEFT_BY_A_CRASH").unwrap();
     let unrelated = dir.join("keys/notes.txt");
     std::fs::write(&unrelated, "kept").unwrap();
 
-    let daemon = start_as_nobody(dir, &config);
-    let pid = daemon.0.id();
+    let mut daemon = start_as_nobody(dir, &config);
     // The temp file goes right after the state-dir lock is taken.
-    eventually("the leftover temp file is removed", || !leftover.exists());
+    eventually(
+        Duration::from_secs(20),
+        "the leftover temp file is removed",
+        || async { !leftover.exists() },
+    )
+    .await;
     assert!(unrelated.exists(), "only keyrotd's temp files are removed");
+    assert!(
+        daemon.exited().is_none(),
+        "keyrotd run exited; its log:\n{}",
+        daemon.log_text()
+    );
 
     // A dumpable process's /proc/PID/environ belongs to its own user; a non-dumpable one's to root.
-    let environ = format!("/proc/{pid}/environ");
+    let environ = format!("/proc/{}/environ", daemon.pid());
     let owner = std::fs::metadata(&environ).unwrap().uid();
     assert_eq!(
         owner, 0,

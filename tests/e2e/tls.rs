@@ -2,15 +2,21 @@
 //! OpenBao listening on TLS (server-only and mTLS listeners), moto on TLS for the AWS store's
 //! `ca_file`; and the `VAULT_*` variables of the environment, which keyrotd must ignore (a
 //! subprocess run of the real binary with them set).
-
-mod support;
+//!
+//! Every listener is opened on port 0 and found afterwards among the ports the child holds: OpenBao
+//! takes `address = "127.0.0.1:0"` (and `cluster_address`) in a listener stanza, moto takes `-p 0`.
+//! Which port is which is told by what answers there: plain HTTP, TLS with the test CA, TLS that
+//! needs the client certificate.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::support::process::{Proc, http_status};
+use crate::support::sim::Portal;
+use crate::support::tools_bin;
 use chrono::Utc;
 use keyrotd::config::{DestinationTarget, TlsConfig, VaultAuth, VaultStoreConfig};
 use keyrotd::secret::{Secret, fingerprint};
@@ -20,9 +26,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use support::sim::Portal;
-use support::{free_port, tools_bin};
 use uuid::Uuid;
+
+/// How long OpenBao and moto get to answer on every listener after starting.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in a temp dir.
 struct Pki {
@@ -65,33 +72,64 @@ impl Pki {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// The HTTP status of `GET https://127.0.0.1:PORT{path}` trusting only the test CA, presenting
+    /// the client certificate when `client_cert`; `None` when no TLS server of this CA answers
+    /// there (plain HTTP, another certificate, a refused handshake). Blocking, so that it can tell
+    /// [`Proc::wait_port`] which port is which: the request runs on a runtime of its own thread.
+    fn https_status(&self, port: u16, path: &str, client_cert: bool) -> Option<u16> {
+        let read = |name: &str| std::fs::read(self.path(name)).expect("the test PKI files");
+        let mut builder = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&read("ca.pem")).expect("the test CA")])
+            .timeout(Duration::from_secs(2));
+        if client_cert {
+            let mut pem = read("client.pem");
+            pem.extend(read("client.key"));
+            builder = builder.identity(reqwest::Identity::from_pem(&pem).expect("client identity"));
+        }
+        let client = builder.build().expect("a TLS client for the test CA");
+        let url = format!("https://127.0.0.1:{port}{path}");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for one probe");
+                rt.block_on(async { Some(client.get(&url).send().await.ok()?.status().as_u16()) })
+            })
+            .join()
+            .expect("the probe thread")
+        })
+    }
 }
 
 /// `bao server -dev` with its plain dev listener plus two TLS listeners from a config file: one
 /// that verifies the server only, one that also requires a client certificate from the test CA.
+/// All three (and their cluster listeners) bind port 0.
 struct TlsBao {
-    child: Child,
     http: String,
     https: String,
     mtls: String,
     root: String,
+    _proc: Proc,
     _config: tempfile::TempDir,
 }
 
 impl TlsBao {
     fn start(pki: &Pki) -> TlsBao {
         let config = tempfile::tempdir().unwrap();
-        let (http, https, mtls) = (free_port(), free_port(), free_port());
         let p = |n: &str| pki.path(n).display().to_string();
         let hcl = format!(
             r#"
 listener "tcp" {{
-  address = "127.0.0.1:{https}"
+  address = "127.0.0.1:0"
+  cluster_address = "127.0.0.1:0"
   tls_cert_file = "{cert}"
   tls_key_file = "{key}"
 }}
 listener "tcp" {{
-  address = "127.0.0.1:{mtls}"
+  address = "127.0.0.1:0"
+  cluster_address = "127.0.0.1:0"
   tls_cert_file = "{cert}"
   tls_key_file = "{key}"
   tls_require_and_verify_client_cert = "true"
@@ -105,55 +143,42 @@ listener "tcp" {{
         let file = config.path().join("tls.hcl");
         std::fs::write(&file, hcl).unwrap();
         let root = format!("root-{}", Uuid::new_v4().simple());
-        let log = std::fs::File::create(config.path().join("bao.log")).unwrap();
-        let child = Command::new(tools_bin().join("bao"))
-            .args([
-                "server",
-                "-dev",
-                &format!("-dev-root-token-id={root}"),
-                &format!("-dev-listen-address=127.0.0.1:{http}"),
-                "-dev-no-store-token",
-                &format!("-config={}", file.display()),
-            ])
-            .env("HOME", config.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start OpenBao: run scripts/install-tools.sh");
-        let bao = TlsBao {
-            child,
+        let bin = tools_bin().join("bao");
+        assert!(
+            bin.exists(),
+            "OpenBao binary not found at {}: run scripts/install-tools.sh",
+            bin.display()
+        );
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "server",
+            "-dev",
+            &format!("-dev-root-token-id={root}"),
+            "-dev-listen-address=127.0.0.1:0",
+            "-dev-no-store-token",
+            &format!("-config={}", file.display()),
+        ])
+        .env("HOME", config.path());
+        let mut proc = Proc::spawn("OpenBao with TLS listeners", cmd);
+        let health = "/v1/sys/health";
+        // The dev listener speaks plain HTTP; the cluster listeners present OpenBao's own
+        // certificate, so no probe with the test CA passes there.
+        let http = proc.wait_port(READY_TIMEOUT, |p| http_status(p, health) == Some(200));
+        let https = proc.wait_port(READY_TIMEOUT, |p| {
+            pki.https_status(p, health, false) == Some(200)
+        });
+        let mtls = proc.wait_port(READY_TIMEOUT, |p| {
+            pki.https_status(p, health, false).is_none()
+                && pki.https_status(p, health, true) == Some(200)
+        });
+        TlsBao {
             http: format!("http://127.0.0.1:{http}"),
             https: format!("https://127.0.0.1:{https}"),
             mtls: format!("https://127.0.0.1:{mtls}"),
             root,
+            _proc: proc,
             _config: config,
-        };
-        bao.wait(http);
-        bao
-    }
-
-    fn wait(&self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                let _ = write!(s, "GET /v1/sys/health HTTP/1.0\r\n\r\n");
-                let mut head = [0u8; 12];
-                if s.read_exact(&mut head).is_ok() && head.ends_with(b"200") {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
         }
-        let log = std::fs::read_to_string(self._config.path().join("bao.log")).unwrap_or_default();
-        panic!("OpenBao with TLS listeners did not come up; its log:\n{log}");
-    }
-}
-
-impl Drop for TlsBao {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -273,7 +298,7 @@ fn write_config(dir: &Path, portal: &Portal, tls_addr: &str, recorder: &str) -> 
     let text = format!(
         r#"[daemon]
 state_dir = "{state}"
-listen = "127.0.0.1:{listen}"
+listen = "127.0.0.1:0"
 
 [providers.portal]
 kind = "aos"
@@ -312,7 +337,6 @@ provider = "portal"
   field = "api_key"
 "#,
         state = dir.join("state").display(),
-        listen = free_port(),
         portal = portal.url(),
     );
     let path = dir.join("keyrotd.toml");
@@ -387,46 +411,34 @@ async fn vault_variables_in_the_environment_neither_weaken_tls_nor_lend_their_to
     }
 }
 
-/// moto on TLS with the test's server certificate, killed when dropped.
+/// moto on TLS with the test's server certificate, on a port it picks itself; killed when dropped.
 struct TlsMoto {
-    child: Child,
     endpoint: String,
+    _proc: Proc,
 }
 
 impl TlsMoto {
     fn start(pki: &Pki) -> TlsMoto {
-        let port = free_port();
-        let child = Command::new(tools_bin().join("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string(), "-s"])
+        let bin = tools_bin().join("moto_server");
+        assert!(
+            bin.exists(),
+            "moto_server not found at {}: run scripts/install-tools.sh",
+            bin.display()
+        );
+        let mut cmd = Command::new(bin);
+        cmd.args(["-H", "127.0.0.1", "-p", "0", "-s"])
             .arg("-c")
             .arg(pki.path("server.pem"))
             .arg("-k")
-            .arg(pki.path("server.key"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start moto_server: run scripts/install-tools.sh");
-        let moto = TlsMoto {
-            child,
+            .arg(pki.path("server.key"));
+        let mut proc = Proc::spawn("moto on TLS", cmd);
+        let port = proc.wait_port(READY_TIMEOUT, |p| {
+            pki.https_status(p, "/moto-api/", false).is_some()
+        });
+        TlsMoto {
             endpoint: format!("https://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto on TLS did not come up on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
+            _proc: proc,
         }
-        moto
-    }
-}
-
-impl Drop for TlsMoto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -2,17 +2,19 @@
 //! else answering on `daemon.listen` (a leftover process, a service started by another user while the
 //! daemon is down) must learn nothing: the CLI rotates in-process instead.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::support::process::refusing_port;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const ADMIN_TOKEN: &str = "admin-token-must-stay-home";
 
-/// A config whose `listen` is `listen`, with an admin token, a portal that refuses connections and
-/// one file destination.
-fn write_config(dir: &Path, listen: std::net::SocketAddr) -> std::path::PathBuf {
+/// A config whose `listen` is `listen`, with an admin token, a portal at `portal` (a port that
+/// refuses connections) and one file destination.
+fn write_config(dir: &Path, listen: SocketAddr, portal: SocketAddr) -> std::path::PathBuf {
     let tok = dir.join("tok");
     std::fs::write(&tok, "portal-token").unwrap();
     let admin = dir.join("admin");
@@ -31,7 +33,7 @@ listen = "{listen}"
 admin_token = {{ file = "{admin}" }}
 [providers.p]
 kind = "aos"
-base_url = "http://127.0.0.1:1"
+base_url = "http://{portal}"
 management_token = {{ file = "{tok}" }}
 timeout = "1s"
 [stores.local]
@@ -108,8 +110,9 @@ fn saw_the_token(requests: &[wiremock::Request]) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_daemon_holding_the_lock_nothing_on_listen_is_asked() {
     let server = impostor().await;
+    let (portal, _held) = refusing_port();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), *server.address());
+    let config = write_config(dir.path(), *server.address(), portal);
     let (code, out, err) =
         tokio::task::block_in_place(|| keyrotd(&config, &["rotate", "k", "--reason", "t"]));
     // Rotated in-process: the portal is unreachable, so preflight aborts (exit 1).
@@ -126,8 +129,9 @@ async fn without_a_daemon_holding_the_lock_nothing_on_listen_is_asked() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_lock_held_the_rotation_is_handed_over() {
     let server = impostor().await;
+    let (portal, _held) = refusing_port();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), *server.address());
+    let config = write_config(dir.path(), *server.address(), portal);
     // This test process plays the daemon's part of holding the lock.
     let _lock = keyrotd::journal::StateLock::acquire(&dir.path().join("state")).unwrap();
     let (code, out, err) =
