@@ -56,8 +56,10 @@ const MAX_STEPS: usize = 20_000;
 #[derive(Debug, Clone)]
 pub struct Schedule {
     pub text: String,
-    /// One cron schedule, or two whose union is meant (Unix day-of-month OR day-of-week).
-    crons: Vec<cron::Schedule>,
+    /// One cron schedule, or two whose union is meant (Unix day-of-month OR day-of-week). Shared:
+    /// a parsed cron schedule holds every allowed value of every field, and keys with the same
+    /// expression share one (see `config::load`).
+    crons: std::sync::Arc<[cron::Schedule]>,
 }
 
 const FIELD_NAMES: [&str; 7] = [
@@ -162,7 +164,7 @@ impl Schedule {
         };
         Ok(Schedule {
             text: trimmed.to_owned(),
-            crons,
+            crons: crons.into(),
         })
     }
 

@@ -163,9 +163,21 @@ struct Check {
     warnings: Vec<String>,
     /// The config file's directory: a relative `{ file = ... }` reference is read from there.
     base_dir: Option<PathBuf>,
+    /// Every schedule expression parsed so far: a fleet of keys on one schedule shares one parse.
+    schedules: HashMap<String, Schedule>,
 }
 
 impl Check {
+    /// `text` parsed, or the earlier parse of the same text.
+    fn schedule(&mut self, text: &str) -> Result<Schedule, String> {
+        if let Some(parsed) = self.schedules.get(text) {
+            return Ok(parsed.clone());
+        }
+        let parsed = Schedule::parse(text)?;
+        self.schedules.insert(text.to_owned(), parsed.clone());
+        Ok(parsed)
+    }
+
     fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem::new(path, message));
     }
@@ -390,6 +402,7 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         problems,
         warnings: Vec::new(),
         base_dir,
+        schedules: HashMap::new(),
     };
     let daemon = daemon(&mut c, raw.daemon);
     let mut limits = BTreeMap::new();
@@ -573,6 +586,7 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
     if !c.problems.is_empty() {
         return Err(ConfigError::Invalid(c.problems));
     }
+    keys.shrink_to_fit();
     Ok(Config {
         daemon,
         providers,
@@ -1387,7 +1401,7 @@ fn key(
     let schedule = k
         .schedule
         .as_ref()
-        .and_then(|s| match Schedule::parse(s.trim()) {
+        .and_then(|s| match c.schedule(s.trim()) {
             Ok(s) => Some(s),
             Err(e) => {
                 c.problem(
