@@ -406,12 +406,14 @@ impl Floor {
             "rotated_at": chrono::Utc::now(),
         })
         .to_string();
-        let signature = keyrotd::notify::signature(self.hook_key.as_bytes(), body.as_bytes());
+        let now = chrono::Utc::now().timestamp();
+        let signature = keyrotd::notify::signature(self.hook_key.as_bytes(), now, body.as_bytes());
         let calls = self.hooks.iter().map(|url| {
             self.http
                 .post(url)
                 .header("Content-Type", "application/json")
-                .header("X-Keyrotd-Signature", &signature)
+                .header(keyrotd::notify::TIMESTAMP_HEADER, now.to_string())
+                .header(keyrotd::notify::SIGNATURE_HEADER, &signature)
                 .body(body.clone())
                 .send()
         });

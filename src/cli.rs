@@ -475,16 +475,24 @@ pub fn summary(config_path: &Path, config: &Config) -> String {
     for (name, p) in &config.providers {
         let detail = match p {
             ProviderConfig::Aos(a) => format!("aos  {}", a.base_url),
-            ProviderConfig::Http(h) => format!(
-                "http  regenerate {} {}{}",
-                h.regenerate.method,
-                h.regenerate.url,
-                if h.status.is_some() {
+            ProviderConfig::Http(h) => {
+                let issue = match (&h.regenerate, &h.create) {
+                    (Some(r), _) => format!("regenerate {} {}", r.method, r.url),
+                    (None, Some(c)) => format!(
+                        "overlap dual: create {} {}, revoke, {}",
+                        c.method,
+                        c.url,
+                        if h.list.is_some() { "list" } else { "no list" }
+                    ),
+                    (None, None) => String::new(),
+                };
+                let status = if h.status.is_some() {
                     ""
                 } else {
                     " (no status)"
-                }
-            ),
+                };
+                format!("http  {issue}{status}")
+            }
         };
         let _ = writeln!(out, "  {name}  {detail}");
     }

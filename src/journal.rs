@@ -59,6 +59,18 @@ pub enum Phase {
     Notify,
     /// The outcome is decided; dependents are being watched.
     Watch,
+    /// Dual keys: a `create` may have been sent; `old_key_id` stays live, and `known_ids` are the ids
+    /// the vendor listed before, so a key the create made can be told from the others.
+    Creating,
+    /// Dual keys: the new key is stored and the dependents told; each must confirm it before the old
+    /// key is revoked.
+    Confirming,
+    /// Dual keys: `revoke_ids` are being revoked (the old key once every dependent confirmed, or the
+    /// new key of a rollout that was rolled back). A revoke of a key already gone is success.
+    Revoking,
+    /// Dual keys: a canary failed; the old key's value is being put back in the destinations, then
+    /// the new key is revoked.
+    RollingBack,
 }
 
 /// What started a rotation (the audit log's `trigger`).
@@ -204,6 +216,21 @@ pub struct KeyJournal {
     /// The invalidation windows of the last rotations that distributed a key, in milliseconds,
     /// oldest first (at most [`WINDOWS_KEPT`]).
     pub windows_ms: Vec<u64>,
+    /// The rotation in flight keeps its old key live until the new one is confirmed (a dual
+    /// provider): `storing` then means "the old key still works".
+    pub overlap: bool,
+    /// Phase `creating`: the key ids the vendor listed before the create.
+    pub known_ids: Vec<String>,
+    /// Phase `revoking`: the ids being revoked.
+    pub revoke_ids: Vec<String>,
+    /// Old keys still live after their rotation ended, kept for dependents that did not confirm.
+    pub pending_revoke: Vec<String>,
+    /// Dependents that had not confirmed the newest key when its rotation ended.
+    pub unconfirmed: Vec<String>,
+    /// When the newest key was created while an older one stays live (the overlap's start).
+    pub overlap_since: Option<DateTime<Utc>>,
+    /// `revoke_after`: when `pending_revoke` is revoked even if a dependent never confirmed.
+    pub revoke_due: Option<DateTime<Utc>>,
 }
 
 impl Default for KeyJournal {
@@ -231,6 +258,13 @@ impl Default for KeyJournal {
             lost: false,
             pending_approval: None,
             windows_ms: Vec::new(),
+            overlap: false,
+            known_ids: Vec::new(),
+            revoke_ids: Vec::new(),
+            pending_revoke: Vec::new(),
+            unconfirmed: Vec::new(),
+            overlap_since: None,
+            revoke_due: None,
         }
     }
 }
@@ -276,7 +310,90 @@ impl KeyJournal {
         self.old_key_id = old_key_id;
         self.new_key_id = None;
         self.new_fingerprint = None;
+        self.overlap = false;
         self.regenerations.push(at);
+    }
+
+    /// Dual keys: a `create` is about to be sent (`at`), keeping `old_key_id` live; `known_ids` are
+    /// the ids the vendor listed before. Counted in the daily budget like a regenerate.
+    pub fn creating(
+        &mut self,
+        meta: &RotationMeta,
+        old_key_id: Option<String>,
+        known_ids: Vec<String>,
+        at: DateTime<Utc>,
+    ) {
+        self.belong_to(meta);
+        self.phase = Phase::Creating;
+        self.old_key_id = old_key_id;
+        self.new_key_id = None;
+        self.new_fingerprint = None;
+        self.overlap = true;
+        self.known_ids = known_ids;
+        self.revoke_ids.clear();
+        self.regenerations.push(at);
+    }
+
+    /// Dual keys: the vendor created `key_id` at `at` while the old key stays live: phase `storing`.
+    pub fn created(&mut self, key_id: &str, fingerprint: &str, at: DateTime<Utc>) {
+        self.issued(key_id, fingerprint, at);
+        self.overlap = true;
+        self.overlap_since.get_or_insert(at);
+    }
+
+    /// Dual keys: stored and told; the dependents' confirmations are awaited.
+    pub fn confirming(&mut self) {
+        self.phase = Phase::Confirming;
+    }
+
+    /// Dual keys: `ids` are about to be revoked.
+    pub fn revoking(&mut self, ids: Vec<String>) {
+        self.phase = Phase::Revoking;
+        self.revoke_ids = ids;
+    }
+
+    /// Dual keys: `ids` are revoked (or were already gone). Once no old key is left, the overlap is
+    /// over.
+    pub fn revoked(&mut self, ids: &[String]) {
+        self.revoke_ids.retain(|id| !ids.contains(id));
+        if self.phase == Phase::Revoking && self.revoke_ids.is_empty() && !self.overlap {
+            // A revoke outside any rotation (revoke_after): nothing else is in flight.
+            self.phase = Phase::Idle;
+        }
+        self.pending_revoke.retain(|id| !ids.contains(id));
+        if self.pending_revoke.is_empty() {
+            self.overlap_since = None;
+            self.revoke_due = None;
+            self.unconfirmed.clear();
+        }
+    }
+
+    /// Dual keys: the rotation ended with `old` still live for the `unconfirmed` dependents, to be
+    /// revoked at `due` (`revoke_after`) or once a later rotation is confirmed by everyone.
+    pub fn kept(&mut self, old: Vec<String>, unconfirmed: Vec<String>, due: Option<DateTime<Utc>>) {
+        for id in old {
+            if !self.pending_revoke.contains(&id) {
+                self.pending_revoke.push(id);
+            }
+        }
+        self.unconfirmed = unconfirmed;
+        self.revoke_due = due;
+    }
+
+    /// Dual keys: a canary failed; the old value goes back into the destinations.
+    pub fn rolling_back(&mut self) {
+        self.phase = Phase::RollingBack;
+    }
+
+    /// Dual keys: the rollout of `meta` was rolled back: the old key is the active one again, in
+    /// every destination, and the new key is revoked.
+    pub fn rolled_back(&mut self, meta: &RotationMeta, at: DateTime<Utc>) {
+        self.phase = Phase::Idle;
+        self.revoke_ids.clear();
+        if self.pending_revoke.is_empty() {
+            self.overlap_since = None;
+        }
+        self.finished(Outcome::Aborted, Some(meta.trigger), at);
     }
 
     /// The regenerate sent at `sent_at` is known not to have destroyed a key (refused, rate limited,
@@ -299,8 +416,10 @@ impl KeyJournal {
     }
 
     /// The first destination confirmed the new key: phase `notify` (a crash now copies, not re-rotates).
+    /// A dual rotation stays at `storing` until its dependents are told (`confirming`): its old key
+    /// still works, and recovery decides from the destinations.
     pub fn first_confirmed(&mut self) {
-        if self.phase == Phase::Storing {
+        if self.phase == Phase::Storing && !self.overlap {
             self.phase = Phase::Notify;
         }
     }
@@ -314,6 +433,8 @@ impl KeyJournal {
     }
 
     fn finished(&mut self, outcome: Outcome, trigger: Option<Trigger>, at: DateTime<Utc>) {
+        // The rotation is over: a later revoke (revoke_after) is not part of it.
+        self.overlap = false;
         self.last_outcome = Some(outcome);
         self.last_finished_at = Some(at);
         if trigger.is_some_and(|t| t.is_scheduled()) {
@@ -364,10 +485,26 @@ impl KeyJournal {
         }
     }
 
-    /// Recovery found that an interrupted regenerate changed nothing.
+    /// Recovery found that an interrupted regenerate (or a dual key's create, whose key if any is
+    /// revoked) changed nothing.
     pub fn cleared(&mut self) {
-        if self.phase == Phase::Regenerating {
+        if matches!(self.phase, Phase::Regenerating | Phase::Creating) {
             self.phase = Phase::Idle;
+        }
+    }
+
+    /// Recovery revoked the new key of an interrupted dual rotation nobody holds: the old key is
+    /// the active one, as before.
+    pub fn abandoned(&mut self) {
+        let dual = matches!(
+            self.phase,
+            Phase::Storing | Phase::Confirming | Phase::Creating | Phase::Revoking
+        );
+        if dual && self.overlap {
+            self.phase = Phase::Idle;
+            if self.pending_revoke.is_empty() {
+                self.overlap_since = None;
+            }
         }
     }
 
@@ -638,6 +775,15 @@ pub enum AuditEvent {
     Recovered,
     PendingApproval,
     Approved,
+    /// Dual keys: the vendor created the new key (the old one stays live).
+    Created,
+    /// Dual keys: a dependent confirmed the new key.
+    Confirmed,
+    /// Dual keys: a key was revoked (`detail` says why: confirmed by all, `revoke_after`, a
+    /// rollback, a key a lost create made).
+    Revoked,
+    /// Dual keys: a canary failed and the old key was put back.
+    RolledBack,
 }
 
 /// One line of `audit.jsonl`. No secret: `fingerprint` is the 12-hex-digit prefix. Built only by the
@@ -743,6 +889,11 @@ impl AuditRecord {
         Self::of(key, Some(meta), AuditEvent::Regenerated, at).keys(keys)
     }
 
+    /// Dual keys: the vendor created the new key; the old one stays live.
+    pub fn created(key: &str, meta: &RotationMeta, keys: Keys<'_>, at: DateTime<Utc>) -> Self {
+        Self::of(key, Some(meta), AuditEvent::Created, at).keys(keys)
+    }
+
     /// `stored` (one per confirmed destination, `what` names it), `notified` (one per dependent that
     /// answered) or `verified`.
     pub fn step(
@@ -829,6 +980,23 @@ impl AuditRecord {
         r
     }
 
+    /// Dual keys: `key_id` was revoked, `why` says why. `meta` is the rotation that revoked it, if one
+    /// did (a revoke forced by `revoke_after` runs outside any rotation).
+    pub fn revoked(
+        key: &str,
+        meta: Option<&RotationMeta>,
+        key_id: &str,
+        why: &str,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self::of(key, meta, AuditEvent::Revoked, at)
+            .keys(Keys {
+                old_key_id: Some(key_id),
+                ..Keys::default()
+            })
+            .detail(why)
+    }
+
     /// Drift seen by reconcile or the watch (`rotation_id` when a watch saw it).
     pub fn drift(
         key: &str,
@@ -855,6 +1023,10 @@ pub fn phase_name(phase: Phase) -> &'static str {
         Phase::Storing => "storing",
         Phase::Notify => "notify",
         Phase::Watch => "watch",
+        Phase::Creating => "creating",
+        Phase::Confirming => "confirming",
+        Phase::Revoking => "revoking",
+        Phase::RollingBack => "rolling_back",
     }
 }
 
@@ -1092,6 +1264,44 @@ mod tests {
                 "a manual rotation is no scheduled run"
             );
         }
+    }
+
+    #[test]
+    fn a_dual_rotation_walks_its_own_phases_and_keeps_the_old_key_until_revoked() {
+        let now = Utc::now();
+        let m = meta(Trigger::Schedule);
+        let mut j = KeyJournal::new("k");
+        j.adopted(Some("rk_1".into()), "fp1");
+        j.creating(&m, Some("rk_1".into()), vec!["rk_1".into()], now);
+        assert_eq!((j.phase, j.overlap), (Phase::Creating, true));
+        assert_eq!(j.regenerations.len(), 1, "a create is on the budget");
+        j.created("rk_2", "fp2", now);
+        assert_eq!(j.phase, Phase::Storing);
+        assert_eq!(j.overlap_since, Some(now));
+        j.confirming();
+        assert_eq!(j.phase, Phase::Confirming);
+
+        // One dependent never confirmed: the rotation ends with the old key kept.
+        j.concluded(Outcome::Degraded, "rk_2", "fp2", false, now);
+        j.kept(vec!["rk_1".into()], vec!["slow".into()], Some(now));
+        assert_eq!(j.pending_revoke, vec!["rk_1".to_string()]);
+        assert_eq!(j.active_key_id.as_deref(), Some("rk_2"));
+        j.revoking(j.pending_revoke.clone());
+        j.revoked(&["rk_1".to_string()]);
+        assert!(j.pending_revoke.is_empty() && j.unconfirmed.is_empty());
+        assert_eq!((j.overlap_since, j.revoke_due), (None, None));
+
+        // A rollback leaves the old key active and ends aborted.
+        j.creating(&m, Some("rk_2".into()), vec![], now);
+        j.created("rk_3", "fp3", now);
+        j.rolling_back();
+        assert_eq!(j.phase, Phase::RollingBack);
+        j.revoking(vec!["rk_3".into()]);
+        j.revoked(&["rk_3".to_string()]);
+        j.rolled_back(&m, now);
+        assert_eq!(j.phase, Phase::Idle);
+        assert_eq!(j.active_key_id.as_deref(), Some("rk_2"));
+        assert_eq!(j.last_outcome, Some(Outcome::Aborted));
     }
 
     #[test]

@@ -556,6 +556,9 @@ pub enum DueReason {
     MaxAge,
     /// A cron occurrence was missed while the daemon was down; `catch_up` runs it now.
     CatchUp,
+    /// Not a rotation: a dual key's old key, kept for a dependent that never confirmed, reaches its
+    /// `revoke_after` and is revoked.
+    Revoke,
 }
 
 impl DueReason {
@@ -565,6 +568,7 @@ impl DueReason {
             DueReason::Schedule => "schedule",
             DueReason::MaxAge => "max_age",
             DueReason::CatchUp => "catch_up",
+            DueReason::Revoke => "revoke",
         }
     }
 }
@@ -891,6 +895,7 @@ mod tests {
             approval: None,
             notify: Vec::new(),
             on_first_contact: Default::default(),
+            rollout: Default::default(),
             destinations: Vec::new(),
             dependents: Vec::new(),
         }

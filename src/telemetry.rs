@@ -161,6 +161,10 @@ label_set! {
         Status => "status",
         Regenerate => "regenerate",
         AuthCheck => "auth_check",
+        /// A dual provider's second key (`overlap = "dual"`).
+        Create => "create",
+        Revoke => "revoke",
+        List => "list",
     }
 }
 
@@ -201,6 +205,11 @@ pub struct Metrics {
     journal_write_failures: prometheus::IntCounter,
     lease_renew_failures: prometheus::IntCounter,
     notifications: IntCounterVec,
+    /// Dual keys' dependents that confirm (few series: kept in the registry).
+    dependent_unconfirmed: IntGaugeVec,
+    /// Per dual key, the dependents `dependent_unconfirmed` may name.
+    confirmers: RwLock<BTreeMap<String, BTreeSet<String>>>,
+    reloads_coalesced: prometheus::IntCounter,
     paused: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -332,6 +341,17 @@ impl Metrics {
                 "keyrotd_lease_renew_failures_total",
                 "Renewals of this replica's membership lease that failed (Vault unreachable or refusing).",
             ),
+            dependent_unconfirmed: int_gauge(
+                &r,
+                "keyrotd_dependent_unconfirmed",
+                "Dual keys: 1 while the dependent has not confirmed the newest key and the old key is kept live for it.",
+                &["key", "dependent"],
+            ),
+            reloads_coalesced: int_counter(
+                &r,
+                "keyrotd_reloads_coalesced_total",
+                "Reload requests served by another key's reload of the same target (reload_coalesce, groups).",
+            ),
             paused: {
                 let g = IntGauge::new("keyrotd_paused", "1 while scheduled rotations are paused.")
                     .expect("valid gauge definition");
@@ -353,6 +373,7 @@ impl Metrics {
             ),
             table: RwLock::new(Table::default()),
             known: RwLock::new(Known::default()),
+            confirmers: RwLock::new(BTreeMap::new()),
             registry: r,
         };
         metrics
@@ -483,6 +504,8 @@ impl Metrics {
                 verified: names_of(key, |d| d.verify.is_some()),
                 coordinated: config.coordination.is_some(),
                 owner: key.owner_name().unwrap_or_default().to_string(),
+                dual: key.rollout.overlap == crate::config::Overlap::Dual,
+                revoke_after: key.rollout.revoke_after.map(|a| a.as_secs_f64()),
             };
             let series = KeySeries::new(&shape, &mut names, table.keys.get(key.name.as_str()));
             series.set(Gauge::MaxAge, key.max_age.map(|m| m.as_secs_f64()));
@@ -514,6 +537,9 @@ impl Metrics {
             .collect();
         *table = Table { keys, providers };
 
+        drop(table);
+        self.apply_confirmers(config);
+
         let known = Known {
             stores: config.stores.keys().cloned().collect(),
             notify_targets: config.notify.keys().cloned().collect(),
@@ -533,6 +559,38 @@ impl Metrics {
             }
         }
         *self.known.write().unwrap_or_else(PoisonError::into_inner) = known;
+    }
+
+    /// The dual keys' dependents that confirm: created at 0, and the series of any other removed.
+    fn apply_confirmers(&self, config: &Config) {
+        let confirmers: BTreeMap<String, BTreeSet<String>> = config
+            .keys
+            .iter()
+            .filter(|k| k.rollout.overlap == crate::config::Overlap::Dual)
+            .map(|k| {
+                let deps = names_of(k, |d| d.verify.is_some() || d.confirm.is_some());
+                (k.name.clone(), deps)
+            })
+            .collect();
+        let mut known = self
+            .confirmers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        prune(&self.dependent_unconfirmed, |l| {
+            match (
+                l.get("key").and_then(|k| confirmers.get(*k)),
+                l.get("dependent"),
+            ) {
+                (Some(deps), Some(d)) => deps.contains(*d),
+                _ => false,
+            }
+        });
+        for (key, deps) in &confirmers {
+            for d in deps {
+                self.dependent_unconfirmed.with_label_values(&[key, d]);
+            }
+        }
+        *known = confirmers;
     }
 
     /// Runs `f` on `key`'s series under the read lock when the current config has `key`; ignores the
@@ -726,6 +784,48 @@ impl Metrics {
         }
     }
 
+    /// A dual key's old key was revoked `overlap` after its successor was created.
+    pub fn key_overlap(&self, key: &str, overlap: Duration) {
+        self.set_dual(key, Gauge::Overlap, overlap.as_secs_f64());
+    }
+
+    /// How many of a dual key's dependents confirmed its newest key.
+    pub fn dependents_confirmed(&self, key: &str, confirmed: usize) {
+        self.set_dual(key, Gauge::DependentsConfirmed, confirmed as f64);
+    }
+
+    /// Since when a dual key's old key has been kept live after its rotation ended; `None` = none.
+    pub fn old_key_live_since(&self, key: &str, since: Option<DateTime<Utc>>) {
+        self.set_dual(key, Gauge::OldKeyLiveSince, since.map_or(0.0, unix_seconds));
+    }
+
+    /// Sets a dual key's gauge (ignored for another key: the gauge has no series there).
+    fn set_dual(&self, key: &str, g: Gauge, value: f64) {
+        self.with_key(key, |s| {
+            if s.gauge(g).is_some() {
+                s.set(g, Some(value));
+            }
+        });
+    }
+
+    /// Whether `dependent` has not confirmed a dual key's newest key (its old key kept live for it).
+    pub fn dependent_unconfirmed(&self, key: &str, dependent: &str, unconfirmed: bool) {
+        let known = self
+            .confirmers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if known.get(key).is_some_and(|d| d.contains(dependent)) {
+            self.dependent_unconfirmed
+                .with_label_values(&[key, dependent])
+                .set(i64::from(unconfirmed));
+        }
+    }
+
+    /// `n` reload requests were served by one reload of a target another key asked for too.
+    pub fn reloads_coalesced(&self, n: u64) {
+        self.reloads_coalesced.inc_by(n);
+    }
+
     /// Whether scheduled rotations are paused.
     pub fn paused(&self, paused: bool) {
         self.paused.set(i64::from(paused));
@@ -781,6 +881,8 @@ mod tests {
                 env: BTreeMap::new(),
                 retries: 2,
             }),
+            canary: false,
+            confirm: None,
         }
     }
 
@@ -804,6 +906,7 @@ mod tests {
             approval: None,
             notify: Vec::new(),
             on_first_contact: Default::default(),
+            rollout: Default::default(),
             destinations: stores
                 .iter()
                 .map(|s| DestinationConfig {

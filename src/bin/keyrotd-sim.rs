@@ -13,13 +13,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use keyrotd::secret::{Secret, SecretRef};
-use keyrotd::sim::{self, dependent, portal, proxy};
+use keyrotd::sim::{self, dependent, portal, proxy, vendor};
 use url::Url;
 
 #[derive(Parser)]
 #[command(
     name = "keyrotd-sim",
-    about = "Simulators of the AOS portal and of a dependent service, and a delaying TCP proxy"
+    about = "Simulators of the AOS portal, of a vendor that keeps two keys live and of a dependent service, and a delaying TCP proxy"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -63,6 +63,19 @@ enum Command {
         /// Address of the counters' HTTP endpoint (GET /_sim/counters, POST /_sim/reset).
         #[arg(long, default_value = "127.0.0.1:0")]
         control: SocketAddr,
+    },
+    /// A vendor that keeps every key live until it is revoked (create, list, revoke).
+    Vendor {
+        /// Address to listen on (port 0: any free port, printed on stdout).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Environment variable holding the management token.
+        #[arg(long)]
+        token_env: String,
+        /// A key live at start: NAME=FILE (the file holds its secret; one trailing newline stripped).
+        /// Repeatable.
+        #[arg(long = "seed", value_parser = vendor::parse_seed)]
+        seeds: Vec<(String, PathBuf)>,
     },
     /// A service that reads the key on reload and authenticates with it at the portal.
     Dependent {
@@ -208,6 +221,32 @@ async fn run(cli: Cli) -> Result<()> {
             delay_ms,
             control,
         } => run_proxy(listen, upstream, Duration::from_millis(delay_ms), control).await?,
+        Command::Vendor {
+            listen,
+            token_env,
+            seeds,
+        } => {
+            let management_token = SecretRef::Env(token_env.clone())
+                .resolve()
+                .with_context(|| format!("the management token (--token-env {token_env})"))?;
+            let seeds = seeds
+                .into_iter()
+                .map(|(name, path)| {
+                    let secret = SecretRef::File(path.clone())
+                        .resolve()
+                        .with_context(|| format!("--seed {name}={}", path.display()))?;
+                    Ok((name, secret))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let v = vendor::Vendor::new(vendor::VendorOptions {
+                management_token,
+                seeds,
+            });
+            let listener = sim::bind_and_announce(listen, "vendor")
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            sim::serve(listener, v.router()).await?;
+        }
         Command::Dependent {
             listen,
             portal,

@@ -22,10 +22,11 @@ use url::Url;
 
 use super::raw::{self, Num, RawSecret};
 use super::{
-    AosPaths, AosProviderConfig, AwsStoreConfig, Config, CoordinationConfig, DaemonConfig,
-    DependentConfig, DestinationConfig, DestinationTarget, FileStoreConfig, HttpAuth,
-    HttpAuthCheck, HttpProviderConfig, HttpRegenerate, HttpStatus, KeyConfig, LogFormat,
-    ProviderConfig, ReloadHook, StoreConfig, TlsConfig, VaultAuth, VaultStoreConfig, VerifyConfig,
+    AosPaths, AosProviderConfig, AwsStoreConfig, Config, ConfirmConfig, CoordinationConfig,
+    DaemonConfig, DependentConfig, DestinationConfig, DestinationTarget, FileStoreConfig, HttpAuth,
+    HttpAuthCheck, HttpList, HttpProviderConfig, HttpRegenerate, HttpRevoke, HttpStatus, KeyConfig,
+    LogFormat, Overlap, ProviderConfig, ReloadHook, Rollout, StoreConfig, TlsConfig, VaultAuth,
+    VaultStoreConfig, VerifyConfig,
 };
 use super::{
     ApprovalConfig, FirstContact, NotifyKind, NotifyTargetConfig, OwnerConfig, WebhookUrl,
@@ -237,7 +238,7 @@ impl Check {
         if allowed {
             return;
         }
-        let Ok(u) = Url::parse(&url.replace("{key_id}", "KEY_ID")) else {
+        let Ok(u) = Url::parse(&url.replace("{key_id}", "KEY_ID").replace("{key}", "KEY")) else {
             return; // `url` reports it
         };
         if u.scheme() != "http" || is_loopback_host(&u) {
@@ -252,9 +253,12 @@ impl Check {
         );
     }
 
-    /// A URL that may contain `{key_id}`; kept as text.
+    /// A URL that may contain `{key_id}` or `{key}`; kept as text.
     fn url_template(&mut self, path: &str, text: &str) -> String {
-        let _ = self.url(path, &text.replace("{key_id}", "KEY_ID"));
+        let _ = self.url(
+            path,
+            &text.replace("{key_id}", "KEY_ID").replace("{key}", "KEY"),
+        );
         text.to_string()
     }
 
@@ -396,6 +400,7 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         provider_names,
         store_kinds,
         notify_names,
+        group_names,
         problems,
     } = parsed;
     let mut c = Check {
@@ -449,6 +454,7 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         store_kinds: &store_kinds,
         notify: &notify_names,
     };
+    let groups = groups(&mut c, raw.groups);
     let mut keys = Vec::new();
     let mut seen_names: HashMap<String, usize> = HashMap::new();
     // Who writes each destination, to find two keys writing the same place. File destinations are
@@ -475,9 +481,12 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         } else {
             seen_names.insert(k.name.clone(), i);
         }
-        let Some(built) = key(&mut c, &path, k, &names) else {
+        let dual_only = dual_only_fields(&k);
+        let Some(mut built) = key(&mut c, &path, k, &names) else {
             continue;
         };
+        rollout(&mut c, &path, &mut built, &providers, &dual_only);
+        join_group(&mut c, &path, &mut built, &groups, &group_names);
         // An `aos` account has exactly one active key: two keys on one such provider would each
         // invalidate the other at every rotation.
         if matches!(providers.get(&built.provider), Some(ProviderConfig::Aos(_))) {
@@ -527,14 +536,33 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
     let coordination = raw
         .coordination
         .and_then(|co| coordination(&mut c, co, &store_kinds));
+    shared_dual_providers(&mut c, &keys, &providers);
+    for name in groups.keys() {
+        if !keys
+            .iter()
+            .any(|k| k.rollout.group.as_deref() == Some(name))
+        {
+            c.warnings
+                .push(format!("groups.{name}: no key is in this group"));
+        }
+    }
 
     // Warnings: things that are allowed but worth saying.
     for (name, p) in &providers {
         if let ProviderConfig::Http(h) = p
             && h.status.is_none()
+            && h.overlap == Overlap::None
         {
             c.warnings.push(format!(
                 "providers.{name}: no [status]: drift detection and recovery of an ambiguous regenerate fall back to re-rotation"
+            ));
+        }
+        if let ProviderConfig::Http(h) = p
+            && h.list.is_none()
+            && h.overlap == Overlap::Dual
+        {
+            c.warnings.push(format!(
+                "providers.{name}: no [list]: a key whose create answer was lost cannot be found and revoked (the create is retried; the vendor may keep an extra key)"
             ));
         }
     }
@@ -745,6 +773,12 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
             let tls = c.tls(&base, a.ca_file, a.client_cert, a.client_key);
             let insecure_ok = a.allow_insecure_http.is_some_and(|f| f.0);
             c.plaintext_credential(&format!("{base}.base_url"), &base, &a.base_url, insecure_ok);
+            if overlap(c, &base, a.overlap.as_deref()) == Overlap::Dual {
+                c.problem(
+                    format!("{base}.overlap"),
+                    "the aos portal invalidates the old key the moment it issues a new one, so it cannot keep two keys live: an aos provider is always overlap = \"none\"",
+                );
+            }
             let max_retry_after = max_retry_after(c, &base, a.max_retry_after.as_ref());
             Some(ProviderConfig::Aos(AosProviderConfig {
                 base_url: base_url?,
@@ -769,18 +803,20 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                     value,
                 })
             });
-            let r = h.regenerate;
-            let rb = format!("{base}.regenerate");
-            let method = http_method(c, &format!("{rb}.method"), r.method, "POST");
-            let regenerate = HttpRegenerate {
-                method,
-                url: c.url_template(&format!("{rb}.url"), &r.url),
-                body: r.body,
-                secret_pointer: r.secret_pointer,
-                key_id_pointer: r.key_id_pointer,
+            let overlap = overlap(c, &base, h.overlap.as_deref());
+            let regenerate = h
+                .regenerate
+                .map(|r| issuing(c, &format!("{base}.regenerate"), r));
+            let create = h.create.map(|r| issuing(c, &format!("{base}.create"), r));
+            let revoke = h.revoke.map(|r| revoke(c, &format!("{base}.revoke"), r));
+            let list = h.list.map(|l| list(c, &format!("{base}.list"), l));
+            let ops = Ops {
+                regenerate: regenerate.is_some(),
+                create: create.is_some(),
+                revoke: revoke.is_some(),
+                list: list.is_some(),
             };
-            c.json_pointer(&format!("{rb}.secret_pointer"), &regenerate.secret_pointer);
-            c.json_pointer(&format!("{rb}.key_id_pointer"), &regenerate.key_id_pointer);
+            check_overlap(c, &base, overlap, &ops);
             let status = h.status.map(|s| {
                 let sb = format!("{base}.status");
                 let st = HttpStatus {
@@ -826,7 +862,18 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
             // The management credential travels with regenerate and status; auth_check carries the
             // key itself.
             if auth.is_some() {
-                c.plaintext_credential(&format!("{rb}.url"), &base, &regenerate.url, insecure_ok);
+                let management = [
+                    ("regenerate", regenerate.as_ref().map(|r| &r.url)),
+                    ("create", create.as_ref().map(|r| &r.url)),
+                    ("revoke", revoke.as_ref().map(|r| &r.url)),
+                    ("list", list.as_ref().map(|l| &l.url)),
+                ];
+                for (section, url) in management {
+                    if let Some(url) = url {
+                        let path = format!("{base}.{section}.url");
+                        c.plaintext_credential(&path, &base, url, insecure_ok);
+                    }
+                }
                 if let Some(st) = &status {
                     c.plaintext_credential(
                         &format!("{base}.status.url"),
@@ -847,7 +894,11 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
             let max_retry_after = max_retry_after(c, &base, h.max_retry_after.as_ref());
             Some(ProviderConfig::Http(HttpProviderConfig {
                 auth,
+                overlap,
                 regenerate,
+                create,
+                revoke,
+                list,
                 status,
                 auth_check,
                 account_id: h.account_id,
@@ -856,6 +907,333 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 tls,
                 max_retry_after,
             }))
+        }
+    }
+}
+
+/// `overlap = "none" | "dual"` of the provider at `base`.
+fn overlap(c: &mut Check, base: &str, text: Option<&str>) -> Overlap {
+    match text.map(str::trim) {
+        None | Some("none") => Overlap::None,
+        Some("dual") => Overlap::Dual,
+        Some(other) => {
+            c.problem(
+                format!("{base}.overlap"),
+                format!("unknown overlap {other:?} (expected none or dual)"),
+            );
+            Overlap::None
+        }
+    }
+}
+
+/// A call that answers with a new key (`regenerate`, `create`) at `path`.
+fn issuing(c: &mut Check, path: &str, r: raw::RawHttpRegenerate) -> HttpRegenerate {
+    let method = http_method(c, &format!("{path}.method"), r.method, "POST");
+    let call = HttpRegenerate {
+        method,
+        url: c.url_template(&format!("{path}.url"), &r.url),
+        body: r.body,
+        secret_pointer: r.secret_pointer,
+        key_id_pointer: r.key_id_pointer,
+    };
+    c.json_pointer(&format!("{path}.secret_pointer"), &call.secret_pointer);
+    c.json_pointer(&format!("{path}.key_id_pointer"), &call.key_id_pointer);
+    call
+}
+
+fn revoke(c: &mut Check, path: &str, r: raw::RawHttpRevoke) -> HttpRevoke {
+    let method = http_method(c, &format!("{path}.method"), r.method, "DELETE");
+    let url = c.url_template(&format!("{path}.url"), &r.url);
+    if !url.contains("{key_id}") {
+        c.problem(
+            format!("{path}.url"),
+            "must contain {key_id}: the id of the key to revoke",
+        );
+    }
+    HttpRevoke { method, url }
+}
+
+fn list(c: &mut Check, path: &str, l: raw::RawHttpList) -> HttpList {
+    let method = http_method(c, &format!("{path}.method"), l.method, "GET");
+    let list = HttpList {
+        method,
+        url: c.url_template(&format!("{path}.url"), &l.url),
+        ids_pointer: l.ids_pointer,
+        id_pointer: l.id_pointer,
+    };
+    c.json_pointer(&format!("{path}.ids_pointer"), &list.ids_pointer);
+    if let Some(p) = &list.id_pointer {
+        c.json_pointer(&format!("{path}.id_pointer"), p);
+    }
+    list
+}
+
+/// Which of an `http` provider's key calls are configured.
+struct Ops {
+    regenerate: bool,
+    create: bool,
+    revoke: bool,
+    list: bool,
+}
+
+/// An `http` provider's calls fit its `overlap`: `none` replaces the key (`regenerate`), `dual`
+/// creates a second one and revokes the first (`create`, `revoke`, optionally `list`).
+fn check_overlap(c: &mut Check, base: &str, overlap: Overlap, ops: &Ops) {
+    match overlap {
+        Overlap::None => {
+            if !ops.regenerate {
+                c.problem(
+                    format!("{base}.regenerate"),
+                    "required field is missing (overlap = \"none\" replaces the key with regenerate; a vendor that keeps two keys live is overlap = \"dual\" with create and revoke)",
+                );
+            }
+            for (field, set) in [
+                ("create", ops.create),
+                ("revoke", ops.revoke),
+                ("list", ops.list),
+            ] {
+                if set {
+                    c.problem(
+                        format!("{base}.{field}"),
+                        "used only with overlap = \"dual\" (set overlap = \"dual\" to rotate with two live keys)",
+                    );
+                }
+            }
+        }
+        Overlap::Dual => {
+            for (field, set, what) in [
+                (
+                    "create",
+                    ops.create,
+                    "a second key while the first stays valid",
+                ),
+                (
+                    "revoke",
+                    ops.revoke,
+                    "the old key retired by id once every dependent uses the new one",
+                ),
+            ] {
+                if !set {
+                    c.problem(
+                        format!("{base}.{field}"),
+                        format!("required with overlap = \"dual\": {what}"),
+                    );
+                }
+            }
+            if ops.regenerate {
+                c.problem(
+                    format!("{base}.regenerate"),
+                    "not used with overlap = \"dual\" (create and revoke replace it)",
+                );
+            }
+        }
+    }
+}
+
+/// `[groups.NAME]`: the schedule (and its time zone, window, jitter, catch-up) the group's keys share.
+fn groups(c: &mut Check, raw: BTreeMap<String, raw::RawGroup>) -> BTreeMap<String, GroupSchedule> {
+    let mut out = BTreeMap::new();
+    for (name, g) in raw {
+        let base = format!("groups.{name}");
+        if !is_valid_key_name(&name) {
+            c.problem(
+                &base,
+                format!(
+                    "{name:?} is not a valid group name: use lowercase letters, digits, '-' and '_'"
+                ),
+            );
+        }
+        let schedule = match g.schedule.as_deref().map(str::trim) {
+            None => {
+                c.problem(
+                    format!("{base}.schedule"),
+                    "required field is missing (the group's keys rotate together on it)",
+                );
+                None
+            }
+            Some(text) => match Schedule::parse(text) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    c.problem(
+                        format!("{base}.schedule"),
+                        format!("cannot parse {text:?}: {e}"),
+                    );
+                    None
+                }
+            },
+        };
+        let timezone = timezone(c, &base, g.timezone.as_deref());
+        let window =
+            g.window
+                .as_ref()
+                .and_then(|w| match Window::parse(&w.days, &w.start, &w.end) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        c.problem(format!("{base}.window"), e);
+                        None
+                    }
+                });
+        let jitter = c.duration(
+            &format!("{base}.jitter"),
+            g.jitter.as_ref(),
+            Duration::ZERO,
+            true,
+        );
+        let catch_up = g.catch_up.is_none_or(|f| f.0);
+        out.insert(
+            name,
+            GroupSchedule {
+                schedule,
+                timezone,
+                window,
+                jitter,
+                catch_up,
+            },
+        );
+    }
+    out
+}
+
+/// What a group gives its keys.
+struct GroupSchedule {
+    schedule: Option<Schedule>,
+    timezone: Tz,
+    window: Option<Window>,
+    jitter: Duration,
+    catch_up: bool,
+}
+
+fn timezone(c: &mut Check, base: &str, text: Option<&str>) -> Tz {
+    match text {
+        None => Tz::UTC,
+        Some(tz) => Tz::from_str(tz.trim()).unwrap_or_else(|_| {
+            c.problem(
+                format!("{base}.timezone"),
+                format!("{tz:?} is not an IANA time zone (e.g. \"Europe/Zurich\", \"UTC\")"),
+            );
+            Tz::UTC
+        }),
+    }
+}
+
+/// A key in a group takes the group's schedule; one of its own would be a second, conflicting one.
+fn join_group(
+    c: &mut Check,
+    path: &str,
+    k: &mut KeyConfig,
+    groups: &BTreeMap<String, GroupSchedule>,
+    group_names: &BTreeSet<String>,
+) {
+    let Some(name) = k.rollout.group.clone() else {
+        return;
+    };
+    let Some(g) = groups.get(&name) else {
+        if !group_names.contains(&name) {
+            c.problem(
+                format!("{path}.group"),
+                format!("unknown group {name:?} ({})", known(group_names.iter())),
+            );
+        }
+        return;
+    };
+    if k.schedule.is_some() || k.window.is_some() {
+        c.problem(
+            format!("{path}.schedule"),
+            format!("a key in group {name:?} rotates on the group's schedule and window: set them in [groups.{name}], not here"),
+        );
+    }
+    k.schedule = g.schedule.clone();
+    k.timezone = g.timezone;
+    k.window = g.window.clone();
+    k.jitter = g.jitter;
+    k.catch_up = g.catch_up;
+}
+
+/// The rollout settings against the key's provider: canary and confirmation need two live keys.
+fn rollout(
+    c: &mut Check,
+    path: &str,
+    k: &mut KeyConfig,
+    providers: &BTreeMap<String, ProviderConfig>,
+    dual_only: &[String],
+) {
+    let Some(p) = providers.get(&k.provider) else {
+        return;
+    };
+    k.rollout.overlap = p.overlap();
+    if k.rollout.overlap == Overlap::Dual {
+        if k.rollout.canary && !k.dependents.iter().any(|d| d.canary) {
+            c.problem(
+                format!("{path}.rollout"),
+                "rollout = \"canary\" needs at least one dependent with canary = true",
+            );
+        }
+        if let Some(after) = k.rollout.revoke_after
+            && after < k.rollout.confirm_deadline
+        {
+            c.problem(
+                format!("{path}.revoke_after"),
+                "must be at least confirm_deadline: the old key is not revoked before the dependents had their time to confirm",
+            );
+        }
+        return;
+    }
+    for field in dual_only {
+        c.problem(
+            format!("{path}.{field}"),
+            format!("used only by keys whose provider keeps two keys live (overlap = \"dual\"); provider {:?} is overlap = \"none\"", k.provider),
+        );
+    }
+    if k.rollout.canary {
+        c.problem(
+            format!("{path}.rollout"),
+            format!("rollout = \"canary\" needs a provider that keeps two keys live (overlap = \"dual\"); provider {:?} invalidates the old key the moment the new one exists, so a failing canary could not go back to it", k.provider),
+        );
+    }
+}
+
+/// The fields of a raw key that only a dual key uses, as paths relative to the key.
+fn dual_only_fields(k: &raw::RawKey) -> Vec<String> {
+    let mut out: Vec<String> = [
+        ("confirm_deadline", k.confirm_deadline.is_some()),
+        ("revoke_after", k.revoke_after.is_some()),
+        ("canary_watch", k.canary_watch.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, set)| *set)
+    .map(|(f, _)| f.to_string())
+    .collect();
+    for (j, d) in k.dependents.iter().enumerate() {
+        if d.confirm.is_some() {
+            out.push(format!("dependents[{j}].confirm"));
+        }
+        if d.canary.is_some_and(|f| f.0) {
+            out.push(format!("dependents[{j}].canary"));
+        }
+    }
+    out
+}
+
+/// Two keys on one `dual` provider whose `list` is not per key: cleaning up after a lost `create`
+/// revokes every listed id the key did not know, which would include the other key's.
+fn shared_dual_providers(
+    c: &mut Check,
+    keys: &[KeyConfig],
+    providers: &BTreeMap<String, ProviderConfig>,
+) {
+    for (name, p) in providers {
+        let ProviderConfig::Http(h) = p else { continue };
+        let Some(list) = &h.list else { continue };
+        let users: Vec<&str> = keys
+            .iter()
+            .filter(|k| &k.provider == name)
+            .map(|k| k.name.as_str())
+            .collect();
+        if users.len() > 1 && !list.url.contains("{key}") {
+            c.problem(
+                format!("providers.{name}.list.url"),
+                format!("keys {} share this provider: list.url must contain {{key}} so each key lists only its own ids (an unknown id is revoked after a lost create)", users.join(", ")),
+            );
         }
     }
 }
@@ -1121,6 +1499,7 @@ fn key(c: &mut Check, path: &str, k: raw::RawKey, names: &Names<'_>) -> Option<K
         6,
         1,
     );
+    let rollout = key_rollout(c, path, &k);
 
     let owner = k.owner.and_then(|o| owner(c, path, o));
     let approval = k
@@ -1224,11 +1603,31 @@ fn key(c: &mut Check, path: &str, k: raw::RawKey, names: &Names<'_>) -> Option<K
             })
         });
         let reload = d.reload.and_then(|r| reload(c, &format!("{dp}.reload"), r));
+        let confirm = d.confirm.and_then(|cf| {
+            let url = c.url(&format!("{dp}.confirm.url"), &cf.url);
+            c.json_pointer(
+                &format!("{dp}.confirm.fingerprint_pointer"),
+                &cf.fingerprint_pointer,
+            );
+            let timeout = c.duration(
+                &format!("{dp}.confirm.timeout"),
+                cf.timeout.as_ref(),
+                Duration::from_secs(5),
+                false,
+            );
+            Some(ConfirmConfig {
+                url: url?,
+                fingerprint_pointer: cf.fingerprint_pointer,
+                timeout,
+            })
+        });
         dependents.push(DependentConfig {
             name: d.name,
             reads_from,
             verify,
             reload,
+            canary: d.canary.is_some_and(|f| f.0),
+            confirm,
         });
     }
 
@@ -1254,6 +1653,7 @@ fn key(c: &mut Check, path: &str, k: raw::RawKey, names: &Names<'_>) -> Option<K
         approval,
         notify,
         on_first_contact,
+        rollout,
         destinations,
         dependents,
     })
@@ -1442,6 +1842,58 @@ fn webhook_url(
             }
             Some(WebhookUrl::Secret { url: secret, from })
         }
+    }
+}
+
+/// `rollout`, `confirm_deadline`, `revoke_after`, `canary_watch`, `reload_coalesce` and `group`; the
+/// overlap is the provider's, set once providers are known.
+fn key_rollout(c: &mut Check, path: &str, k: &raw::RawKey) -> Rollout {
+    let d = Rollout::default();
+    let canary = match k.rollout.as_deref().map(str::trim) {
+        None | Some("all") => false,
+        Some("canary") => true,
+        Some(other) => {
+            c.problem(
+                format!("{path}.rollout"),
+                format!("unknown rollout {other:?} (expected all or canary)"),
+            );
+            false
+        }
+    };
+    let field = |f: &str| format!("{path}.{f}");
+    let confirm_deadline = c.duration(
+        &field("confirm_deadline"),
+        k.confirm_deadline.as_ref(),
+        d.confirm_deadline,
+        false,
+    );
+    let revoke_after = k
+        .revoke_after
+        .as_ref()
+        .map(|t| c.duration(&field("revoke_after"), Some(t), Duration::ZERO, false));
+    let canary_watch = c.duration(
+        &field("canary_watch"),
+        k.canary_watch.as_ref(),
+        d.canary_watch,
+        false,
+    );
+    let coalesce = c.duration(
+        &field("reload_coalesce"),
+        k.reload_coalesce.as_ref(),
+        Duration::ZERO,
+        true,
+    );
+    if let Some(g) = &k.group {
+        c.non_empty(&field("group"), g);
+    }
+    Rollout {
+        overlap: Overlap::None,
+        canary,
+        confirm_deadline,
+        revoke_after,
+        canary_watch,
+        reload_coalesce: (!coalesce.is_zero()).then_some(coalesce),
+        group: k.group.clone(),
     }
 }
 
@@ -1971,6 +2423,230 @@ auth_check = {{ url = "http://vx.example/whoami" }}
             .map(|p| p.path)
             .collect();
         assert_eq!(paths, ["coordination.store", "coordination.ttl"]);
+    }
+
+    /// A vendor that keeps two keys live, and a key on it (`extra` goes in the key's table).
+    fn dual_text(
+        dir: &Path,
+        provider_extra: &str,
+        key_extra: &str,
+        dependent_extra: &str,
+    ) -> String {
+        let tok = dir.join("tok");
+        std::fs::write(&tok, "t").unwrap();
+        format!(
+            r#"
+[providers.vx]
+kind = "http"
+overlap = "dual"
+auth = {{ value = {{ file = "{tok}" }} }}
+create = {{ url = "https://vx.example/v1/keys", body = '{{"name": "{{key}}"}}', secret_pointer = "/secret", key_id_pointer = "/id" }}
+revoke = {{ url = "https://vx.example/v1/keys/{{key_id}}" }}
+list = {{ url = "https://vx.example/v1/keys?name={{key}}", ids_pointer = "/data", id_pointer = "/id" }}
+{provider_extra}
+
+[stores.files]
+kind = "file"
+dir = "{dir}"
+
+[[keys]]
+name = "payments"
+provider = "vx"
+{key_extra}
+  [[keys.destinations]]
+  store = "files"
+  file = "payments.key"
+  [[keys.dependents]]
+  name = "api"
+  verify = {{ url = "http://10.0.0.7/health" }}
+  reload = {{ url = "http://10.0.0.7/reload" }}
+  {dependent_extra}
+"#,
+            tok = tok.display(),
+            dir = dir.display(),
+        )
+    }
+
+    fn paths(r: Result<Config, ConfigError>) -> Vec<String> {
+        problems(r).into_iter().map(|p| p.path).collect()
+    }
+
+    #[test]
+    fn a_dual_vendor_loads_with_its_rollout_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dual_text(
+            dir.path(),
+            "",
+            "",
+            "confirm = { url = \"http://10.0.0.7/key\", fingerprint_pointer = \"/fingerprint\" }",
+        );
+        let c = load(&text, &[]).unwrap();
+        let ProviderConfig::Http(h) = &c.providers["vx"] else {
+            panic!("not http")
+        };
+        assert_eq!(h.overlap, Overlap::Dual);
+        assert!(h.regenerate.is_none() && h.create.is_some() && h.revoke.is_some());
+        assert_eq!(h.revoke.as_ref().unwrap().method, "DELETE");
+        let k = &c.keys[0];
+        assert_eq!(k.rollout.overlap, Overlap::Dual);
+        assert!(!k.rollout.canary);
+        assert_eq!(k.rollout.confirm_deadline, Duration::from_secs(300));
+        assert_eq!(k.rollout.canary_watch, Duration::from_secs(60));
+        assert_eq!(
+            (k.rollout.revoke_after, k.rollout.reload_coalesce),
+            (None, None)
+        );
+        let confirm = k.dependents[0].confirm.as_ref().expect("confirm");
+        assert_eq!(confirm.fingerprint_pointer, "/fingerprint");
+    }
+
+    #[test]
+    fn check_config_names_the_call_a_dual_vendor_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = dual_text(dir.path(), "", "", "");
+        let no_revoke = full.replace("revoke = {", "# revoke = {");
+        let p = problems(load(&no_revoke, &[]));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "providers.vx.revoke");
+        assert!(
+            p[0].message.contains("required with overlap = \"dual\""),
+            "{}",
+            p[0]
+        );
+        let no_create = full.replace("create = {", "# create = {");
+        assert_eq!(paths(load(&no_create, &[])), ["providers.vx.create"]);
+        // A key replaced in one call is overlap "none": it needs regenerate, and the dual calls
+        // make no sense on it.
+        let none = full.replace("overlap = \"dual\"", "overlap = \"none\"");
+        assert_eq!(
+            paths(load(&none, &[])),
+            [
+                "providers.vx.regenerate",
+                "providers.vx.create",
+                "providers.vx.revoke",
+                "providers.vx.list"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_aos_portal_cannot_be_dual_and_an_overlap_none_key_cannot_canary() {
+        let dir = tempfile::tempdir().unwrap();
+        let aos = config_text(dir.path(), "")
+            .replace("kind = \"aos\"\n", "kind = \"aos\"\noverlap = \"dual\"\n");
+        let p = problems(load(&aos, &[]));
+        assert_eq!(p[0].path, "providers.Aos-Prod.overlap");
+        assert!(p[0].message.contains("invalidates the old key"), "{}", p[0]);
+
+        let canary = config_text(dir.path(), "").replace(
+            "max_age = \"30d\"\n",
+            "max_age = \"30d\"\nrollout = \"canary\"\nconfirm_deadline = \"1m\"\n",
+        );
+        let p = problems(load(&canary, &[]));
+        let shown: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert!(
+            shown[0].starts_with(
+                "keys[0].confirm_deadline: used only by keys whose provider keeps two keys live"
+            ),
+            "{shown:?}"
+        );
+        assert!(
+            shown[1].starts_with(
+                "keys[0].rollout: rollout = \"canary\" needs a provider that keeps two keys live"
+            ),
+            "{shown:?}"
+        );
+        assert!(
+            shown[1].contains("the moment the new one exists"),
+            "{shown:?}"
+        );
+    }
+
+    #[test]
+    fn a_canary_rollout_needs_a_canary_and_revoke_after_gives_time_to_confirm() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dual_text(
+            dir.path(),
+            "",
+            "rollout = \"canary\"\nconfirm_deadline = \"10m\"\nrevoke_after = \"5m\"",
+            "",
+        );
+        assert_eq!(
+            paths(load(&text, &[])),
+            ["keys[0].rollout", "keys[0].revoke_after"]
+        );
+        let ok = dual_text(
+            dir.path(),
+            "",
+            "rollout = \"canary\"\nrevoke_after = \"1h\"",
+            "canary = true",
+        );
+        let c = load(&ok, &[]).unwrap();
+        assert!(c.keys[0].rollout.canary && c.keys[0].dependents[0].canary);
+        assert_eq!(
+            c.keys[0].rollout.revoke_after,
+            Some(Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn keys_sharing_a_dual_vendor_list_only_their_own_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let second = "\n[[keys]]\nname = \"refunds\"\nprovider = \"vx\"\n  [[keys.destinations]]\n  store = \"files\"\n  file = \"refunds.key\"\n";
+        let text = format!("{}{second}", dual_text(dir.path(), "", "", ""));
+        load(&text, &[]).unwrap();
+        let shared = text.replace("?name={key}", "");
+        let p = problems(load(&shared, &[]));
+        assert_eq!(p[0].path, "providers.vx.list.url");
+        assert!(p[0].message.contains("payments, refunds"), "{}", p[0]);
+    }
+
+    #[test]
+    fn a_group_gives_its_keys_its_schedule_and_takes_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = "\n[groups.billing-set]\nschedule = \"0 3 * * *\"\ntimezone = \"Europe/Zurich\"\njitter = \"5m\"\n";
+        let text = format!(
+            "{group}{}",
+            dual_text(
+                dir.path(),
+                "",
+                "group = \"billing-set\"\nreload_coalesce = \"2s\"",
+                ""
+            )
+        );
+        let c = load(&text, &[]).unwrap();
+        let k = &c.keys[0];
+        assert_eq!(k.rollout.group.as_deref(), Some("billing-set"));
+        assert_eq!(
+            k.schedule.as_ref().map(|s| s.text.as_str()),
+            Some("0 3 * * *")
+        );
+        assert_eq!(k.timezone, chrono_tz::Europe::Zurich);
+        assert_eq!(k.jitter, Duration::from_secs(300));
+        assert_eq!(k.rollout.reload_coalesce, Some(Duration::from_secs(2)));
+
+        let own = format!(
+            "{group}{}",
+            dual_text(
+                dir.path(),
+                "",
+                "group = \"billing-set\"\nschedule = \"@daily\"",
+                ""
+            )
+        );
+        assert_eq!(paths(load(&own, &[])), ["keys[0].schedule"]);
+        let unknown = dual_text(dir.path(), "", "group = \"nope\"", "");
+        let p = problems(load(&unknown, &[]));
+        assert_eq!(
+            p[0].to_string(),
+            "keys[0].group: unknown group \"nope\" (none are configured)"
+        );
+        let bad = format!(
+            "[groups.g]\nschedul = \"@daily\"\n{}",
+            dual_text(dir.path(), "", "", "")
+        );
+        assert_eq!(paths(load(&bad, &[])), ["groups.g.schedul"]);
     }
 
     #[test]

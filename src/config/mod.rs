@@ -66,10 +66,42 @@ pub struct DaemonConfig {
     pub paused: bool,
 }
 
+// A handful per config, read once: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ProviderConfig {
     Aos(AosProviderConfig),
     Http(HttpProviderConfig),
+}
+
+impl ProviderConfig {
+    /// Whether the provider can keep two keys live at once.
+    pub fn overlap(&self) -> Overlap {
+        match self {
+            ProviderConfig::Aos(_) => Overlap::None,
+            ProviderConfig::Http(h) => h.overlap,
+        }
+    }
+}
+
+/// What a provider can do with a key's successor (docs/config.md, "overlap").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// Issuing a new key invalidates the old one at once (`regenerate`): the `aos` portal, always.
+    #[default]
+    None,
+    /// A second key can be created while the first stays valid, and the first revoked later by id:
+    /// zero-downtime rotation.
+    Dual,
+}
+
+impl Overlap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overlap::None => "none",
+            Overlap::Dual => "dual",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +154,26 @@ pub struct HttpRegenerate {
     pub key_id_pointer: String,
 }
 
+/// `revoke`: retires a key by id (`{key_id}` in the URL). A 404 means it is already gone.
+#[derive(Debug, Clone)]
+pub struct HttpRevoke {
+    pub method: String,
+    /// Contains `{key_id}`; may contain `{key}` (the `[[keys]]` name).
+    pub url: String,
+}
+
+/// `list`: the live key ids, to find a key a `create` made whose answer was lost.
+#[derive(Debug, Clone)]
+pub struct HttpList {
+    pub method: String,
+    /// May contain `{key}` (the `[[keys]]` name).
+    pub url: String,
+    /// JSON Pointer to the array of keys in the response.
+    pub ids_pointer: String,
+    /// JSON Pointer to the id inside each element (`/id`); absent: the elements are the ids.
+    pub id_pointer: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct HttpStatus {
     pub url: String,
@@ -141,7 +193,13 @@ pub struct HttpAuthCheck {
 #[derive(Debug, Clone)]
 pub struct HttpProviderConfig {
     pub auth: Option<HttpAuth>,
-    pub regenerate: HttpRegenerate,
+    /// `none` needs `regenerate`; `dual` needs `create` and `revoke`.
+    pub overlap: Overlap,
+    pub regenerate: Option<HttpRegenerate>,
+    /// A second key while the first stays valid (`{key}` in `url` and `body` is the key's name).
+    pub create: Option<HttpRegenerate>,
+    pub revoke: Option<HttpRevoke>,
+    pub list: Option<HttpList>,
     pub status: Option<HttpStatus>,
     pub auth_check: Option<HttpAuthCheck>,
     pub account_id: Option<String>,
@@ -261,8 +319,47 @@ pub struct KeyConfig {
     pub notify: Vec<String>,
     /// What a key keyrotd has never issued nor adopted gets when no destination holds its active key.
     pub on_first_contact: FirstContact,
+    /// How a new key reaches the dependents: overlap, canary, confirmation, coalesced reloads, group.
+    pub rollout: Rollout,
     pub destinations: Vec<DestinationConfig>,
     pub dependents: Vec<DependentConfig>,
+}
+
+/// How a key's new value rolls out (docs/lifecycle.md, "Two live keys").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    /// The key's provider's overlap: with `Dual` the old key stays valid until every dependent
+    /// confirmed the new one.
+    pub overlap: Overlap,
+    /// `rollout = "canary"`: dependents with `canary = true` are told first and watched for
+    /// `canary_watch`; the others only once they stay healthy. Dual keys only.
+    pub canary: bool,
+    /// How long the dependents have to confirm the new key before the rotation ends `degraded` with
+    /// the old key still valid. Default 5m.
+    pub confirm_deadline: Duration,
+    /// When set, the old key is revoked this long after the new one was created even if a dependent
+    /// never confirmed (logged and audited).
+    pub revoke_after: Option<Duration>,
+    /// How long canary dependents are watched before the others are told. Default 1m.
+    pub canary_watch: Duration,
+    /// Reloads of one reload target requested within this window become one reload.
+    pub reload_coalesce: Option<Duration>,
+    /// `[groups.NAME]` this key rotates with.
+    pub group: Option<String>,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            overlap: Overlap::None,
+            canary: false,
+            confirm_deadline: Duration::from_secs(300),
+            revoke_after: None,
+            canary_watch: Duration::from_secs(60),
+            reload_coalesce: None,
+            group: None,
+        }
+    }
 }
 
 impl KeyConfig {
@@ -446,6 +543,27 @@ pub struct DependentConfig {
     pub reads_from: Vec<String>,
     pub verify: Option<VerifyConfig>,
     pub reload: Option<ReloadHook>,
+    /// Told first in a canary rollout, and watched before the others are told.
+    pub canary: bool,
+    /// Where the dependent reports the fingerprint of the key it uses (dual keys' confirm phase).
+    pub confirm: Option<ConfirmConfig>,
+}
+
+impl DependentConfig {
+    /// What identifies the dependent across keys: its reload hook's URL, or its command line.
+    pub fn reload_target(&self) -> Option<String> {
+        self.reload.as_ref().map(ReloadHook::target)
+    }
+}
+
+/// `confirm = { url, fingerprint_pointer }`: `GET url` answers JSON holding, at the pointer, the
+/// fingerprint of the key the dependent uses (12 hex digits of SHA-256, as keyrotd logs it).
+#[derive(Debug, Clone)]
+pub struct ConfirmConfig {
+    pub url: Url,
+    pub fingerprint_pointer: String,
+    /// Default 5s.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -481,4 +599,15 @@ pub enum ReloadHook {
         /// Attempts after the first. Default 2.
         retries: u32,
     },
+}
+
+impl ReloadHook {
+    /// The URL, or the command line joined by spaces: two dependents with one target are one
+    /// service, reloaded once when reloads are coalesced.
+    pub fn target(&self) -> String {
+        match self {
+            ReloadHook::Http { url, .. } => url.to_string(),
+            ReloadHook::Command { command, .. } => command.join(" "),
+        }
+    }
 }

@@ -43,6 +43,9 @@ pub struct RawConfig {
     pub coordination: Option<RawCoordination>,
     #[serde(default)]
     pub notify: BTreeMap<String, RawNotifyTarget>,
+    /// `[groups.NAME]`: keys that rotate together on one schedule.
+    #[serde(default)]
+    pub groups: BTreeMap<String, RawGroup>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -76,6 +79,8 @@ pub struct RawAosProvider {
     pub timeout: Option<String>,
     pub requested_by: Option<String>,
     pub paths: Option<RawAosPaths>,
+    /// Only "none": the portal invalidates the old key when it issues the new one.
+    pub overlap: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
@@ -96,7 +101,13 @@ pub struct RawAosPaths {
 #[serde(deny_unknown_fields)]
 pub struct RawHttpProvider {
     pub auth: Option<RawHttpAuth>,
-    pub regenerate: RawHttpRegenerate,
+    /// "none" (default: `regenerate` replaces the key) or "dual" (`create` a second key, `revoke` the
+    /// old one later).
+    pub overlap: Option<String>,
+    pub regenerate: Option<RawHttpRegenerate>,
+    pub create: Option<RawHttpRegenerate>,
+    pub revoke: Option<RawHttpRevoke>,
+    pub list: Option<RawHttpList>,
     pub status: Option<RawHttpStatus>,
     pub auth_check: Option<RawHttpAuthCheck>,
     pub account_id: Option<String>,
@@ -126,6 +137,22 @@ pub struct RawHttpRegenerate {
     pub body: Option<String>,
     pub secret_pointer: String,
     pub key_id_pointer: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpRevoke {
+    pub method: Option<String>,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpList {
+    pub method: Option<String>,
+    pub url: String,
+    pub ids_pointer: String,
+    pub id_pointer: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -246,6 +273,12 @@ pub struct RawKey {
     pub approval: Option<RawApproval>,
     pub notify: Option<Vec<String>>,
     pub on_first_contact: Option<String>,
+    pub rollout: Option<String>,
+    pub confirm_deadline: Option<String>,
+    pub revoke_after: Option<String>,
+    pub canary_watch: Option<String>,
+    pub reload_coalesce: Option<String>,
+    pub group: Option<String>,
     #[serde(default)]
     pub destinations: Vec<RawDestination>,
     #[serde(default)]
@@ -330,6 +363,17 @@ impl<'de> Deserialize<'de> for RawUrl {
     }
 }
 
+/// A `[groups.NAME]` table: the schedule its keys share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGroup {
+    pub schedule: Option<String>,
+    pub timezone: Option<String>,
+    pub jitter: Option<String>,
+    pub window: Option<RawWindow>,
+    pub catch_up: Option<Flag>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWindow {
@@ -360,6 +404,16 @@ pub struct RawDependent {
     pub reads_from: Option<Vec<String>>,
     pub verify: Option<RawVerify>,
     pub reload: Option<RawReload>,
+    pub canary: Option<Flag>,
+    pub confirm: Option<RawConfirm>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfirm {
+    pub url: String,
+    pub fingerprint_pointer: String,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -506,6 +560,8 @@ pub struct Parsed {
     pub store_kinds: BTreeMap<String, Option<&'static str>>,
     /// Every `[notify.NAME]` in the file, well-formed or not.
     pub notify_names: BTreeSet<String>,
+    /// Every `[groups.NAME]` in the file, well-formed or not.
+    pub group_names: BTreeSet<String>,
     pub problems: Vec<Problem>,
 }
 
@@ -536,12 +592,13 @@ pub fn read(root: &Value) -> Parsed {
             "keys",
             "coordination",
             "notify",
+            "groups",
         ]
         .contains(&field.as_str())
         {
             problems.push(Problem::new(
                 field,
-                "unknown field (expected one of daemon, providers, stores, keys, coordination, notify)",
+                "unknown field (expected one of daemon, providers, stores, keys, coordination, notify, groups)",
             ));
         }
     }
@@ -612,6 +669,14 @@ pub fn read(root: &Value) -> Parsed {
             };
             if let Some(t) = target {
                 raw.notify.insert(name.clone(), t);
+            }
+        }
+    }
+    if let Some(v) = table.get("groups") {
+        for (name, v) in entries(v, "groups", problems) {
+            out.group_names.insert(name.clone());
+            if let Some(g) = piece(v, &format!("groups.{name}"), problems) {
+                raw.groups.insert(name.clone(), g);
             }
         }
     }

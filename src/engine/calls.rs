@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::config::{DependentConfig, KeyConfig, ReloadHook, VerifyConfig};
+use crate::config::{ConfirmConfig, DependentConfig, KeyConfig, ReloadHook, VerifyConfig};
 use crate::limits::Limited;
 use crate::notify::{HookError, Notifier, Probe, ReloadNotice};
-use crate::provider::{AuthIdentity, KeyStatus, Provider, ProviderError, Regenerated};
+use crate::provider::{AuthIdentity, KeyStatus, Provider, ProviderError, Regenerated, Revoked};
 use crate::secret::Secret;
 use crate::telemetry::{Metrics, ProviderOperation, ProviderOutcome};
 
@@ -101,6 +101,78 @@ pub async fn regenerate(
     r
 }
 
+/// A dual provider's new key for `key` (the old one stays valid).
+pub async fn create(
+    metrics: &Metrics,
+    provider: &Limited<Provider>,
+    key: &str,
+) -> Result<Regenerated, ProviderError> {
+    let _permit = provider.enter().await;
+    let r = provider.create(key).await;
+    settle(
+        metrics,
+        provider,
+        ProviderOperation::Create,
+        r.as_ref().err(),
+    );
+    r
+}
+
+/// Retires `key_id`, retrying transient failures and rate limits a few times (a revoke is
+/// idempotent: a key already gone is success).
+pub async fn revoke(
+    metrics: &Metrics,
+    provider: &Limited<Provider>,
+    key: &str,
+    key_id: &str,
+) -> Result<Revoked, ProviderError> {
+    let mut attempt = 0;
+    loop {
+        let r = {
+            let _permit = provider.enter().await;
+            provider.revoke(key, key_id).await
+        };
+        settle(
+            metrics,
+            provider,
+            ProviderOperation::Revoke,
+            r.as_ref().err(),
+        );
+        match r {
+            Err(ProviderError::RateLimited { .. }) if attempt < 4 => {}
+            Err(ProviderError::Transient { .. }) if attempt < 4 => {
+                tokio::time::sleep(backoff(attempt)).await
+            }
+            other => return other,
+        }
+        attempt += 1;
+    }
+}
+
+/// The live ids of `key` at a dual provider, with a few retries.
+pub async fn list(
+    metrics: &Metrics,
+    provider: &Limited<Provider>,
+    key: &str,
+) -> Result<Vec<String>, ProviderError> {
+    let mut attempt = 0;
+    loop {
+        let r = {
+            let _permit = provider.enter().await;
+            provider.list(key).await
+        };
+        settle(metrics, provider, ProviderOperation::List, r.as_ref().err());
+        match r {
+            Err(ProviderError::RateLimited { .. }) if attempt < 4 => {}
+            Err(ProviderError::Transient { .. }) if attempt < 4 => {
+                tokio::time::sleep(backoff(attempt)).await
+            }
+            other => return other,
+        }
+        attempt += 1;
+    }
+}
+
 /// Counts a call and, when the provider asked to slow down (429), holds back every request to it —
 /// and only to it — for the `Retry-After` its client allowed (`max_retry_after`).
 fn settle(
@@ -158,6 +230,15 @@ impl Dependents {
             Dependents::Scripted(s) => s.probe(verify).await,
         }
     }
+
+    /// The fingerprint of the key the dependent reports using (`confirm`).
+    pub async fn confirm(&self, confirm: &ConfirmConfig) -> Result<Option<String>, String> {
+        match self {
+            Dependents::Real(n) => n.confirm(confirm).await,
+            #[cfg(feature = "testing")]
+            Dependents::Scripted(s) => s.confirm(confirm).await,
+        }
+    }
 }
 
 /// What a reload hook is told about a key.
@@ -166,6 +247,8 @@ pub struct Notice {
     pub rotation_id: Uuid,
     pub key_id: String,
     pub rotated_at: chrono::DateTime<chrono::Utc>,
+    /// A coalesced reload: every key it serves. Empty for a reload of one key.
+    pub keys: Vec<String>,
 }
 
 /// One dependent's reload hook with its retries, each attempt counted. True once it answered.
@@ -185,6 +268,7 @@ pub async fn call_hook(
         rotation_id: notice.rotation_id,
         key_id: &notice.key_id,
         rotated_at: notice.rotated_at,
+        keys: &notice.keys,
     };
     for attempt in 0..=retries {
         if let Some(c) = &engine.coordination

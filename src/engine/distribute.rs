@@ -21,7 +21,7 @@ use super::calls::{self, Notice, backoff};
 use super::fill;
 use super::record::{DestinationView, EventKind};
 use super::rotation::Rotation;
-use crate::config::{DependentConfig, DestinationConfig, KeyConfig};
+use crate::config::{DependentConfig, DestinationConfig, KeyConfig, Overlap};
 use crate::limits::Limited;
 use crate::secret::Secret;
 use crate::store::{Prepared, Store, StoreError, StoreErrorKind, WriteRequest};
@@ -178,13 +178,33 @@ async fn write_once(
     }
 }
 
+/// Which dependents a distribution tells (a canary rollout tells the canaries first, the others
+/// once they stayed healthy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    All,
+    Canaries,
+    Others,
+}
+
+impl Audience {
+    pub fn includes(self, dep: &DependentConfig) -> bool {
+        match self {
+            Audience::All => true,
+            Audience::Canaries => dep.canary,
+            Audience::Others => !dep.canary,
+        }
+    }
+}
+
 /// Store, notify and verify. `secret` None = every destination already holds the key (a resumed
-/// notify): only the hooks run.
+/// notify): only the hooks run. Only the `audience`'s hooks are called.
 pub async fn run(
     r: &Rotation,
     secret: Option<&Secret>,
     ident: &Ident,
     prepared: &[Prepared],
+    audience: Audience,
 ) -> Distribution {
     r.show_phase();
     let deadline = Instant::now() + r.key.store_deadline;
@@ -194,12 +214,12 @@ pub async fn run(
     let write_req = secret.map(|s| write_request(r, s, ident));
     let (verify, mut progress) = tokio::join!(
         verify(r, secret, ident),
-        store_and_notify(r, write_req.as_ref(), ident, deadline, prepared)
+        store_and_notify(r, write_req.as_ref(), ident, deadline, prepared, audience)
     );
     if let Some(req) = &write_req {
         after_writes(r, &progress.confirmed, req, prepared).await;
     }
-    progress.untold_hooks_failed(r);
+    progress.untold_hooks_failed(r, audience);
     report_verify(r, verify, ident);
     let views = progress.views(&r.key, ident);
     if let Some(secret) = secret
@@ -251,7 +271,9 @@ async fn verify(r: &Rotation, secret: Option<&Secret>, ident: &Ident) -> VerifyR
     for attempt in 0..5 {
         match calls::auth_check(metrics, &r.provider, secret).await {
             Ok(Some(_)) => {
+                // A dual vendor's status may name either live key: only the auth check counts.
                 if r.provider.has_status()
+                    && r.provider.overlap() == Overlap::None
                     && let Ok(s) = calls::status_retrying(metrics, &r.provider).await
                 {
                     r.engine.set_status(&r.slot, &s);
@@ -348,9 +370,9 @@ impl Progress {
     }
 
     /// Dependents whose destinations never confirmed were not told: their hook counts as failed.
-    fn untold_hooks_failed(&mut self, r: &Rotation) {
+    fn untold_hooks_failed(&mut self, r: &Rotation, audience: Audience) {
         for (di, dep) in r.key.dependents.iter().enumerate() {
-            if dep.reload.is_some() && !self.hook_started[di] {
+            if dep.reload.is_some() && audience.includes(dep) && !self.hook_started[di] {
                 r.engine.metrics.reload_hook(&r.key.name, &dep.name, false);
                 self.hooks.push((dep.name.clone(), false));
             }
@@ -380,6 +402,7 @@ async fn store_and_notify(
     ident: &Ident,
     deadline: Instant,
     prepared: &[Prepared],
+    audience: Audience,
 ) -> Progress {
     let n = r.key.destinations.len();
     let mut p = Progress {
@@ -415,6 +438,7 @@ async fn store_and_notify(
         rotation_id: r.meta.rotation_id,
         key_id: ident.key_id.clone(),
         rotated_at: ident.issued_at,
+        keys: Vec::new(),
     };
     let mut hooks = FuturesUnordered::new();
     // The journal's `notify` record is written beside the hooks, not before them: a crash before it
@@ -431,13 +455,14 @@ async fn store_and_notify(
             });
         }
         for (di, dep) in r.key.dependents.iter().enumerate() {
-            if dep.reload.is_some() && !p.hook_started[di] && can_tell(&r.key, dep, &p.confirmed) {
+            if dep.reload.is_some()
+                && audience.includes(dep)
+                && !p.hook_started[di]
+                && can_tell(&r.key, dep, &p.confirmed)
+            {
                 p.hook_started[di] = true;
                 let notice = &notice;
-                hooks.push(async move {
-                    let ok = calls::call_hook(&r.engine, &r.key, dep, notice).await;
-                    (di, ok)
-                });
+                hooks.push(async move { (di, r.reload(dep, notice).await) });
             }
         }
         tokio::select! {

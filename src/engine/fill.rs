@@ -125,6 +125,7 @@ impl Fill {
             rotation_id: self.rotation_id,
             key_id: self.ident.key_id.clone(),
             rotated_at: self.ident.issued_at,
+            keys: Vec::new(),
         };
         for dep in &self.key.dependents {
             if dep.reads_from.iter().any(|s| s == store)

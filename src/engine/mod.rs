@@ -16,7 +16,9 @@
 
 pub mod approval;
 pub mod calls;
+pub mod coalesce;
 pub mod distribute;
+pub mod dual;
 pub mod fill;
 pub mod preflight;
 pub mod reconcile;
@@ -81,6 +83,8 @@ pub struct RotationRequest {
     pub resume: Option<Resume>,
     /// Set when an operator approved a rotation that waited for it: this continues it.
     pub approval: Option<Approval>,
+    /// The key's group is rotated together: its reloads wait for the other members'.
+    pub batch: Option<Arc<coalesce::Batch>>,
 }
 
 impl RotationRequest {
@@ -100,6 +104,7 @@ impl RotationRequest {
             rerotation: None,
             resume: None,
             approval: None,
+            batch: None,
         }
     }
 
@@ -331,6 +336,8 @@ pub struct Engine {
     /// Rotations holding (or about to hold) an issued key, with the time until which shutdown waits
     /// for them: their store_deadline counted from the regenerate response.
     inflight: Mutex<HashMap<Uuid, tokio::time::Instant>>,
+    /// `reload_coalesce` windows, per reload target.
+    pub(crate) reloads: coalesce::Coalescer,
 }
 
 impl Engine {
@@ -382,6 +389,7 @@ impl Engine {
             tasks: TaskTracker::new(),
             schedule: scheduler::Signal::default(),
             inflight: Mutex::new(HashMap::new()),
+            reloads: coalesce::Coalescer::default(),
         });
         let journaled = engine.open_slots(&config);
         engine.seed_last_successes(&config, journaled);
@@ -426,6 +434,7 @@ impl Engine {
             }
             self.metrics
                 .rotation_pending(&k.name, journal.pending_approval.is_some());
+            dual::seed_metrics(&self.metrics, &journal);
             let slot = KeySlot::new(journal);
             self.metrics.journal_blocked(&k.name, blocked.is_some());
             slot.live().blocked = blocked;
@@ -802,15 +811,71 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts a rotation in the background and returns its id at once.
+    /// Starts a rotation in the background and returns its id at once. A key in a group starts its
+    /// whole group (its keys always rotate together); the id is this key's rotation's.
     pub fn start_rotation(
         self: &Arc<Self>,
         key: &str,
         req: RotationRequest,
     ) -> Result<Uuid, TriggerError> {
+        if let Some(group) = self.group_of(key, &req) {
+            let started = self.start_group(&group, req)?;
+            return started
+                .into_iter()
+                .find(|(k, _, _)| k == key)
+                .map(|(_, id, _)| id)
+                .ok_or_else(|| TriggerError::UnknownKey(key.to_string()));
+        }
         let (id, fut) = self.prepare(key, None, req)?;
         self.tasks.spawn(fut);
         Ok(id)
+    }
+
+    /// The group `key` rotates with, for a request that starts a rotation of it (not a repair, a
+    /// resume or a dry run, which concern the key alone).
+    fn group_of(&self, key: &str, req: &RotationRequest) -> Option<String> {
+        if req.is_repair() || req.dry_run || req.batch.is_some() {
+            return None;
+        }
+        self.config().key(key)?.rollout.group.clone()
+    }
+
+    /// Starts every key of `group`, each with its claim, sharing one reload batch: a dependent that
+    /// reads several of them is reloaded once. All or nothing: a key that is busy or refused stops
+    /// the whole group. Returns (key, rotation id, task) per key.
+    pub fn start_group(
+        self: &Arc<Self>,
+        group: &str,
+        req: RotationRequest,
+    ) -> Result<Vec<(String, Uuid, tokio::task::JoinHandle<RunResult>)>, TriggerError> {
+        let config = self.config();
+        let members: Vec<Arc<KeyConfig>> = config
+            .keys
+            .iter()
+            .filter(|k| k.rollout.group.as_deref() == Some(group))
+            .map(|k| Arc::new(k.clone()))
+            .collect();
+        let mut claims = Vec::new();
+        for k in &members {
+            self.check_trigger(&k.name, &req)?;
+            let slot = self
+                .slot(&k.name)
+                .ok_or_else(|| TriggerError::UnknownKey(k.name.clone()))?;
+            claims.push(
+                slot.try_claim()
+                    .ok_or_else(|| TriggerError::Busy(k.name.clone()))?,
+            );
+        }
+        let batch = coalesce::Batch::new(group, &members);
+        let mut started = Vec::new();
+        for (k, claim) in members.iter().zip(claims) {
+            let mut r = req.clone();
+            r.batch = Some(batch.clone());
+            let (id, fut) = self.prepare(&k.name, Some(claim), r)?;
+            started.push((k.name.clone(), id, self.tasks.spawn(fut)));
+        }
+        tracing::info!(group, keys = started.len(), "Group rotation started.");
+        Ok(started)
     }
 
     /// Starts a rotation with a claim its caller already holds (recovery and reconcile decide under
@@ -831,6 +896,16 @@ impl Engine {
         key: &str,
         req: RotationRequest,
     ) -> Result<(Uuid, RunResult), TriggerError> {
+        if let Some(group) = self.group_of(key, &req) {
+            let mut mine = None;
+            for (k, id, handle) in self.start_group(&group, req)? {
+                let result = handle.await.unwrap_or(RunResult::Panicked);
+                if k == key {
+                    mine = Some((id, result));
+                }
+            }
+            return mine.ok_or_else(|| TriggerError::UnknownKey(key.to_string()));
+        }
         let (id, fut) = self.prepare(key, None, req)?;
         let result = self.tasks.spawn(fut).await.unwrap_or_else(|e| {
             tracing::error!(key, error = %e, "Rotation task panicked; recovery takes it from its journal.");

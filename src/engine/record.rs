@@ -23,6 +23,14 @@ pub enum LivePhase {
     Watching,
     /// A due rotation passed preflight and waits for an operator's approval; nothing is held.
     AwaitingApproval,
+    /// Dual keys: the vendor is creating the new key (the old one stays live).
+    Creating,
+    /// Dual keys: waiting for the dependents to confirm the new key.
+    Confirming,
+    /// Dual keys: retiring a key by id.
+    Revoking,
+    /// Dual keys: a canary failed; the old key goes back into the destinations.
+    RollingBack,
 }
 
 impl LivePhase {
@@ -36,6 +44,10 @@ impl LivePhase {
             (Phase::Idle | Phase::Watch, true) => LivePhase::Preflight,
             (Phase::Watch, false) => LivePhase::Watching,
             (Phase::Idle, false) => LivePhase::Idle,
+            (Phase::Creating, _) => LivePhase::Creating,
+            (Phase::Confirming, _) => LivePhase::Confirming,
+            (Phase::Revoking, _) => LivePhase::Revoking,
+            (Phase::RollingBack, _) => LivePhase::RollingBack,
         }
     }
 
@@ -48,6 +60,10 @@ impl LivePhase {
             LivePhase::Notifying => "notifying",
             LivePhase::Watching => "watching",
             LivePhase::AwaitingApproval => "awaiting_approval",
+            LivePhase::Creating => "creating",
+            LivePhase::Confirming => "confirming",
+            LivePhase::Revoking => "revoking",
+            LivePhase::RollingBack => "rolling_back",
         }
     }
 }
@@ -80,6 +96,15 @@ pub enum EventKind {
     Resumed,
     PendingApproval,
     Approved,
+    /// Dual keys.
+    Created,
+    Confirmed,
+    Unconfirmed,
+    Revoked,
+    CanaryFailed,
+    RolledBack,
+    /// A reload was coalesced with other keys' reloads of the same target.
+    Coalesced,
 }
 
 impl EventKind {
@@ -109,6 +134,13 @@ impl EventKind {
             EventKind::Resumed => "resumed",
             EventKind::PendingApproval => "pending_approval",
             EventKind::Approved => "approved",
+            EventKind::Created => "created",
+            EventKind::Confirmed => "confirmed",
+            EventKind::Unconfirmed => "unconfirmed",
+            EventKind::Revoked => "revoked",
+            EventKind::CanaryFailed => "canary_failed",
+            EventKind::RolledBack => "rolled_back",
+            EventKind::Coalesced => "coalesced",
         }
     }
 }

@@ -63,6 +63,22 @@ pub enum Decision {
     Rerotate(RerotationReason),
     /// Undecidable or not allowed now; tried again later (or left to an operator, as it says).
     Defer(String),
+    /// Dual keys: the new key is held nowhere (or its create's answer was lost): revoke it (`revoke`,
+    /// or what `list` shows the create made) and rotate again. The old key was never touched.
+    Recreate {
+        revoke: Option<String>,
+    },
+    /// Dual keys: the new key is in the destinations (`from` holds it when some lack it): tell every
+    /// dependent, confirm, revoke the old key.
+    Confirm {
+        from: Option<usize>,
+    },
+    /// Dual keys: send the interrupted revoke again.
+    Revoke,
+    /// Dual keys: a rollback was interrupted; destination `from` holds the old key's value.
+    Rollback {
+        from: usize,
+    },
 }
 
 /// The decision for one key. Pure: a table test covers every phase × status × holdings.
@@ -74,6 +90,17 @@ pub fn decide(
     at_start: bool,
     now: DateTime<Utc>,
 ) -> Decision {
+    if j.overlap
+        || matches!(
+            j.phase,
+            Phase::Creating | Phase::Confirming | Phase::Revoking | Phase::RollingBack
+        )
+    {
+        let d = super::dual::decide(j, held);
+        if d != Decision::Nothing {
+            return d;
+        }
+    }
     match j.phase {
         Phase::Idle if j.lost => owed(j, key, now),
         Phase::Idle => Decision::Nothing,
@@ -88,6 +115,9 @@ pub fn decide(
         },
         Phase::Watch if !at_start => Decision::Nothing,
         Phase::Storing | Phase::Notify | Phase::Watch => stored(j, status, held),
+        Phase::Creating | Phase::Confirming | Phase::Revoking | Phase::RollingBack => {
+            Decision::Nothing
+        }
     }
 }
 
@@ -221,7 +251,10 @@ pub async fn recover_key(engine: &Arc<Engine>, key: &KeyConfig, at_start: bool) 
         return Decision::Nothing;
     };
     let status = seen_status(engine, &slot, &provider).await;
-    let needs_values = matches!(j.phase, Phase::Storing | Phase::Notify | Phase::Watch);
+    let needs_values = matches!(
+        j.phase,
+        Phase::Storing | Phase::Notify | Phase::Watch | Phase::Confirming | Phase::RollingBack
+    );
     let values = if needs_values {
         read_values(engine, key).await
     } else {
@@ -329,12 +362,48 @@ async fn act(
             }
             RotationRequest::rerotation(Trigger::Recovery, *reason, requested_by)
         }
+        dual => match dual_resume(j, dual, &mut values) {
+            Some(resume) => resume_request(Resume::Dual(resume), requested_by),
+            None => return,
+        },
     };
     let slot = claim.slot().clone();
     match engine.start_claimed(claim, req) {
         Ok((_, handle)) => back_off_on_failure(engine, slot, handle),
         Err(e) => tracing::warn!(key = %slot.name, error = %e, "Recovery rotation not started."),
     }
+}
+
+/// A dual key's decision as the resume that carries it out (`None`: the holder's value is gone).
+fn dual_resume(
+    j: &KeyJournal,
+    decision: &Decision,
+    values: &mut [Read],
+) -> Option<super::dual::Resume> {
+    use super::dual::Resume as R;
+    let mut take = |from: usize| match values.get_mut(from).map(|v| std::mem::replace(v, Ok(None)))
+    {
+        Some(Ok(Some(v))) => Some(v.secret),
+        _ => None,
+    };
+    Some(match decision {
+        Decision::Recreate { revoke } => R::Recreate {
+            revoke: revoke.clone(),
+        },
+        Decision::Confirm { from } => R::Confirm {
+            key_id: j.new_key_id.clone()?,
+            fingerprint: j.new_fingerprint.clone()?,
+            secret: match from {
+                Some(i) => Some(take(*i)?),
+                None => None,
+            },
+        },
+        Decision::Revoke => R::Revoke,
+        Decision::Rollback { from } => R::Rollback {
+            secret: take(*from)?,
+        },
+        _ => return None,
+    })
 }
 
 fn resume_request(resume: Resume, requested_by: String) -> RotationRequest {

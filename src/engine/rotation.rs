@@ -12,14 +12,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::distribute::{self, Distribution, Ident, VerifyResult};
+use super::distribute::{self, Audience, Distribution, Ident, VerifyResult};
 use super::record::{EventKind, LivePhase, RecordEvent, RotationRecord};
 use super::regenerate::{self, Regen};
 use super::slot::{Claim, KeySlot};
 use super::{
-    Engine, RotationRequest, RunResult, Runtime, TriggerError, calls, lock, preflight, watch,
+    Engine, RotationRequest, RunResult, Runtime, TriggerError, calls, dual, lock, preflight, watch,
 };
-use crate::config::KeyConfig;
+use crate::config::{KeyConfig, Overlap};
 use crate::journal::{AuditEvent, AuditRecord, Failure, Keys, RotationMeta};
 use crate::limits::Limited;
 use crate::notify::targets::{Notice, NoticeEvent};
@@ -35,6 +35,8 @@ pub enum Resume {
     FromStorage { key_id: String, secret: Secret },
     /// The key is stored everywhere it could be: redo notify (hooks are idempotent) and finish.
     Notify { key_id: String, fingerprint: String },
+    /// A dual key's interrupted rotation (docs/lifecycle.md, "Two live keys").
+    Dual(dual::Resume),
 }
 
 /// One rotation's context: what every phase reads.
@@ -56,7 +58,7 @@ pub struct Rotation {
 }
 
 /// How a rotation ends.
-enum End {
+pub(super) enum End {
     /// Stopped before anything was destroyed.
     Aborted {
         why: String,
@@ -171,9 +173,16 @@ impl Rotation {
     /// The rotation, phase by phase.
     pub async fn run(mut self) -> RunResult {
         self.begin().await;
-        if let Some(resume) = self.req.resume.take() {
-            return self.resume(resume).await;
+        match self.req.resume.take() {
+            Some(Resume::Dual(resume)) => return Box::pin(dual::resume(self, resume)).await,
+            Some(resume) => return self.resume(resume).await,
+            None => {}
         }
+        self.fresh().await
+    }
+
+    /// A rotation from preflight on (not a resume).
+    pub(super) async fn fresh(self) -> RunResult {
         let mut pre = self.preflight().await;
         let prepared = std::mem::take(&mut pre.prepared);
         if self.req.dry_run {
@@ -185,6 +194,10 @@ impl Rotation {
         self.event(EventKind::PreflightOk, pre.findings.join("; "));
         if super::approval::needed(&self.key, &self.req) {
             return self.await_approval(pre).await;
+        }
+        if self.provider.overlap() == Overlap::Dual {
+            // Boxed: a dual rotation's state is large and rare, and the single-key path stays as it was.
+            return Box::pin(dual::run(self, pre, prepared)).await;
         }
         let (mut cause, mut before) = (self.req.rerotation, pre.status);
         loop {
@@ -202,7 +215,14 @@ impl Rotation {
                 }
                 other => return self.not_issued(other, cause.is_some(), before).await,
             };
-            let dist = distribute::run(&self, Some(&issued.secret), &issued.ident, &prepared).await;
+            let dist = distribute::run(
+                &self,
+                Some(&issued.secret),
+                &issued.ident,
+                &prepared,
+                Audience::All,
+            )
+            .await;
             let old_key_id = before.as_ref().map(|s| s.key_id.as_str());
             self.audit_regenerated(&issued.ident, old_key_id);
             self.audit_distribution(&dist, &issued.ident, old_key_id);
@@ -315,7 +335,14 @@ impl Rotation {
     /// Preflight, or for an approved rotation whose preflight is fresh, the one that preceded the
     /// approval (docs/lifecycle.md, "Approval").
     async fn preflight(&self) -> preflight::Preflight {
-        if let Some(a) = self.req.approval.as_ref().filter(|a| !a.preflight_again) {
+        // A dual rotation always reads again: what the destinations hold now is what a rollback
+        // would put back.
+        let reuse = self
+            .req
+            .approval
+            .as_ref()
+            .filter(|a| !a.preflight_again && self.provider.overlap() != Overlap::Dual);
+        if let Some(a) = reuse {
             let earlier = lock(&self.record).preflight.clone();
             let mut findings = earlier;
             findings.push(format!(
@@ -357,7 +384,7 @@ impl Rotation {
     /// 1 + N times; the (N+1)-th re-rotation is not attempted and the rotation ends `failed`. A
     /// re-rotation is counted (metric, audit) only when it is attempted. `rerotations_in_row` is
     /// bumped before the check, so after giving up it is > N and recovery defers to an operator.
-    async fn may_rerotate(&self, reason: RerotationReason) -> Result<(), String> {
+    pub(super) async fn may_rerotate(&self, reason: RerotationReason) -> Result<(), String> {
         let _ = self.engine.commit(&self.slot, |j| j.rerotating()).await;
         let j = self.slot.journal().await;
         let now = self.engine.clock.now();
@@ -429,6 +456,7 @@ impl Rotation {
                 key_id,
                 fingerprint,
             } => (key_id, None, fingerprint),
+            Resume::Dual(resume) => return Box::pin(dual::resume(self, resume)).await,
         };
         // Never copy a value over the others without proof it is the live key: a copy of a dead key
         // to every destination, followed by every hook, would be a full outage.
@@ -458,7 +486,7 @@ impl Rotation {
             issued_at: self.engine.clock.now(),
             responded: Instant::now(),
         };
-        let dist = distribute::run(&self, secret.as_ref(), &ident, &[]).await;
+        let dist = distribute::run(&self, secret.as_ref(), &ident, &[], Audience::All).await;
         let outcome = dist.outcome();
         let end = End::Concluded {
             outcome,
@@ -470,7 +498,7 @@ impl Rotation {
         self.end(end).await
     }
 
-    async fn authenticates(&self, secret: &Secret) -> Result<(), String> {
+    pub(super) async fn authenticates(&self, secret: &Secret) -> Result<(), String> {
         if !self.provider.has_auth_check() {
             return Ok(());
         }
@@ -529,7 +557,7 @@ impl Rotation {
     }
 
     /// The `regenerated` audit record, written once the window is over (every audit record is fsynced).
-    fn audit_regenerated(&self, ident: &Ident, old_key_id: Option<&str>) {
+    pub(super) fn audit_regenerated(&self, ident: &Ident, old_key_id: Option<&str>) {
         self.engine.audit(AuditRecord::regenerated(
             &self.key.name,
             &self.meta,
@@ -544,7 +572,12 @@ impl Rotation {
 
     /// The audit trail of a distribution: `stored` per confirmed destination, `notified` per hook that
     /// answered, `verified` when the new key authenticates at the provider. Written after the window.
-    fn audit_distribution(&self, dist: &Distribution, ident: &Ident, old_key_id: Option<&str>) {
+    pub(super) fn audit_distribution(
+        &self,
+        dist: &Distribution,
+        ident: &Ident,
+        old_key_id: Option<&str>,
+    ) {
         let now = self.engine.clock.now();
         let keys = || Keys {
             old_key_id,
@@ -579,7 +612,7 @@ impl Rotation {
         }
     }
 
-    async fn failed(self, how: Failure, why: String, new: Option<Ident>) -> RunResult {
+    pub(super) async fn failed(self, how: Failure, why: String, new: Option<Ident>) -> RunResult {
         self.end(End::Failed { how, why, new }).await
     }
 
@@ -596,7 +629,7 @@ impl Rotation {
 
     /// The one way a rotation ends: the journal's last word, the audit record, the metrics, the
     /// record's outcome, the scheduler told, and (after a distribution) the watch started.
-    async fn end(self, end: End) -> RunResult {
+    pub(super) async fn end(self, end: End) -> RunResult {
         let now = self.engine.clock.now();
         let (outcome, window) = match &end {
             End::Aborted { why, old_key_id } => {
@@ -820,6 +853,10 @@ impl Rotation {
 impl Drop for Rotation {
     fn drop(&mut self) {
         self.engine.hold_shutdown(self.meta.rotation_id, None);
+        // A group's other keys no longer wait for this one's reloads.
+        if let Some(batch) = &self.req.batch {
+            batch.leave(&self.engine, &self.key.name);
+        }
     }
 }
 

@@ -111,9 +111,37 @@ impl Wake {
         }
     }
 
-    /// Whether it may act now: a pause holds rotations back, not the end of an approval's wait.
+    /// Whether it may act now: a pause holds rotations back, not the end of an approval's wait nor a
+    /// revoke (`revoke_after`), which finishes a rotation that already happened.
     fn acts(&self, paused: bool) -> bool {
-        !paused || matches!(self, Wake::ApprovalEnds(_))
+        !paused
+            || matches!(
+                self,
+                Wake::ApprovalEnds(_)
+                    | Wake::Rotate(Due {
+                        reason: DueReason::Revoke,
+                        ..
+                    })
+            )
+    }
+}
+
+/// When a dual key's old key, kept for a dependent that never confirmed, is revoked anyway
+/// (`revoke_after`). Pure.
+pub fn revoke_due(j: &KeyJournal) -> Option<Due> {
+    j.revoke_due
+        .filter(|_| !j.pending_revoke.is_empty())
+        .map(|at| Due {
+            at,
+            reason: DueReason::Revoke,
+        })
+}
+
+/// The earlier of a rotation and a revoke.
+fn earliest(rotation: Option<Due>, revoke: Option<Due>) -> Option<Due> {
+    match (rotation, revoke) {
+        (Some(d), Some(r)) if r.at <= d.at => Some(r),
+        (d, r) => d.or(r),
     }
 }
 
@@ -188,6 +216,20 @@ pub async fn run(engine: Arc<Engine>) {
     }
 }
 
+/// The other keys of `key`'s group.
+fn group_members(engine: &Engine, key: &str) -> Vec<String> {
+    let config = engine.config();
+    let Some(group) = config.key(key).and_then(|k| k.rollout.group.clone()) else {
+        return Vec::new();
+    };
+    config
+        .keys
+        .iter()
+        .filter(|k| k.rollout.group.as_deref() == Some(group.as_str()) && k.name != key)
+        .map(|k| k.name.clone())
+        .collect()
+}
+
 async fn recompute(engine: &Arc<Engine>, plan: &mut Plan, dirty: Dirty) {
     let config = engine.config();
     let keys: Vec<&KeyConfig> = if dirty.all {
@@ -220,9 +262,10 @@ async fn recompute(engine: &Arc<Engine>, plan: &mut Plan, dirty: Dirty) {
             continue;
         }
         let last_rotated = slot.live().status.as_ref().and_then(|s| s.last_rotated);
-        let sample = plan.sample(&key.name);
+        // The keys of a group share one jittered due time, so they start together.
+        let sample = plan.sample(key.rollout.group.as_deref().unwrap_or(&key.name));
         let due = next_due(key, &j, last_rotated, now, sample);
-        plan.set(&key.name, due.map(Wake::Rotate));
+        plan.set(&key.name, earliest(due, revoke_due(&j)).map(Wake::Rotate));
         engine.set_next_rotation(&key.name, due.map(|d| d.at));
     }
 }
@@ -260,11 +303,28 @@ fn start_due(engine: &Arc<Engine>, plan: &mut Plan, now: DateTime<Utc>, key: Str
         DueReason::Schedule => Trigger::Schedule,
         DueReason::MaxAge => Trigger::MaxAge,
         DueReason::CatchUp => Trigger::CatchUp,
+        DueReason::Revoke => {
+            engine
+                .tasks
+                .spawn(super::dual::revoke_due(engine.clone(), key));
+            return;
+        }
     };
     let req = RotationRequest::new(trigger, trigger.as_str(), engine.requested_by());
     match engine.start_rotation(&key, req) {
         Ok(_) => {
             plan.samples.remove(&key);
+            if let Some(group) = engine
+                .config()
+                .key(&key)
+                .and_then(|k| k.rollout.group.clone())
+            {
+                plan.samples.remove(&group);
+            }
+            // A group started every key of it: none of them is due any more.
+            for member in group_members(engine, &key) {
+                plan.set(&member, None);
+            }
         }
         Err(
             e @ (TriggerError::UnknownKey(_)

@@ -143,6 +143,7 @@ impl Watch {
                 rotation_id: self.rotation_id,
                 key_id: self.key_id.clone(),
                 rotated_at: self.engine.clock.now(),
+                keys: Vec::new(),
             };
             let ok = calls::call_hook(&self.engine, &self.key, dep, &notice).await;
             tracing::info!(dependent = %dep.name, ok, "Reload hook sent again.");

@@ -29,6 +29,9 @@ pub mod targets;
 use crate::config::{ReloadHook, TlsConfig, VerifyConfig};
 use crate::secret::Secret;
 
+mod confirm;
+pub use confirm::parse_fingerprint;
+
 /// The header carrying `sha256=<hex>`.
 pub const SIGNATURE_HEADER: &str = "X-Keyrotd-Signature";
 /// The header carrying the signing time, in Unix seconds; it is part of what is signed.
@@ -51,6 +54,9 @@ pub struct ReloadNotice<'a> {
     pub rotation_id: Uuid,
     pub key_id: &'a str,
     pub rotated_at: DateTime<Utc>,
+    /// A coalesced reload: every key it serves (`key` among them). Absent from the body otherwise.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub keys: &'a [String],
 }
 
 /// Why a hook call failed. Never holds a body or an environment value; a command's output excerpt
@@ -270,11 +276,15 @@ impl Notifier {
         env: &std::collections::BTreeMap<String, String>,
         notice: &ReloadNotice<'_>,
     ) -> Result<(), HookError> {
-        let vars = [
+        let mut vars = vec![
             ("KEYROTD_KEY", notice.key.to_string()),
             ("KEYROTD_ROTATION_ID", notice.rotation_id.to_string()),
             ("KEYROTD_KEY_ID", notice.key_id.to_string()),
         ];
+        // A coalesced reload serves several keys: all of them, comma-separated.
+        if !notice.keys.is_empty() {
+            vars.push(("KEYROTD_KEYS", notice.keys.join(",")));
+        }
         let program = Program {
             command,
             timeout,
@@ -516,6 +526,7 @@ mod tests {
             rotated_at: DateTime::parse_from_rfc3339("2026-12-01T03:00:00Z")
                 .unwrap()
                 .with_timezone(&Utc),
+            keys: &[],
         }
     }
 

@@ -12,6 +12,8 @@ use reqwest::{Client, Method};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
+mod dual;
+
 use super::{AuthIdentity, KeyStatus, ProviderError, Regenerated};
 use crate::config::{HttpAuth, HttpProviderConfig, HttpRegenerate, HttpStatus};
 use crate::secret::Secret;
@@ -31,12 +33,18 @@ impl HttpProvider {
             operation: "configure",
             message,
         };
-        Method::from_bytes(config.regenerate.method.as_bytes()).map_err(|_| {
-            permanent(format!(
-                "invalid regenerate method {:?}",
-                config.regenerate.method
-            ))
-        })?;
+        let methods = [
+            ("regenerate", config.regenerate.as_ref().map(|r| &r.method)),
+            ("create", config.create.as_ref().map(|r| &r.method)),
+            ("revoke", config.revoke.as_ref().map(|r| &r.method)),
+            ("list", config.list.as_ref().map(|l| &l.method)),
+        ];
+        for (call, method) in methods {
+            if let Some(m) = method {
+                Method::from_bytes(m.as_bytes())
+                    .map_err(|_| permanent(format!("invalid {call} method {m:?}")))?;
+            }
+        }
         if let Some(auth) = &config.auth {
             HeaderName::from_bytes(auth.header.as_bytes())
                 .map_err(|_| permanent(format!("invalid auth header name {:?}", auth.header)))?;
@@ -69,6 +77,14 @@ impl HttpProvider {
 
     pub fn has_auth_check(&self) -> bool {
         self.config.auth_check.is_some()
+    }
+
+    pub fn overlap(&self) -> crate::config::Overlap {
+        self.config.overlap
+    }
+
+    pub fn has_list(&self) -> bool {
+        self.config.list.is_some()
     }
 
     fn ctx(&self, operation: &'static str) -> wire::Ctx<'_> {
@@ -109,7 +125,10 @@ impl HttpProvider {
         current_key_id: Option<&str>,
     ) -> Result<Regenerated, ProviderError> {
         let ctx = self.ctx("regenerate");
-        let regen = &self.config.regenerate;
+        let Some(regen) = &self.config.regenerate else {
+            return Err(ctx
+                .permanent("this provider has no regenerate section (overlap = \"dual\")".into()));
+        };
         let url = if regen.url.contains("{key_id}") {
             let Some(id) = current_key_id else {
                 return Err(ctx.permanent(
@@ -490,6 +509,7 @@ pub mod wire {
         pub fn ambiguous(&self, message: String) -> ProviderError {
             ProviderError::Ambiguous {
                 provider: self.provider.into(),
+                operation: self.operation,
                 message,
             }
         }
@@ -653,13 +673,17 @@ mod tests {
                 prefix: "Bearer ".into(),
                 value: Secret::from("mgmt-token-123".to_string()),
             }),
-            regenerate: HttpRegenerate {
+            overlap: crate::config::Overlap::None,
+            regenerate: Some(HttpRegenerate {
                 method: "POST".into(),
                 url: format!("{server}/v2/keys/{{key_id}}/roll"),
                 body: Some(r#"{"expire_old": "now"}"#.into()),
                 secret_pointer: "/data/secret".into(),
                 key_id_pointer: "/data/id".into(),
-            },
+            }),
+            create: None,
+            revoke: None,
+            list: None,
             status: Some(HttpStatus {
                 url: format!("{server}/v2/keys/current"),
                 key_id_pointer: "/id".into(),
@@ -1028,8 +1052,11 @@ mod tests {
     #[test]
     fn parsed_regenerate_bodies_are_wiped_but_the_secret_survives() {
         let c = config("http://127.0.0.1:9");
-        let r =
-            parse_regenerate(&c.regenerate, br#"{"data":{"id":"k2","secret":"vx_new"}}"#).unwrap();
+        let r = parse_regenerate(
+            c.regenerate.as_ref().unwrap(),
+            br#"{"data":{"id":"k2","secret":"vx_new"}}"#,
+        )
+        .unwrap();
         assert_eq!(r.secret.expose_secret(), "vx_new");
         let mut v = serde_json::json!({"a": ["s3cret", {"b": "x"}], "n": 1});
         crate::secret::wipe_json(&mut v);
@@ -1039,7 +1066,9 @@ mod tests {
     #[test]
     fn bad_method_is_refused_at_build() {
         let mut c = config("http://127.0.0.1:9");
-        c.regenerate.method = "PO ST".into();
+        if let Some(r) = c.regenerate.as_mut() {
+            r.method = "PO ST".into();
+        }
         assert!(HttpProvider::new("vendor-x", &c).is_err());
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::ProviderConfig;
+use crate::config::{Overlap, ProviderConfig};
 use crate::secret::Secret;
 
 /// The portal's metadata for the current key.
@@ -30,6 +30,15 @@ pub struct Regenerated {
     pub secret: Secret,
     pub last_rotated: Option<DateTime<Utc>>,
     pub generated_by: Option<String>,
+}
+
+/// What a revoke found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// The key was live and is revoked now.
+    Now,
+    /// The vendor no longer knows the key (404): revoked before, by keyrotd or someone else.
+    AlreadyGone,
 }
 
 /// Who a secret authenticates as.
@@ -64,10 +73,15 @@ pub enum ProviderError {
         operation: &'static str,
         message: String,
     },
-    /// A regenerate was sent and its outcome is unknown (timeout, reset, 5xx, unparseable body): the
-    /// portal may have rotated. Only ever returned by `regenerate`.
-    #[error("{provider}: regenerate outcome unknown: {message}")]
-    Ambiguous { provider: String, message: String },
+    /// A regenerate (or a dual provider's create) was sent and its outcome is unknown (timeout,
+    /// reset, 5xx, unparseable body): the portal may have acted. Only ever returned by `regenerate`
+    /// and `create`.
+    #[error("{provider}: {operation} outcome unknown: {message}")]
+    Ambiguous {
+        provider: String,
+        operation: &'static str,
+        message: String,
+    },
     /// Anything retrying will not fix (4xx other than 401/403/429, a feature the provider lacks).
     #[error("{provider}: {operation}: {message}")]
     Permanent {
@@ -78,6 +92,8 @@ pub enum ProviderError {
 }
 
 /// A configured provider, ready to use.
+// One per configured provider, built once and shared: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Provider {
     Aos(aos::AosProvider),
     Http(http::HttpProvider),
@@ -164,5 +180,66 @@ impl Provider {
             #[cfg(feature = "testing")]
             Provider::Scripted(p) => p.auth_check(secret).await,
         }
+    }
+
+    /// Whether the provider can keep two keys live (`create`, then `revoke` the old one). The
+    /// `aos` portal cannot: its regenerate invalidates the old key at once.
+    pub fn overlap(&self) -> Overlap {
+        match self {
+            Provider::Aos(_) => Overlap::None,
+            Provider::Http(p) => p.overlap(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.overlap(),
+        }
+    }
+
+    /// False without a `list` call: a key whose create answer was lost cannot be found.
+    pub fn has_list(&self) -> bool {
+        match self {
+            Provider::Aos(_) => false,
+            Provider::Http(p) => p.has_list(),
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.has_list(),
+        }
+    }
+
+    /// A new key of `key` (the `[[keys]]` name) while the current one stays valid. Errors are
+    /// classified as for regenerate; an ambiguous create loses nothing (the old key still works).
+    pub async fn create(&self, key: &str) -> Result<Regenerated, ProviderError> {
+        match self {
+            Provider::Aos(p) => Err(no_overlap(p.name(), "create")),
+            Provider::Http(p) => p.create(key).await,
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.create().await,
+        }
+    }
+
+    /// Retires `key_id`. Idempotent: a key the vendor no longer knows is [`Revoked::AlreadyGone`].
+    pub async fn revoke(&self, key: &str, key_id: &str) -> Result<Revoked, ProviderError> {
+        match self {
+            Provider::Aos(p) => Err(no_overlap(p.name(), "revoke")),
+            Provider::Http(p) => p.revoke(key, key_id).await,
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.revoke(key_id).await,
+        }
+    }
+
+    /// The ids of `key`'s live keys at the vendor.
+    pub async fn list(&self, key: &str) -> Result<Vec<String>, ProviderError> {
+        match self {
+            Provider::Aos(p) => Err(no_overlap(p.name(), "list")),
+            Provider::Http(p) => p.list(key).await,
+            #[cfg(feature = "testing")]
+            Provider::Scripted(p) => p.list().await,
+        }
+    }
+}
+
+/// The answer of a key call a provider without overlap does not have.
+fn no_overlap(provider: &str, operation: &'static str) -> ProviderError {
+    ProviderError::Permanent {
+        provider: provider.to_string(),
+        operation,
+        message: "provider has no overlap (overlap = \"none\")".into(),
     }
 }

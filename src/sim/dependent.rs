@@ -1,7 +1,10 @@
 //! The dependent simulator: a service that uses the key. On `POST /-/reload` it reads the key from its
 //! source (a file, a Vault KV v2 field, an AWS secret); from then on it calls the portal's auth check
 //! with it every probe interval, and `GET /health/upstream` (its verify endpoint) answers 200 while the
-//! key authenticates and 401 when it does not. `/_sim/` shows what it saw and injects faults.
+//! key authenticates and 401 when it does not. `GET /key` reports the fingerprint of the key it uses
+//! (`{"fingerprint": "..."}`, a dual key's `confirm` endpoint). `/_sim/` shows what it saw and
+//! injects faults: `ignore_reload` (it never picks up a new key), `unhealthy_after_reload` (a canary
+//! that cannot work with the new key: its health answers 401 after its next reload).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -153,6 +156,8 @@ struct Inner {
     ignore_reload: bool,
     ignore_reload_next: u64,
     fail_reload_next: u64,
+    unhealthy_after_reload: bool,
+    unhealthy: bool,
 }
 
 #[derive(Clone)]
@@ -241,6 +246,7 @@ impl Dependent {
         Router::new()
             .route("/-/reload", post(reload))
             .route("/health/upstream", get(health))
+            .route("/key", get(key_fingerprint))
             .merge(sim)
             .with_state(self)
     }
@@ -327,7 +333,11 @@ async fn reload(
     }
     match d.options.source.read(&d.http).await {
         Ok(key) => {
-            d.lock().key = Some(key);
+            {
+                let mut inner = d.lock();
+                inner.key = Some(key);
+                inner.unhealthy |= inner.unhealthy_after_reload;
+            }
             record(&d, StatusCode::OK);
             (StatusCode::OK, "reloaded\n").into_response()
         }
@@ -339,6 +349,13 @@ async fn reload(
 }
 
 async fn health(State(d): State<Dependent>) -> Response {
+    if d.lock().unhealthy {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "upstream refuses what this service does with the new key\n",
+        )
+            .into_response();
+    }
     match d.check_upstream().await {
         Upstream::Ok => (StatusCode::OK, "upstream ok\n").into_response(),
         Upstream::Refused => {
@@ -350,6 +367,12 @@ async fn health(State(d): State<Dependent>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// The fingerprint of the key in use (never the key): what a dual key's `confirm` reads.
+async fn key_fingerprint(State(d): State<Dependent>) -> Json<Value> {
+    let fp = d.lock().key.as_ref().map(fingerprint);
+    Json(json!({ "fingerprint": fp }))
 }
 
 async fn sim_state(State(d): State<Dependent>) -> Json<DependentState> {
@@ -370,6 +393,8 @@ struct FaultsRequest {
     /// Answer the next N reloads 200 without reading the key (then reload for real again).
     ignore_reload_next: Option<u64>,
     fail_reload_next: Option<u64>,
+    /// After its next reload, `/health/upstream` answers 401 (a canary that fails with the new key).
+    unhealthy_after_reload: Option<bool>,
 }
 
 async fn sim_faults(State(d): State<Dependent>, body: axum::body::Bytes) -> Response {
@@ -386,6 +411,12 @@ async fn sim_faults(State(d): State<Dependent>, body: axum::body::Bytes) -> Resp
     }
     if let Some(n) = req.fail_reload_next {
         inner.fail_reload_next = n;
+    }
+    if let Some(b) = req.unhealthy_after_reload {
+        inner.unhealthy_after_reload = b;
+        if !b {
+            inner.unhealthy = false;
+        }
     }
     StatusCode::NO_CONTENT.into_response()
 }

@@ -1,5 +1,6 @@
-//! Simulators of the portal ([`portal`]) and of a dependent service ([`dependent`]), for the tests and
-//! the demo, and a TCP proxy that adds latency and counts requests ([`proxy`]), for the benchmarks. They are test equipment, not part of the daemon: the daemon never links to them at run
+//! Simulators of the portal ([`portal`]), of a vendor that keeps two keys live ([`vendor`]) and of a
+//! dependent service ([`dependent`]), for the tests and the demo, and a TCP proxy that adds latency and
+//! counts requests ([`proxy`]), for the benchmarks. They are test equipment, not part of the daemon: the daemon never links to them at run
 //! time, and the portal simulator deliberately hands out the secrets it issued (`/_sim/issued-secrets`)
 //! so leak tests can search logs and files for them.
 //!
@@ -10,6 +11,7 @@
 pub mod dependent;
 pub mod portal;
 pub mod proxy;
+pub mod vendor;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,6 +79,19 @@ pub struct FleetCounters {
     pub auth_failed: u64,
 }
 
+/// `GET /_sim/state` of the dual-key vendor simulator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VendorState {
+    /// Every live key, oldest first.
+    pub live: Vec<VendorKey>,
+    /// Creates that made a key (`lose_next` ones included), and revokes that retired one.
+    pub creates: u64,
+    pub revokes: u64,
+    /// `/v1/auth/check` calls that passed / failed.
+    pub auth_ok: u64,
+    pub auth_failed: u64,
+}
+
 /// One entry of `GET /_sim/accounts` of a fleet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetAccount {
@@ -85,6 +100,14 @@ pub struct FleetAccount {
     pub key_id: String,
     pub regenerations: u64,
     pub requests: PortalCounters,
+}
+
+/// One live key of the vendor simulator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VendorKey {
+    pub id: String,
+    pub name: String,
+    pub fingerprint: String,
 }
 
 /// `GET /_sim/state` of the dependent simulator.

@@ -39,9 +39,21 @@ pub(super) enum Gauge {
     JournalBlocked,
     LeaseHeld,
     Pending,
+    /// Dual keys only (absent on the others), like the three after it.
+    Overlap,
+    DependentsConfirmed,
+    OldKeyLiveSince,
+    RevokeAfter,
 }
 
-const GAUGES: usize = Gauge::Pending as usize + 1;
+const GAUGES: usize = Gauge::RevokeAfter as usize + 1;
+
+/// The gauges only a dual key (`overlap = "dual"`) has; all but `RevokeAfter` start at 0.
+const DUAL_GAUGES: [Gauge; 3] = [
+    Gauge::Overlap,
+    Gauge::DependentsConfirmed,
+    Gauge::OldKeyLiveSince,
+];
 
 fn zeros(n: usize) -> Box<[AtomicU64]> {
     (0..n).map(|_| AtomicU64::new(0)).collect()
@@ -146,6 +158,10 @@ pub(super) struct Shape {
     pub verified: BTreeSet<String>,
     pub coordinated: bool,
     pub owner: String,
+    /// The provider keeps two keys live: the dual gauges exist.
+    pub dual: bool,
+    /// A dual key's `revoke_after`, in seconds.
+    pub revoke_after: Option<f64>,
 }
 
 /// One shared copy of each store and dependent name, for every key that uses it.
@@ -199,6 +215,17 @@ impl KeySeries {
                 k.set(always, Some(0.0));
             }
         }
+        for g in DUAL_GAUGES {
+            match (shape.dual, k.gauge(g)) {
+                (true, None) => k.set(g, Some(0.0)),
+                (true, Some(_)) => {}
+                (false, _) => k.set(g, None),
+            }
+        }
+        k.set(
+            Gauge::RevokeAfter,
+            shape.revoke_after.filter(|_| shape.dual),
+        );
         let takeovers = &k.cells[Self::takeovers_cell()];
         if shape.coordinated {
             if k.gauge(Gauge::LeaseHeld).is_none() {
@@ -458,6 +485,10 @@ impl Family {
         Family::Gauge(Gauge::JournalBlocked),
         Family::Gauge(Gauge::LeaseHeld),
         Family::Gauge(Gauge::Pending),
+        Family::Gauge(Gauge::Overlap),
+        Family::Gauge(Gauge::DependentsConfirmed),
+        Family::Gauge(Gauge::OldKeyLiveSince),
+        Family::Gauge(Gauge::RevokeAfter),
         Family::LeaseTakeovers,
         Family::KeyInfo,
         Family::ProviderRequests,
@@ -524,7 +555,7 @@ impl Family {
             Family::ProviderRequests => (
                 "keyrotd_provider_requests_total",
                 "counter",
-                "Provider calls by operation (status, regenerate, auth_check) and outcome.",
+                "Provider calls by operation (status, regenerate, auth_check, create, revoke, list) and outcome.",
             ),
             Family::Gauge(g) => gauge_description(g),
         }
@@ -649,6 +680,22 @@ fn gauge_description(g: Gauge) -> (&'static str, &'static str, &'static str) {
         Gauge::Pending => (
             "keyrotd_rotation_pending",
             "1 while a due rotation of the key waits for an operator's approval.",
+        ),
+        Gauge::Overlap => (
+            "keyrotd_key_overlap_seconds",
+            "Dual keys: how long the old and the new key were both live in the last rotation that retired its old key (creation of the new to revoke of the old), seconds.",
+        ),
+        Gauge::DependentsConfirmed => (
+            "keyrotd_dependents_confirmed",
+            "Dual keys: dependents that confirmed the key's newest key (healthy, and reporting its fingerprint where they can).",
+        ),
+        Gauge::OldKeyLiveSince => (
+            "keyrotd_key_old_key_live_since_timestamp_seconds",
+            "Dual keys: when the overlap began (the new key's creation) while a rotation has ended with the old key still live, Unix seconds; 0 when no old key is kept.",
+        ),
+        Gauge::RevokeAfter => (
+            "keyrotd_key_revoke_after_seconds",
+            "Dual keys with revoke_after: how long after the new key's creation the old key is revoked even if a dependent never confirmed, seconds.",
         ),
     };
     (name, "gauge", help)

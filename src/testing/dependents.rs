@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use crate::config::{DestinationTarget, ReloadHook, VerifyConfig};
+use crate::config::{ConfirmConfig, DestinationTarget, ReloadHook, VerifyConfig};
 use crate::limits::Limited;
 use crate::notify::{HookError, Probe, ReloadNotice};
 use crate::provider::Provider;
@@ -28,6 +28,12 @@ struct State {
     /// Reloads answered, with the tokio time of the answer.
     answered: Vec<tokio::time::Instant>,
     probes: u32,
+    /// Answers reloads without reading anything: keeps the key it has.
+    ignore_reloads: bool,
+    /// After its next reload its verify answers 401 (a new key it cannot use).
+    fail_after_reload: bool,
+    failing: bool,
+    confirms: u32,
 }
 
 /// One scripted dependent.
@@ -120,6 +126,33 @@ impl DependentScript {
         self.state().probes
     }
 
+    /// Never picks up a new key: reloads are answered, the key it holds stays.
+    pub fn ignore_reloads(&self, on: bool) {
+        self.state().ignore_reloads = on;
+    }
+
+    /// After its next reload, its verify fails authentication (as a canary that cannot use the new
+    /// key would).
+    pub fn fail_after_reload(&self) {
+        self.state().fail_after_reload = true;
+    }
+
+    /// Confirm calls answered so far.
+    pub fn confirms(&self) -> u32 {
+        self.state().confirms
+    }
+
+    fn confirm(&self) -> Result<Option<String>, String> {
+        let mut s = self.state();
+        if s.unreachable {
+            return Err("connection refused".into());
+        }
+        s.confirms += 1;
+        Ok(s.held
+            .as_ref()
+            .map(|v| crate::secret::fingerprint(&crate::secret::Secret::from(v.clone()))))
+    }
+
     async fn reload(&self) -> Result<(), HookError> {
         let delay = {
             let mut s = self.state();
@@ -140,6 +173,13 @@ impl DependentScript {
             if s.failing_reloads > 0 {
                 s.failing_reloads -= 1;
                 return Err(HookError::Status(500));
+            }
+            if s.fail_after_reload {
+                s.failing = true;
+            }
+            if s.ignore_reloads {
+                s.answered.push(tokio::time::Instant::now());
+                return Ok(());
             }
         }
         let read = match &self.reads {
@@ -165,8 +205,11 @@ impl DependentScript {
         if s.unreachable {
             return Probe::Unreachable("connection refused".into());
         }
+        if s.failing {
+            return Probe::AuthFailure(401);
+        }
         match &self.checks {
-            Some(p) if s.held != active_secret(p) => Probe::AuthFailure(401),
+            Some(p) if !accepted(p, s.held.as_deref()) => Probe::AuthFailure(401),
             _ => Probe::Ok,
         }
     }
@@ -177,6 +220,15 @@ fn active_secret(provider: &Provider) -> Option<String> {
     match provider {
         Provider::Scripted(p) => Some(p.secret()),
         _ => None,
+    }
+}
+
+/// Whether the scripted provider accepts `held` (any other provider accepts everything).
+fn accepted(provider: &Provider, held: Option<&str>) -> bool {
+    match (provider, held) {
+        (Provider::Scripted(p), Some(v)) => p.accepts(v),
+        (Provider::Scripted(_), None) => false,
+        _ => true,
     }
 }
 
@@ -195,10 +247,15 @@ impl ScriptedDependents {
         script: DependentScript,
     ) -> Arc<DependentScript> {
         let script = Arc::new(script);
-        let mut by_url = self.by_url.lock().unwrap_or_else(|p| p.into_inner());
-        by_url.insert(normalize(reload_url), script.clone());
-        by_url.insert(normalize(verify_url), script.clone());
+        self.alias(reload_url, &script);
+        self.alias(verify_url, &script);
         script
+    }
+
+    /// Makes `script` answer at `url` too (its `confirm` endpoint, a second key's hook URL).
+    pub fn alias(&self, url: &str, script: &Arc<DependentScript>) {
+        let mut by_url = self.by_url.lock().unwrap_or_else(|p| p.into_inner());
+        by_url.insert(normalize(url), script.clone());
     }
 
     fn find(&self, url: &str) -> Option<Arc<DependentScript>> {
@@ -227,6 +284,14 @@ impl ScriptedDependents {
         match self.find(verify.url.as_str()) {
             Some(d) => d.probe(),
             None => Probe::Unreachable("no scripted dependent".into()),
+        }
+    }
+
+    /// The fingerprint of the key the dependent at `confirm.url` holds.
+    pub async fn confirm(&self, confirm: &ConfirmConfig) -> Result<Option<String>, String> {
+        match self.find(confirm.url.as_str()) {
+            Some(d) => d.confirm(),
+            None => Err("no scripted dependent".into()),
         }
     }
 }

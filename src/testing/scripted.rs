@@ -1,5 +1,7 @@
 //! A scripted provider: an in-memory portal that keeps the portal's contract (one active key; the old
-//! one dies at regenerate; the secret is shown once) and fails on cue.
+//! one dies at regenerate; the secret is shown once) and fails on cue. Switched to
+//! [`ScriptedProvider::set_dual`], it is a vendor that keeps several keys live: `create` adds one,
+//! `revoke` retires one by id, every live key authenticates.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -8,7 +10,8 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 
 use crate::clock::Clock;
-use crate::provider::{AuthIdentity, KeyStatus, ProviderError, Regenerated};
+use crate::config::Overlap;
+use crate::provider::{AuthIdentity, KeyStatus, ProviderError, Regenerated, Revoked};
 use crate::secret::Secret;
 
 /// A provider operation.
@@ -17,6 +20,9 @@ pub enum Op {
     Status,
     Regenerate,
     AuthCheck,
+    Create,
+    Revoke,
+    List,
 }
 
 /// What the next call of an operation does instead of answering.
@@ -76,6 +82,11 @@ struct State {
     issued: Vec<String>,
     has_status: bool,
     has_auth_check: bool,
+    /// A vendor with two live keys: `live` holds every key not revoked, oldest first.
+    dual: bool,
+    has_list: bool,
+    live: Vec<(String, String)>,
+    revoked: Vec<String>,
 }
 
 pub struct ScriptedProvider {
@@ -108,6 +119,10 @@ impl ScriptedProvider {
                 issued: vec![format!("{name}-secret-0")],
                 has_status: true,
                 has_auth_check: true,
+                dual: false,
+                has_list: true,
+                live: vec![(format!("{name}-key-0"), format!("{name}-secret-0"))],
+                revoked: Vec::new(),
             }),
         }
     }
@@ -130,6 +145,35 @@ impl ScriptedProvider {
         let q = s.faults.entry(op).or_default();
         for _ in 0..n {
             q.push_back(Injected::Fault(fault));
+        }
+    }
+
+    /// From now on a vendor that keeps several keys live (`overlap = "dual"`).
+    pub fn set_dual(&self) {
+        self.state().dual = true;
+    }
+
+    pub fn without_list(&self) {
+        self.state().has_list = false;
+    }
+
+    /// Ids of the keys not revoked, oldest first (dual only).
+    pub fn live_ids(&self) -> Vec<String> {
+        self.state().live.iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Ids revoked so far, in order (dual only).
+    pub fn revoked(&self) -> Vec<String> {
+        self.state().revoked.clone()
+    }
+
+    /// Whether `secret` authenticates now: the active key, or (dual) any live one.
+    pub fn accepts(&self, secret: &str) -> bool {
+        let s = self.state();
+        if s.dual {
+            s.live.iter().any(|(_, v)| v == secret)
+        } else {
+            s.secret == secret
         }
     }
 
@@ -189,6 +233,12 @@ impl ScriptedProvider {
         s.last_rotated = Some(now);
         s.regenerations += 1;
         s.issued.push(s.secret.clone());
+        let (id, secret) = (s.key_id.clone(), s.secret.clone());
+        if s.dual {
+            s.live.push((id, secret));
+        } else {
+            s.live = vec![(id, secret)];
+        }
     }
 
     /// Rotations done out of band.
@@ -272,6 +322,9 @@ impl ScriptedProvider {
             Op::Status => "status",
             Op::Regenerate => "regenerate",
             Op::AuthCheck => "auth_check",
+            Op::Create => "create",
+            Op::Revoke => "revoke",
+            Op::List => "list",
         };
         match fault {
             Fault::Auth => ProviderError::Auth {
@@ -293,10 +346,13 @@ impl ScriptedProvider {
                 operation,
                 message: "HTTP 400".into(),
             },
-            Fault::Ambiguous | Fault::Lose if op == Op::Regenerate => ProviderError::Ambiguous {
-                provider,
-                message: "connection reset".into(),
-            },
+            Fault::Ambiguous | Fault::Lose if matches!(op, Op::Regenerate | Op::Create) => {
+                ProviderError::Ambiguous {
+                    provider,
+                    operation,
+                    message: "connection reset".into(),
+                }
+            }
             _ => ProviderError::Transient {
                 provider,
                 operation,
@@ -366,11 +422,95 @@ impl ScriptedProvider {
         }
         let answer = {
             let s = self.state();
-            (secret.expose_secret() == s.secret).then(|| AuthIdentity {
+            let value = secret.expose_secret();
+            let key_id = if s.dual {
+                s.live.iter().find(|(_, v)| v == value).map(|(id, _)| id)
+            } else {
+                (value == s.secret).then_some(&s.key_id)
+            };
+            key_id.map(|id| AuthIdentity {
                 account_id: s.account_id.clone(),
-                key_id: Some(s.key_id.clone()),
+                key_id: Some(id.clone()),
             })
         };
+        Ok(Self::deliver(answer, late).await)
+    }
+
+    pub fn overlap(&self) -> Overlap {
+        if self.state().dual {
+            Overlap::Dual
+        } else {
+            Overlap::None
+        }
+    }
+
+    pub fn has_list(&self) -> bool {
+        let s = self.state();
+        s.dual && s.has_list
+    }
+
+    /// A second live key; the old ones stay valid. `Lose` creates it and loses the answer.
+    pub async fn create(&self) -> Result<Regenerated, ProviderError> {
+        let (fault, late) = self.enter(Op::Create).await;
+        match fault {
+            Some(Injected::Fault(Fault::Lose)) => {
+                let mut s = self.state();
+                Self::rotate(&mut s, &self.name, self.clock.now());
+                return Err(self.error(Op::Create, Fault::Lose));
+            }
+            Some(Injected::Error {
+                error,
+                rotates: true,
+            }) => {
+                let mut s = self.state();
+                Self::rotate(&mut s, &self.name, self.clock.now());
+                return Err(error);
+            }
+            Some(f) => return Err(self.injected_error(Op::Create, f)),
+            None => {}
+        }
+        let answer = {
+            let mut s = self.state();
+            Self::rotate(&mut s, &self.name, self.clock.now());
+            Regenerated {
+                key_id: s.key_id.clone(),
+                secret: Secret::from(s.secret.clone()),
+                last_rotated: s.last_rotated,
+                generated_by: None,
+            }
+        };
+        Ok(Self::deliver(answer, late).await)
+    }
+
+    /// Retires `key_id`; the newest remaining key is the one the status reports.
+    pub async fn revoke(&self, key_id: &str) -> Result<Revoked, ProviderError> {
+        let (fault, late) = self.enter(Op::Revoke).await;
+        if let Some(f) = fault {
+            return Err(self.injected_error(Op::Revoke, f));
+        }
+        let answer = {
+            let mut s = self.state();
+            let before = s.live.len();
+            s.live.retain(|(id, _)| id != key_id);
+            if s.live.len() == before {
+                Revoked::AlreadyGone
+            } else {
+                s.revoked.push(key_id.to_string());
+                if let Some((id, secret)) = s.live.last().cloned() {
+                    (s.key_id, s.secret) = (id, secret);
+                }
+                Revoked::Now
+            }
+        };
+        Ok(Self::deliver(answer, late).await)
+    }
+
+    pub async fn list(&self) -> Result<Vec<String>, ProviderError> {
+        let (fault, late) = self.enter(Op::List).await;
+        if let Some(f) = fault {
+            return Err(self.injected_error(Op::List, f));
+        }
+        let answer = self.live_ids();
         Ok(Self::deliver(answer, late).await)
     }
 }

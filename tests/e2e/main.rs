@@ -9,6 +9,8 @@ mod cli;
 mod compose;
 mod crash;
 mod drift;
+mod dual;
+mod dual_crash;
 mod faults;
 mod faults_cli;
 mod faults_startup;

@@ -54,6 +54,10 @@ pub struct Spec {
     pub dependents: Vec<Dep>,
     /// The destinations hold the portal's key and the journal knows it (keyrotd rotated it before).
     pub known: bool,
+    /// The portal keeps two keys live (`overlap = "dual"`: create, revoke, list).
+    pub dual: bool,
+    /// Extra lines of a dependent's table, by its name (`canary = true`, `confirm = {...}`).
+    pub dep_extra: Vec<(&'static str, String)>,
 }
 
 impl Default for Spec {
@@ -62,6 +66,8 @@ impl Default for Spec {
             key: "watch = \"0s\"\nstore_deadline = \"10s\"\nowner = { name = \"team-payments\", contact = \"#payments\" }\nnotify = [\"owner\"]".into(),
             dependents: vec![dep("api", &["a"])],
             known: true,
+            dual: false,
+            dep_extra: Vec::new(),
         }
     }
 }
@@ -82,6 +88,19 @@ impl Spec {
 
     pub fn dependents(mut self, deps: Vec<Dep>) -> Self {
         self.dependents = deps;
+        self
+    }
+
+    /// A vendor that keeps two keys live; each dependent also reports the fingerprint it uses at
+    /// `http://NAME.invalid/key`.
+    pub fn dual(mut self) -> Self {
+        self.dual = true;
+        self
+    }
+
+    /// Adds `lines` to dependent `name`'s table.
+    pub fn dep_lines(mut self, name: &'static str, lines: &str) -> Self {
+        self.dep_extra.push((name, lines.to_string()));
         self
     }
 }
@@ -121,6 +140,9 @@ impl Fx {
         let dir = tempfile::tempdir().expect("temp dir");
         let clock = Clock::virtual_at(t0());
         let portal = ScriptedProvider::new("portal", clock.clone());
+        if spec.dual {
+            portal.set_dual();
+        }
         let original = portal.secret();
         let provider = Arc::new(Limited::new(Provider::Scripted(portal), 8));
         let stores: HashMap<String, Arc<Limited<Store>>> = STORES
@@ -186,6 +208,10 @@ impl Fx {
                 &format!("http://{}.invalid/health", d.name),
                 script,
             );
+            if self.spec.dual {
+                self.deps
+                    .alias(&format!("http://{}.invalid/key", d.name), &script);
+            }
             self.dependents.insert(d.name.to_string(), script);
         }
         let runtime = Runtime {
@@ -282,18 +308,28 @@ impl Fx {
                     d.name
                 ));
             }
+            if self.spec.dual {
+                deps.push_str(&format!(
+                    "  confirm = {{ url = \"http://{}.invalid/key\", fingerprint_pointer = \"/fingerprint\" }}\n",
+                    d.name
+                ));
+            }
+            for (_, lines) in self.spec.dep_extra.iter().filter(|(n, _)| *n == d.name) {
+                deps.push_str(&format!("  {lines}\n"));
+            }
         }
+        let provider = if self.spec.dual {
+            DUAL_PROVIDER
+        } else {
+            AOS_PROVIDER
+        };
         format!(
             r#"
 [daemon]
 state_dir = "{state}"
 reconcile_interval = "0s"
 
-[providers.portal]
-kind = "aos"
-base_url = "https://portal.invalid"
-management_token = {{ file = "{dir}/token" }}
-account_id = "acct"
+{provider}
 
 [stores.a]
 kind = "file"
@@ -323,6 +359,7 @@ provider = "portal"
             state = self.state_dir().display(),
             dir = dir.display(),
             key = self.spec.key,
+            provider = provider.replace("{dir}", &dir.display().to_string()),
         )
     }
 
@@ -473,6 +510,22 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+const AOS_PROVIDER: &str = r#"[providers.portal]
+kind = "aos"
+base_url = "https://portal.invalid"
+management_token = { file = "{dir}/token" }
+account_id = "acct""#;
+
+const DUAL_PROVIDER: &str = r#"[providers.portal]
+kind = "http"
+overlap = "dual"
+account_id = "acct"
+create = { url = "https://portal.invalid/v1/keys", secret_pointer = "/secret", key_id_pointer = "/id" }
+revoke = { url = "https://portal.invalid/v1/keys/{key_id}" }
+list = { url = "https://portal.invalid/v1/keys", ids_pointer = "/data" }
+status = { url = "https://portal.invalid/v1/keys/current", key_id_pointer = "/id" }
+auth_check = { url = "https://portal.invalid/v1/auth/check", header = "X-Api-Key" }"#;
 
 pub fn target() -> DestinationTarget {
     DestinationTarget::File {

@@ -5,6 +5,7 @@
 #![cfg(feature = "testing")]
 
 mod approval;
+mod dual;
 mod first_contact;
 mod fixture;
 mod matrix;

@@ -1,15 +1,17 @@
 //! A small validated `Config` built by hand, for tests of the metrics, alert rules and dashboard that
 //! need a configured keyrotd but no outside services: one scheduled key with a file destination and a
-//! dependent with a reload hook and a verify, an owner, an approval and a chat notify target.
+//! dependent with a reload hook and a verify, an owner, an approval and a chat notify target; and a
+//! second key on a vendor that keeps two keys live (`overlap = "dual"`, with `revoke_after`), so that
+//! the dual keys' series exist too.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keyrotd::config::{
     AosPaths, AosProviderConfig, ApprovalConfig, Config, DaemonConfig, DependentConfig,
-    DestinationConfig, DestinationTarget, FileStoreConfig, KeyConfig, LogFormat, NotifyKind,
-    NotifyTargetConfig, OwnerConfig, ProviderConfig, ReloadHook, StoreConfig, VerifyConfig,
-    WebhookUrl,
+    DestinationConfig, DestinationTarget, FileStoreConfig, HttpProviderConfig, HttpRegenerate,
+    HttpRevoke, KeyConfig, LogFormat, NotifyKind, NotifyTargetConfig, Overlap, OwnerConfig,
+    ProviderConfig, ReloadHook, Rollout, StoreConfig, VerifyConfig, WebhookUrl,
 };
 use keyrotd::schedule::Schedule;
 
@@ -30,6 +32,8 @@ pub fn dependent(name: &str) -> DependentConfig {
             env: BTreeMap::new(),
             retries: 2,
         }),
+        canary: false,
+        confirm: None,
     }
 }
 
@@ -60,6 +64,7 @@ pub fn config() -> Config {
         }),
         notify: vec!["chat".into()],
         on_first_contact: Default::default(),
+        rollout: Default::default(),
         destinations: vec![DestinationConfig {
             store: "files".into(),
             target: DestinationTarget::File {
@@ -67,6 +72,22 @@ pub fn config() -> Config {
             },
         }],
         dependents: vec![dependent("api")],
+    };
+    let dual = KeyConfig {
+        name: "payments".into(),
+        provider: "vendor".into(),
+        destinations: vec![DestinationConfig {
+            store: "files".into(),
+            target: DestinationTarget::File {
+                file: "payments.key".into(),
+            },
+        }],
+        rollout: Rollout {
+            overlap: Overlap::Dual,
+            revoke_after: Some(Duration::from_secs(86400)),
+            ..Rollout::default()
+        },
+        ..key.clone()
     };
     Config {
         daemon: DaemonConfig {
@@ -78,24 +99,53 @@ pub fn config() -> Config {
             log_format: LogFormat::Json,
             paused: false,
         },
-        providers: BTreeMap::from([(
-            "aos".to_string(),
-            ProviderConfig::Aos(AosProviderConfig {
-                base_url: "http://127.0.0.1:1/".parse().expect("valid URL"),
-                management_token: "not-a-real-token".to_string().into(),
-                account_id: Some("acct-1".into()),
-                timeout: Duration::from_secs(10),
-                requested_by: "keyrotd@test".into(),
-                paths: AosPaths::default(),
-                tls: Default::default(),
-                max_retry_after: keyrotd::backoff::DEFAULT_MAX_RETRY_AFTER,
-            }),
-        )]),
+        providers: BTreeMap::from([
+            (
+                "vendor".to_string(),
+                ProviderConfig::Http(HttpProviderConfig {
+                    auth: None,
+                    overlap: Overlap::Dual,
+                    regenerate: None,
+                    create: Some(HttpRegenerate {
+                        method: "POST".into(),
+                        url: "http://127.0.0.1:1/v1/keys".into(),
+                        body: None,
+                        secret_pointer: "/secret".into(),
+                        key_id_pointer: "/id".into(),
+                    }),
+                    revoke: Some(HttpRevoke {
+                        method: "DELETE".into(),
+                        url: "http://127.0.0.1:1/v1/keys/{key_id}".into(),
+                    }),
+                    list: None,
+                    status: None,
+                    auth_check: None,
+                    account_id: None,
+                    timeout: Duration::from_secs(10),
+                    requested_by: "keyrotd@test".into(),
+                    tls: Default::default(),
+                    max_retry_after: keyrotd::backoff::DEFAULT_MAX_RETRY_AFTER,
+                }),
+            ),
+            (
+                "aos".to_string(),
+                ProviderConfig::Aos(AosProviderConfig {
+                    base_url: "http://127.0.0.1:1/".parse().expect("valid URL"),
+                    management_token: "not-a-real-token".to_string().into(),
+                    account_id: Some("acct-1".into()),
+                    timeout: Duration::from_secs(10),
+                    requested_by: "keyrotd@test".into(),
+                    paths: AosPaths::default(),
+                    tls: Default::default(),
+                    max_retry_after: keyrotd::backoff::DEFAULT_MAX_RETRY_AFTER,
+                }),
+            ),
+        ]),
         stores: BTreeMap::from([(
             "files".to_string(),
             StoreConfig::File(FileStoreConfig { dir: "/tmp".into() }),
         )]),
-        keys: vec![key],
+        keys: vec![key, dual],
         coordination: None,
         limits: Default::default(),
         notify: BTreeMap::from([(

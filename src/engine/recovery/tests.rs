@@ -135,7 +135,143 @@ fn short(d: &Decision) -> String {
         Decision::Rerotate(RerotationReason::LostBeforeStorage) => "lost".into(),
         Decision::Rerotate(RerotationReason::Drift) => "drift".into(),
         Decision::Defer(_) => "defer".into(),
+        Decision::Recreate { revoke: Some(id) } => format!("recreate-revoking-{id}"),
+        Decision::Recreate { revoke: None } => "recreate-orphans".into(),
+        Decision::Confirm { from: None } => "confirm".into(),
+        Decision::Confirm { from: Some(i) } => format!("confirm-copy{i}"),
+        Decision::Revoke => "revoke".into(),
+        Decision::Rollback { from } => format!("rollback-copy{from}"),
     }
+}
+
+/// A dual key's journal in `phase`: old key `old` (fingerprint `fp-old`) stays live, new key `new`
+/// (`fp-new`) from storing on.
+fn dual_journal(phase: &str) -> KeyJournal {
+    let meta = crate::journal::RotationMeta {
+        rotation_id: uuid::Uuid::nil(),
+        trigger: crate::journal::Trigger::Schedule,
+        reason: "schedule".into(),
+        requested_by: "test".into(),
+        started_at: now(),
+        approved_by: None,
+    };
+    let mut j = KeyJournal::new("k");
+    j.adopted(Some("old".into()), "fp-old");
+    j.creating(&meta, Some("old".into()), vec!["old".into()], now());
+    j.regenerations.clear();
+    if phase == "creating" {
+        return j;
+    }
+    j.created("new", "fp-new", now());
+    match phase {
+        "storing" => {}
+        "confirming" => j.confirming(),
+        "revoking" => {
+            j.confirming();
+            j.revoking(vec!["old".into()]);
+        }
+        "rolling_back" => j.rolling_back(),
+        other => panic!("no dual phase {other}"),
+    }
+    assert_eq!(crate::journal::phase_name(j.phase), phase);
+    j
+}
+
+fn dual_held(which: &str) -> Vec<Holding> {
+    let v = |fp: &str| Holding::Value(fp.into());
+    match which {
+        "old" => vec![v("fp-old"), v("fp-old")],
+        "some" => vec![v("fp-old"), v("fp-new")],
+        "all" => vec![v("fp-new"), v("fp-new")],
+        "none" => vec![Holding::Empty, Holding::Empty],
+        _ => vec![Holding::Unreadable, v("fp-new")],
+    }
+}
+
+/// Dual phases × holdings (old key everywhere, new in some, new in all, empty, one unreadable). The
+/// provider's status plays no part: a dual vendor's status may name either live key.
+const DUAL: &[(&str, [&str; 5])] = &[
+    // The create may have made a key nobody knows: revoke what the vendor lists that it did not
+    // list before, and rotate again. The old key is untouched.
+    ("creating", ["recreate-orphans"; 5]),
+    // Stored somewhere: finish (copy, tell, confirm, revoke). Nowhere: the new key is nobody's,
+    // revoke it and start again. Unreadable and not proven elsewhere: wait.
+    (
+        "storing",
+        [
+            "recreate-revoking-new",
+            "confirm-copy1",
+            "confirm",
+            "recreate-revoking-new",
+            "confirm-copy1",
+        ],
+    ),
+    (
+        "confirming",
+        [
+            "recreate-revoking-new",
+            "confirm-copy1",
+            "confirm",
+            "recreate-revoking-new",
+            "confirm-copy1",
+        ],
+    ),
+    // A revoke is sent again (idempotent), whatever the destinations hold.
+    ("revoking", ["revoke"; 5]),
+    // A rollback puts the old key back from a destination that still holds it.
+    (
+        "rolling_back",
+        [
+            "rollback-copy0",
+            "rollback-copy0",
+            "defer",
+            "defer",
+            "defer",
+        ],
+    ),
+];
+
+#[test]
+fn every_dual_phase_and_holding_has_its_decision() {
+    let key = key(true);
+    for (phase, want) in DUAL {
+        for (hi, h) in ["old", "some", "all", "none", "unreadable"]
+            .iter()
+            .enumerate()
+        {
+            for s in ["old", "new", "unreadable"] {
+                let got = decide(
+                    &dual_journal(phase),
+                    &status(s),
+                    &dual_held(h),
+                    &key,
+                    true,
+                    now(),
+                );
+                assert_eq!(
+                    short(&got),
+                    want[hi],
+                    "phase {phase}, holdings {h}, status {s}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_dual_key_without_a_destination_proven_empty_of_the_new_key_is_not_abandoned() {
+    // Storing, nothing holds the new key for sure, one destination cannot be read: it may hold the
+    // new key, which a dependent may use; revoking it could take the only key that dependent has.
+    let held = vec![Holding::Unreadable, Holding::Value("fp-old".into())];
+    let d = decide(
+        &dual_journal("storing"),
+        &status("old"),
+        &held,
+        &key(true),
+        true,
+        now(),
+    );
+    assert!(matches!(d, Decision::Defer(_)), "{d:?}");
 }
 
 /// Rows: phase, then per status (old, new, other, unreadable) the decisions for holdings

@@ -6,6 +6,7 @@ pub mod bao;
 #[cfg(feature = "failpoints")]
 pub mod crash;
 pub mod daemon;
+pub mod dual;
 pub mod gate;
 pub mod metrics;
 pub mod moto;

@@ -326,6 +326,7 @@ fn notice() -> ReloadNotice<'static> {
         rotation_id: uuid::Uuid::nil(),
         key_id: "ak_2",
         rotated_at: chrono::Utc::now(),
+        keys: &[],
     }
 }
 
