@@ -402,11 +402,12 @@ impl Rotation {
                 self.key.max_regenerations_per_day
             ));
         }
-        // A drift loop gives the destinations a new value every round: it waits for a store that asks
-        // for few values per secret. A lost key's last round gave no destination a value (lost in
-        // transit, or none confirmed it) and no working key exists anywhere meanwhile, so waiting
-        // would only lengthen the outage: it goes at once.
-        if matches!(reason, RerotationReason::Drift) {
+        // A drift loop gives the destinations a new value every round: from its second round on it
+        // waits for a store that asks for few values per secret. The first repair of drift goes at
+        // once: the destinations hold a dead key, and waiting would only lengthen that outage. A
+        // lost key's last round gave no destination a value (lost in transit, or none confirmed it)
+        // and no working key exists anywhere meanwhile, so it never waits.
+        if matches!(reason, RerotationReason::Drift) && j.rerotations_in_row > 1 {
             self.respect_write_rates().await;
         }
         self.engine.metrics.rerotation(&self.key.name, reason);
