@@ -30,6 +30,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// Runs the daemon until shutdown. `config_path` is re-read on SIGHUP.
 pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let sd = SystemdNotifier::from_env();
+    raise_open_files_limit();
     let _lock = StateLock::acquire(&config.daemon.state_dir)?;
     // Under the lock no write of ours is in flight: a temp file now is a crash's leftover (a secret).
     for path in crate::store::file::clean_stale_temp_files(&config) {
@@ -113,18 +114,45 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The soft open-files limit up to the hard one (at most 65,536): a fleet's connections to many
+/// portals, stores and hooks at once would otherwise meet the usual soft limit of 1,024 as "too many
+/// open files" in the middle of a rotation. A refusal only costs the headroom; it is logged.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const WANTED: u64 = 65_536;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let target = hard.min(WANTED);
+    if soft >= target {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => tracing::debug!(from = soft, to = target, "Raised the open-files limit."),
+        Err(e) => tracing::warn!(
+            soft,
+            hard,
+            error = %e,
+            "Could not raise the open-files limit; a large fleet may run out of sockets."
+        ),
+    }
+}
+
 fn spawn_loops(engine: &Arc<Engine>) {
     let e = engine.clone();
     tokio::spawn(async move {
         loop {
+            // Each key once per interval, spread over it; the next round starts when it ends.
             // Disabled ("0s"): look again now and then, in case a reload enables it.
-            let interval = e.config().daemon.reconcile_interval;
-            tokio::select! {
-                _ = e.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval.unwrap_or(Duration::from_secs(60))) => {}
+            match e.config().daemon.reconcile_interval {
+                Some(interval) => reconcile::reconcile_spread(&e, interval).await,
+                None => tokio::select! {
+                    _ = e.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                },
             }
-            if interval.is_some() {
-                reconcile::reconcile_all(&e).await;
+            if e.shutdown.is_cancelled() {
+                return;
             }
         }
     });

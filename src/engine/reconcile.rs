@@ -211,6 +211,35 @@ fn views(key: &KeyConfig, values: &[Read], active_fp: Option<&str>) -> Vec<Desti
         .collect()
 }
 
+/// One periodic round: every key reconciled once, spread evenly over `interval` (key `i` of `n` at
+/// `(i+1)/n` of it, so a lone key is looked at when the interval has passed), at most 64 at a time. A fleet's reads then reach the portal and the stores as a
+/// steady trickle rather than a burst every interval, and the process wakes for them only as often
+/// as they are due. Ends after `interval` (or at shutdown).
+pub async fn reconcile_spread(engine: &Arc<Engine>, interval: std::time::Duration) {
+    let config = engine.config();
+    let n = config.keys.len().max(1) as u32;
+    let start = tokio::time::Instant::now();
+    let round = futures::stream::iter(0..config.keys.len())
+        .map(|i| {
+            let (engine, config) = (engine.clone(), config.clone());
+            let at = start + interval.mul_f64(f64::from(i as u32 + 1) / f64::from(n));
+            async move {
+                tokio::time::sleep_until(at).await;
+                reconcile_key(&engine, &config.keys[i], true).await;
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .for_each(|()| async {});
+    tokio::select! {
+        _ = engine.shutdown.cancelled() => return,
+        _ = round => {}
+    }
+    tokio::select! {
+        _ = engine.shutdown.cancelled() => {}
+        _ = tokio::time::sleep_until(start + interval) => {}
+    }
+}
+
 /// Reconcile every key once (64 at a time, so one slow key does not hold up the rest).
 pub async fn reconcile_all(engine: &Arc<Engine>) -> Vec<(String, Reconciled)> {
     let config = engine.config();

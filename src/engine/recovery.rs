@@ -215,7 +215,16 @@ pub async fn recover_all(engine: &Arc<Engine>) -> Vec<(String, Decision)> {
 pub async fn recovery_tick(engine: &Arc<Engine>) {
     engine.flush_journals().await;
     let config = engine.config();
-    futures::stream::iter(0..config.keys.len())
+    // Only keys whose journal says a rotation was interrupted or a re-rotation is owed: the rest
+    // (nearly all of a fleet, nearly always) are neither claimed nor read.
+    let pending: Vec<usize> = (0..config.keys.len())
+        .filter(|&i| {
+            engine
+                .slot(&config.keys[i].name)
+                .is_some_and(|s| s.may_need_recovery())
+        })
+        .collect();
+    futures::stream::iter(pending)
         .for_each_concurrent(CONCURRENCY, |i| {
             let (engine, config) = (engine.clone(), config.clone());
             async move {

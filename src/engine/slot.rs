@@ -58,6 +58,8 @@ pub struct Live {
     pub pending_approval: Option<PendingApproval>,
     /// Mirror of the journal: keyrotd has never issued nor adopted this key.
     pub first_contact: bool,
+    /// Mirror of the journal: the key is lost (a re-rotation is owed).
+    pub lost: bool,
 }
 
 /// A key's slot. Shared behind an `Arc`; outlives a config reload that drops the key while a rotation
@@ -79,6 +81,7 @@ impl KeySlot {
             observing: true,
             pending_approval: journal.pending_approval.clone(),
             first_contact: journal.is_first_contact(),
+            lost: journal.lost,
             ..Live::default()
         };
         Arc::new(KeySlot {
@@ -124,6 +127,18 @@ impl KeySlot {
         live.phase = journal.phase;
         live.pending_approval = journal.pending_approval.clone();
         live.first_contact = journal.is_first_contact();
+        live.lost = journal.lost;
+    }
+
+    /// Whether periodic recovery has anything to look at: the journal (as mirrored) is mid-rotation
+    /// or the key is lost, and nobody holds the key. Reads no journal and takes no claim, so a tick
+    /// over a quiet fleet costs one uncontended lock per key and never turns a POST away.
+    pub fn may_need_recovery(&self) -> bool {
+        if self.is_busy() {
+            return false;
+        }
+        let live = self.live();
+        live.lost || !matches!(live.phase, Phase::Idle | Phase::Watch)
     }
 
     pub fn live(&self) -> MutexGuard<'_, Live> {
@@ -191,6 +206,29 @@ mod tests {
         drop(first);
         assert!(!slot.is_busy());
         assert!(slot.try_claim().is_some());
+    }
+
+    #[test]
+    fn only_a_free_key_mid_rotation_or_lost_needs_a_recovery_look() {
+        let slot = KeySlot::new(KeyJournal::new("k"));
+        assert!(!slot.may_need_recovery(), "idle: nothing to recover");
+        let mut j = KeyJournal::new("k");
+        j.lost = true;
+        slot.changed(&j);
+        assert!(slot.may_need_recovery(), "lost: a re-rotation is owed");
+        let claim = slot.try_claim().expect("free");
+        assert!(!slot.may_need_recovery(), "held: its holder acts");
+        drop(claim);
+        j.lost = false;
+        j.phase = Phase::Storing;
+        slot.changed(&j);
+        assert!(slot.may_need_recovery(), "interrupted mid-rotation");
+        j.phase = Phase::Watch;
+        slot.changed(&j);
+        assert!(
+            !slot.may_need_recovery(),
+            "a watch is only resumed at start"
+        );
     }
 
     #[test]
