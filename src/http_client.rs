@@ -146,7 +146,11 @@ pub fn client(settings: &ClientSettings) -> Result<reqwest::Client, ClientError>
 }
 
 fn build(settings: &ClientSettings, material: Material) -> Result<reqwest::Client, ClientError> {
+    // Idle connections kept per host: as many as rotations run at once (a fleet's keys on one
+    // portal or one Vault share one pool), closed after 30 s unused.
     let mut b = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .pool_idle_timeout(Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")));
     if let Some(t) = settings.timeout {

@@ -762,7 +762,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                                 format!("{v:?} must start with '/'"),
                             );
                         }
-                        *slot = v;
+                        *slot = v.into();
                     }
                 }
             }

@@ -6,6 +6,7 @@
 pub mod load;
 pub mod raw;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,19 +105,21 @@ impl Overlap {
     }
 }
 
+/// The portal's paths under `base_url`. The defaults are borrowed: a fleet of providers on the
+/// contract's paths allocates none.
 #[derive(Debug, Clone)]
 pub struct AosPaths {
-    pub status: String,
-    pub regenerate: String,
-    pub auth_check: String,
+    pub status: Cow<'static, str>,
+    pub regenerate: Cow<'static, str>,
+    pub auth_check: Cow<'static, str>,
 }
 
 impl Default for AosPaths {
     fn default() -> Self {
         AosPaths {
-            status: "/v1/api-keys/current".into(),
-            regenerate: "/v1/api-keys/regenerate".into(),
-            auth_check: "/v1/auth/check".into(),
+            status: Cow::Borrowed("/v1/api-keys/current"),
+            regenerate: Cow::Borrowed("/v1/api-keys/regenerate"),
+            auth_check: Cow::Borrowed("/v1/auth/check"),
         }
     }
 }
