@@ -165,7 +165,7 @@ pub async fn status(config: Config, only: Option<&str>) -> anyhow::Result<Vec<Ke
                 provider: k.provider.clone(),
                 owner: k.owner.as_ref().map(|o| o.view()),
                 approval_required: k.approval.is_some(),
-                pending_approval: j.pending_approval.clone(),
+                pending_approval: j.pending_approval.as_deref().cloned(),
                 first_contact,
                 portal,
                 portal_error,

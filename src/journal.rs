@@ -212,7 +212,7 @@ pub struct KeyJournal {
     /// The key was lost (no destination confirmed it): a re-rotation is owed once a store is writable.
     pub lost: bool,
     /// A due rotation waiting for an operator's approval.
-    pub pending_approval: Option<PendingApproval>,
+    pub pending_approval: Option<Box<PendingApproval>>,
     /// The invalidation windows of the last rotations that distributed a key, in milliseconds,
     /// oldest first (at most [`WINDOWS_KEPT`]).
     pub windows_ms: Vec<u64>,
@@ -521,7 +521,7 @@ impl KeyJournal {
         asked_at: DateTime<Utc>,
         until: DateTime<Utc>,
     ) {
-        self.pending_approval = Some(PendingApproval {
+        self.pending_approval = Some(Box::new(PendingApproval {
             rotation_id: meta.rotation_id,
             trigger: meta.trigger,
             reason: meta.reason.clone(),
@@ -529,7 +529,7 @@ impl KeyJournal {
             started_at: meta.started_at,
             asked_at,
             until,
-        });
+        }));
     }
 
     /// The pending rotation was approved: it runs now (its records name the approver).

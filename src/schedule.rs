@@ -1729,11 +1729,11 @@ mod tests {
             jitter: Duration::from_secs(600),
             max_age: Some(Duration::from_secs(30 * 86_400)),
             window: Some(window("Mon-Fri", "08:00", "17:00")),
-            owner: Some(crate::config::OwnerConfig {
+            owner: Some(Box::new(crate::config::OwnerConfig {
                 name: "team-payments".into(),
                 contact: Some("#payments".into()),
                 runbook: None,
-            }),
+            })),
             approval: Some(crate::config::ApprovalConfig {
                 timeout: Duration::from_secs(1800),
                 notify: Vec::new(),

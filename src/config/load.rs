@@ -392,6 +392,37 @@ fn article(kind: &str) -> String {
     }
 }
 
+/// Keys without an owner: one warning each for a few, one warning naming the first few for a fleet
+/// (ten thousand identical lines would bury every other warning, and stay in memory for good).
+fn owner_warnings(c: &mut Check, keys: &[KeyConfig]) {
+    const EACH: usize = 5;
+    const HINT: &str = "set owner = { name = \"...\" } so that status, alerts and notifications say whose key it is";
+    let without: Vec<&str> = keys
+        .iter()
+        .filter(|k| k.owner.is_none())
+        .map(|k| k.name.as_str())
+        .collect();
+    if without.len() <= EACH {
+        for name in without {
+            c.warnings.push(format!("key {name:?}: no owner: {HINT}"));
+        }
+        return;
+    }
+    let first: Vec<String> = without[..3].iter().map(|n| format!("{n:?}")).collect();
+    c.warnings.push(format!(
+        "{} keys have no owner ({} and {} more): {HINT}",
+        without.len(),
+        first.join(", "),
+        without.len() - first.len()
+    ));
+}
+
+/// `v` without spare capacity.
+fn shrunk<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
+}
+
 /// Meaning, references between sections, defaults and credentials: raw -> [`Config`].
 fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, ConfigError> {
     let raw::Parsed {
@@ -595,16 +626,11 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
         c.warnings
             .push("no [[keys]] configured: keyrotd has nothing to rotate".into());
     }
+    owner_warnings(&mut c, &keys);
     for k in &keys {
         if k.is_manual_only() {
             c.warnings.push(format!(
                 "key {:?}: neither schedule nor max_age: manual-only, rotated only by `keyrotd rotate`",
-                k.name
-            ));
-        }
-        if k.owner.is_none() {
-            c.warnings.push(format!(
-                "key {:?}: no owner: set owner = {{ name = \"...\" }} so that status, alerts and notifications say whose key it is",
                 k.name
             ));
         }
@@ -892,7 +918,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 );
             }
             let max_retry_after = max_retry_after(c, &base, h.max_retry_after.as_ref());
-            Some(ProviderConfig::Http(HttpProviderConfig {
+            Some(ProviderConfig::Http(Box::new(HttpProviderConfig {
                 auth,
                 overlap,
                 regenerate,
@@ -906,7 +932,7 @@ fn provider(c: &mut Check, name: &str, p: raw::RawProvider) -> Option<ProviderCo
                 requested_by,
                 tls,
                 max_retry_after,
-            }))
+            })))
         }
     }
 }
@@ -1501,7 +1527,7 @@ fn key(c: &mut Check, path: &str, k: raw::RawKey, names: &Names<'_>) -> Option<K
     );
     let rollout = key_rollout(c, path, &k);
 
-    let owner = k.owner.and_then(|o| owner(c, path, o));
+    let owner = k.owner.and_then(|o| owner(c, path, o)).map(Box::new);
     let approval = k
         .approval
         .and_then(|a| approval(c, &format!("{path}.approval"), a, names.notify));
@@ -1654,8 +1680,9 @@ fn key(c: &mut Check, path: &str, k: raw::RawKey, names: &Names<'_>) -> Option<K
         notify,
         on_first_contact,
         rollout,
-        destinations,
-        dependents,
+        // Built in place from the raw lists, whose capacity they would keep otherwise.
+        destinations: shrunk(destinations),
+        dependents: shrunk(dependents),
     })
 }
 
@@ -2159,6 +2186,58 @@ max_age = "30d"
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         load_str_with_overrides(text, &overrides)
+    }
+
+    /// `n` keys without an owner, each on its own `aos` provider with a file destination.
+    fn ownerless_fleet(dir: &Path, n: usize) -> String {
+        let tok = dir.join("tok");
+        std::fs::write(&tok, "token-value\n").unwrap();
+        let mut text = format!(
+            "[stores.files]\nkind = \"file\"\ndir = \"{}\"\n",
+            dir.display()
+        );
+        for i in 0..n {
+            text.push_str(&format!(
+                "[providers.p{i}]\nkind = \"aos\"\nbase_url = \"https://aos.example.com/a/{i}\"\n\
+                 management_token = {{ file = \"{}\" }}\n\
+                 [[keys]]\nname = \"k{i}\"\nprovider = \"p{i}\"\nmax_age = \"30d\"\n\
+                 [[keys.destinations]]\nstore = \"files\"\nfile = \"k{i}.key\"\n",
+                tok.display()
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn a_few_keys_without_owner_are_named_each_and_a_fleet_in_one_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let few = load(&ownerless_fleet(dir.path(), 2), &[]).unwrap();
+        let owners: Vec<&String> = few
+            .warnings
+            .iter()
+            .filter(|w| w.contains("owner"))
+            .collect();
+        assert_eq!(owners.len(), 2, "{owners:?}");
+        assert!(
+            owners[0].starts_with("key \"k0\": no owner: set owner"),
+            "{owners:?}"
+        );
+        let fleet = load(&ownerless_fleet(dir.path(), 40), &[]).unwrap();
+        let owners: Vec<&String> = fleet
+            .warnings
+            .iter()
+            .filter(|w| w.contains("owner"))
+            .collect();
+        assert_eq!(owners.len(), 1, "{owners:?}");
+        assert!(
+            owners[0].starts_with(
+                "40 keys have no owner (\"k0\", \"k1\", \"k2\" and 37 more): set owner"
+            ),
+            "{owners:?}"
+        );
+        // Built in place from the raw lists, the key's lists keep no spare capacity.
+        let k = &fleet.keys[0];
+        assert_eq!(k.destinations.capacity(), k.destinations.len());
     }
 
     #[test]

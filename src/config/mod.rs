@@ -67,12 +67,14 @@ pub struct DaemonConfig {
     pub paused: bool,
 }
 
-// A handful per config, read once: the size difference between variants does not matter.
+/// A fleet has one provider per key, most of them `aos`: the far larger `http` description is boxed
+/// so that an `aos` provider does not pay for it. (Boxing the common `aos` too, as clippy would have
+/// it, would only add an allocation per provider.)
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ProviderConfig {
     Aos(AosProviderConfig),
-    Http(HttpProviderConfig),
+    Http(Box<HttpProviderConfig>),
 }
 
 impl ProviderConfig {
@@ -315,7 +317,8 @@ pub struct KeyConfig {
     pub max_regenerations_per_day: u32,
     /// Who the key belongs to: shown by `status`, `/v1/keys`, `check-config` and `plan`, written into
     /// every audit record of the key and joined onto its alerts (`keyrotd_key_info`).
-    pub owner: Option<OwnerConfig>,
+    /// Boxed: most of a fleet's keys have none, or share a few, and it is read rarely.
+    pub owner: Option<Box<OwnerConfig>>,
     /// Scheduled rotations wait for an operator's approval (`None`: they run when due).
     pub approval: Option<ApprovalConfig>,
     /// `[notify.NAME]` targets told about this key's events.

@@ -125,7 +125,7 @@ impl Engine {
         let pending = {
             let mut j = slot.lock_journal().await;
             let pending = j.pending_approval.clone();
-            match answer(pending.as_ref(), now) {
+            match answer(pending.as_deref(), now) {
                 Answer::Rotate { preflight_again } => {
                     j.approved();
                     self.journal_changed(&slot, &j);
@@ -156,7 +156,7 @@ impl Engine {
         req.approval = Some(Approval {
             by,
             reason,
-            pending,
+            pending: *pending,
             preflight_again,
         });
         let (id, _handle) = self.start_claimed(claim, req)?;

@@ -55,7 +55,7 @@ pub struct Live {
     pub retry_at: Option<DateTime<Utc>>,
     pub retry_attempt: u32,
     /// Mirror of the journal's pending approval.
-    pub pending_approval: Option<PendingApproval>,
+    pub pending_approval: Option<Box<PendingApproval>>,
     /// Mirror of the journal: keyrotd has never issued nor adopted this key.
     pub first_contact: bool,
     /// Mirror of the journal: the key is lost (a re-rotation is owed).

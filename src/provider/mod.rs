@@ -91,12 +91,13 @@ pub enum ProviderError {
     },
 }
 
-/// A configured provider, ready to use.
-// One per configured provider, built once and shared: the size difference does not matter.
+/// A configured provider, ready to use. The test-only scripted provider is the largest; the common
+/// `aos` stays inline.
 #[allow(clippy::large_enum_variant)]
 pub enum Provider {
     Aos(aos::AosProvider),
-    Http(http::HttpProvider),
+    /// Boxed: a fleet's providers are mostly `aos`, and this one is several times their size.
+    Http(Box<http::HttpProvider>),
     /// An in-memory portal with injectable faults: the engine's tests (feature `testing`).
     #[cfg(feature = "testing")]
     Scripted(crate::testing::ScriptedProvider),
@@ -106,7 +107,7 @@ impl Provider {
     pub fn build(name: &str, config: &ProviderConfig) -> Result<Provider, ProviderError> {
         Ok(match config {
             ProviderConfig::Aos(c) => Provider::Aos(aos::AosProvider::new(name, c)?),
-            ProviderConfig::Http(c) => Provider::Http(http::HttpProvider::new(name, c)?),
+            ProviderConfig::Http(c) => Provider::Http(Box::new(http::HttpProvider::new(name, c)?)),
         })
     }
 

@@ -53,11 +53,11 @@ pub fn config() -> Config {
         auto_recover: true,
         max_rerotations: 3,
         max_regenerations_per_day: 6,
-        owner: Some(OwnerConfig {
+        owner: Some(Box::new(OwnerConfig {
             name: "team-payments".into(),
             contact: Some("#payments-oncall".into()),
             runbook: None,
-        }),
+        })),
         approval: Some(ApprovalConfig {
             timeout: Duration::from_secs(1800),
             notify: Vec::new(),
@@ -102,7 +102,7 @@ pub fn config() -> Config {
         providers: BTreeMap::from([
             (
                 "vendor".to_string(),
-                ProviderConfig::Http(HttpProviderConfig {
+                ProviderConfig::Http(Box::new(HttpProviderConfig {
                     auth: None,
                     overlap: Overlap::Dual,
                     regenerate: None,
@@ -125,7 +125,7 @@ pub fn config() -> Config {
                     requested_by: "keyrotd@test".into(),
                     tls: Default::default(),
                     max_retry_after: keyrotd::backoff::DEFAULT_MAX_RETRY_AFTER,
-                }),
+                })),
             ),
             (
                 "aos".to_string(),
