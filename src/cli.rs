@@ -260,9 +260,13 @@ pub fn run(config_path: &Path, init_tracing: fn(LogFormat)) -> anyhow::Result<Ex
     Ok(Exit::Success)
 }
 
+/// The daemon's runtime. Blocking threads (file stores, journal and audit writes) are capped at 32
+/// rather than tokio's 512: a fleet's bursts of file reads would otherwise start hundreds of threads,
+/// each with its own stack and allocator cache, for work that takes microseconds.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(32)
         .build()?)
 }
 

@@ -417,6 +417,22 @@ fn owner_warnings(c: &mut Check, keys: &[KeyConfig]) {
     ));
 }
 
+/// Reconcile rounds that would keep the portals and stores busy: more than
+/// [`RECONCILE_KEYS_PER_SECOND`] keys a second, each a status request and a read per destination.
+fn reconcile_warning(c: &mut Check, interval: Option<Duration>, keys: usize) {
+    let Some(interval) = interval else { return };
+    let rate = keys as f64 / interval.as_secs_f64().max(1.0);
+    if rate > RECONCILE_KEYS_PER_SECOND {
+        c.warnings.push(format!(
+            "daemon.reconcile_interval: {keys} keys every {} is {rate:.0} keys a second, each a status request and a read per destination, for good: consider a longer interval (e.g. \"1h\")",
+            humantime::format_duration(interval)
+        ));
+    }
+}
+
+/// See [`reconcile_warning`].
+const RECONCILE_KEYS_PER_SECOND: f64 = 10.0;
+
 /// `v` without spare capacity.
 fn shrunk<T>(mut v: Vec<T>) -> Vec<T> {
     v.shrink_to_fit();
@@ -627,6 +643,7 @@ fn validate(parsed: raw::Parsed, base_dir: Option<PathBuf>) -> Result<Config, Co
             .push("no [[keys]] configured: keyrotd has nothing to rotate".into());
     }
     owner_warnings(&mut c, &keys);
+    reconcile_warning(&mut c, daemon.reconcile_interval, keys.len());
     for k in &keys {
         if k.is_manual_only() {
             c.warnings.push(format!(
@@ -2223,6 +2240,25 @@ max_age = "30d"
             "{owners:?}"
         );
         let fleet = load(&ownerless_fleet(dir.path(), 40), &[]).unwrap();
+        assert!(
+            !fleet
+                .warnings
+                .iter()
+                .any(|w| w.contains("reconcile_interval")),
+            "40 keys every 5 minutes is no load: {:?}",
+            fleet.warnings
+        );
+        let busy = load(
+            &ownerless_fleet(dir.path(), 40),
+            &[("KEYROTD__DAEMON__RECONCILE_INTERVAL", "2s")],
+        )
+        .unwrap();
+        assert!(
+            busy.warnings.iter().any(|w| w
+                .starts_with("daemon.reconcile_interval: 40 keys every 2s is 20 keys a second")),
+            "{:?}",
+            busy.warnings
+        );
         let owners: Vec<&String> = fleet
             .warnings
             .iter()
