@@ -177,14 +177,19 @@ async fn revoke_after_retires_a_kept_old_key_and_logs_it() {
         d.log_text().contains("revoke_after reached"),
         "the forced revoke is logged"
     );
-    let m = d.metrics().await;
-    assert_eq!(
-        m.get(
-            "keyrotd_key_old_key_live_since_timestamp_seconds",
-            &[("key", KEY)]
-        ),
-        0.0
-    );
+    // The gauge is cleared once the revoke is journaled, just after the vendor and the audit log
+    // saw it.
+    eventually(
+        Duration::from_secs(10),
+        "no old key reported live once it is revoked",
+        || async {
+            d.metrics().await.get(
+                "keyrotd_key_old_key_live_since_timestamp_seconds",
+                &[("key", KEY)],
+            ) == 0.0
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
