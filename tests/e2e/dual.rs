@@ -72,8 +72,22 @@ async fn a_dual_rotation_has_no_outage_and_revokes_the_old_key_once_everyone_con
     assert!(position("confirmed", Some("worker")) < revoked);
     assert!(position("confirmed", Some("edge")) < revoked);
 
-    // Probing every 50 ms from before the rotation until after the revoke: never refused.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Probing every 50 ms from before the rotation until after the revoke: never refused. Each
+    // dependent is watched until it has probed five more times since the revoke, so that a probe
+    // with the revoked key would be among those counted.
+    for (name, dep) in [("worker", &stack.worker), ("edge", &stack.edge)] {
+        let s = dep.state().await;
+        let probed = s.auth_ok + s.auth_failed;
+        eventually(
+            Duration::from_secs(10),
+            &format!("{name} probing after the revoke"),
+            || async {
+                let s = dep.state().await;
+                s.auth_ok + s.auth_failed >= probed + 5
+            },
+        )
+        .await;
+    }
     for (name, dep) in [("worker", &stack.worker), ("edge", &stack.edge)] {
         let s = dep.state().await;
         assert_eq!(s.auth_failed, 0, "{name} saw an authentication failure");

@@ -228,10 +228,19 @@ impl Recorder {
     }
 
     /// Waits until the reader has found the socket empty once more: everything sent before this
-    /// call has been received.
+    /// call has been received. The reader looks every 100 ms, so an empty socket shows within
+    /// [`DRAIN_TIMEOUT`]; past it the reader has stopped or datagrams keep coming, and the test fails
+    /// naming what was received.
     async fn wait_drained(&self) {
         let from = self.idle.load(Ordering::SeqCst);
+        let start = Instant::now();
         while self.idle.load(Ordering::SeqCst) <= from {
+            assert!(
+                start.elapsed() < DRAIN_TIMEOUT,
+                "the notify socket was not found empty within {DRAIN_TIMEOUT:?} (reader stopped, \
+                 or datagrams kept arriving); received: {:?}",
+                self.seen()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -295,6 +304,9 @@ async fn reload(systemd: &Recorder, daemon: &Daemon) -> usize {
 }
 
 const LONG: Duration = Duration::from_secs(60);
+/// How long [`Recorder::wait_drained`] waits for the reader to find the socket empty (it looks every
+/// 100 ms).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The stack's config with a 30 s provider timeout (instead of 5 s), so that the portal can be told to
 /// hold a regenerate's answer back for several seconds without keyrotd giving up on it.
