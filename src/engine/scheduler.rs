@@ -262,8 +262,13 @@ async fn recompute(engine: &Arc<Engine>, plan: &mut Plan, dirty: Dirty) {
             continue;
         }
         let last_rotated = slot.live().status.as_ref().and_then(|s| s.last_rotated);
-        // The keys of a group share one jittered due time, so they start together.
-        let sample = plan.sample(key.rollout.group.as_deref().unwrap_or(&key.name));
+        // The keys of a group share one jittered due time, so they start together. A key without
+        // jitter needs no sample (and a fleet of them keeps no map of unused ones).
+        let sample = if key.jitter.is_zero() {
+            0.0
+        } else {
+            plan.sample(key.rollout.group.as_deref().unwrap_or(&key.name))
+        };
         let due = next_due(key, &j, last_rotated, now, sample);
         plan.set(&key.name, earliest(due, revoke_due(&j)).map(Wake::Rotate));
         engine.set_next_rotation(&key.name, due.map(|d| d.at));
