@@ -85,7 +85,9 @@ fn the_unit_forbids_core_dumps_and_leaves_room_for_a_fleet_of_sockets() {
     // A core dump would hold every key in memory at the moment of the crash.
     assert_eq!(unit_value("LimitCORE"), "0");
     // A fleet's concurrent connections to portals, stores and hooks outgrow the default 1,024.
-    let nofile: u64 = unit_value("LimitNOFILE").parse().expect("LimitNOFILE is a number");
+    let nofile: u64 = unit_value("LimitNOFILE")
+        .parse()
+        .expect("LimitNOFILE is a number");
     assert!(nofile >= 16_384, "LimitNOFILE={nofile}");
 }
 
