@@ -97,6 +97,17 @@ pub fn judge(obs: &Observation, j: &KeyJournal, key: &KeyConfig) -> Repair {
     // A store that could not be read is not evidence of drift; a value that differs, or none, is.
     let stale = obs.views.iter().any(|v| !v.in_sync && v.error.is_none());
     if !stale {
+        // No destination can be read, yet the portal's active key is not the one keyrotd last held:
+        // someone rotated it elsewhere. Whether the destinations followed is unknown, so nothing is
+        // repaired, but it is flagged: silence here could be an outage nobody sees.
+        let unread = obs.views.iter().all(|v| v.error.is_some());
+        if let (Seen::Read(s), Some(held)) = (&obs.status, &j.active_key_id)
+            && unread
+            && !j.lost
+            && s.key_id != *held
+        {
+            return Repair::Report;
+        }
         return Repair::Skip("some destinations unreadable".into());
     }
     let good = obs.views.iter().position(|v| v.in_sync);
@@ -469,6 +480,9 @@ mod tests {
         j.adopted(Some("k0".into()), "fp0");
         let mut tired = j.clone();
         tired.rerotations_in_row = 4;
+        // The journal holds the portal's active key (k1).
+        let mut held = KeyJournal::new("k");
+        held.adopted(Some("k1".into()), "fp");
         // First contact: never issued nor adopted.
         let fresh = KeyJournal::new("k");
         let mut lost_at_first = KeyJournal::new("k");
@@ -490,11 +504,15 @@ mod tests {
                 &j,
                 Repair::Skip("some destinations unreadable".into()),
             ),
+            // Nothing readable, and the portal's key (k1) is not the one keyrotd held (k0): rotated
+            // elsewhere, flagged and left alone.
+            ("active", "ee", &on, &j, Repair::Report),
+            // Nothing readable, the portal's key is keyrotd's own: nothing known to be wrong.
             (
                 "active",
                 "ee",
                 &on,
-                &j,
+                &held,
                 Repair::Skip("some destinations unreadable".into()),
             ),
             ("active", "oe", &on, &j, Repair::Rerotate),
