@@ -259,21 +259,9 @@ impl VaultStore {
         };
         let what = format!("read {}", self.data_path(path));
         match self.call(target, &endpoint).await? {
-            Ok(r) => {
-                let got: Option<ReadSecretResponse> =
-                    wire::data(&r).map_err(|e| self.inner.wire.error(target, &what, &e))?;
-                Ok(match got {
-                    Some(resp) => Current {
-                        version: resp.metadata.version,
-                        data: match resp.data {
-                            Value::Object(m) => m,
-                            _ => Map::new(),
-                        },
-                        custom_metadata: resp.metadata.custom_metadata.unwrap_or_default(),
-                    },
-                    None => Current::empty(),
-                })
-            }
+            Ok(r) => Ok(self
+                .current(target, &what, &r)?
+                .unwrap_or_else(Current::empty)),
             Err(e) if wire::status(&e) == Some(404) => match wire::deleted_version(&e) {
                 Some(m) => Ok(Current {
                     version: m.version,
@@ -284,6 +272,25 @@ impl VaultStore {
             },
             Err(e) => Err(self.inner.wire.error(target, &what, &e)),
         }
+    }
+
+    /// A data read's answer as the version, data and custom metadata it holds; `None` for no data.
+    fn current(
+        &self,
+        target: &str,
+        what: &str,
+        r: &EndpointResult<ReadSecretResponse>,
+    ) -> Result<Option<Current>, StoreError> {
+        let got: Option<ReadSecretResponse> =
+            wire::data(r).map_err(|e| self.inner.wire.error(target, what, &e))?;
+        Ok(got.map(|resp| Current {
+            version: resp.metadata.version,
+            data: match resp.data {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            },
+            custom_metadata: resp.metadata.custom_metadata.unwrap_or_default(),
+        }))
     }
 
     /// The data read answered 404 without metadata: ask the metadata endpoint for the version. A
@@ -302,21 +309,7 @@ impl VaultStore {
         };
         let what = format!("read {}", self.data_path(path));
         match self.call(target, &endpoint).await? {
-            Ok(r) => {
-                let got: Option<ReadSecretResponse> =
-                    wire::data(&r).map_err(|e| self.inner.wire.error(target, &what, &e))?;
-                Ok(match got {
-                    Some(resp) => Current {
-                        version: resp.metadata.version,
-                        data: match resp.data {
-                            Value::Object(m) => m,
-                            _ => Map::new(),
-                        },
-                        custom_metadata: resp.metadata.custom_metadata.unwrap_or_default(),
-                    },
-                    None => meta,
-                })
-            }
+            Ok(r) => Ok(self.current(target, &what, &r)?.unwrap_or(meta)),
             // Still nothing to read: the latest version is deleted; its number is the metadata's
             // (a write since would make a check-and-set on it fail, never succeed).
             Err(e) if wire::status(&e) == Some(404) => Ok(meta),
