@@ -296,6 +296,21 @@ impl Coordinator {
         }
     }
 
+    /// Waits, up to one ttl, while this replica holds `key` but its lease is not valid: renewed just
+    /// after an outage and being re-checked, or about to be renewed. A rotation accepted as the
+    /// store came back then goes on once the lease is trusted again instead of aborting for a
+    /// moment's state; through a real outage it still ends without a regenerate, one ttl later.
+    pub async fn lease_settled(&self, key: &str, tenure: Option<u64>) {
+        let until = tokio::time::Instant::now() + self.ttl;
+        while matches!(
+            self.may_regenerate_as(key, tenure),
+            Err(FenceError::Unrenewed(_))
+        ) && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Before a store write or a reload: the local lease, or else the key document.
     pub async fn fence(&self, key: &str, step: Step) -> Result<(), FenceError> {
         if step == Step::Regenerate {

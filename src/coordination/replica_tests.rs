@@ -243,6 +243,38 @@ async fn with_the_store_down_no_regenerate_but_a_key_in_hand_is_still_written() 
     assert!(a.may_regenerate(&key).is_ok());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_rotation_waits_for_a_lease_being_rechecked_but_not_past_one_ttl() {
+    let cluster = Cluster::new(1);
+    let key = cluster.keys[0].clone();
+    let a = Arc::new(cluster.replica("a"));
+    cluster.tick(&a).await;
+    cluster.kv.set_down(true);
+    cluster.advance(TTL);
+    cluster.tick(&a).await;
+    // Still down: the wait ends after one ttl (tokio's paused clock), the lease still not valid.
+    let start = tokio::time::Instant::now();
+    a.lease_settled(&key, None).await;
+    assert!(start.elapsed() >= TTL);
+    assert!(matches!(
+        a.may_regenerate(&key),
+        Err(FenceError::Unrenewed(_))
+    ));
+    // Back: the wait ends as soon as a tick has renewed the lease and re-checked the key.
+    cluster.kv.set_down(false);
+    let waiting = {
+        let (a, key) = (a.clone(), key.clone());
+        tokio::spawn(async move {
+            a.lease_settled(&key, None).await;
+            a.may_regenerate(&key).is_ok()
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "nothing renewed the lease yet");
+    cluster.tick(&a).await;
+    assert!(waiting.await.unwrap(), "the lease is valid once re-checked");
+}
+
 #[tokio::test]
 async fn a_new_replica_gets_its_share_without_a_key_ever_held_twice() {
     let cluster = Cluster::new(40);
