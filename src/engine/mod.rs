@@ -20,6 +20,7 @@ pub mod coalesce;
 pub mod distribute;
 pub mod dual;
 pub mod fill;
+pub mod looks;
 pub mod preflight;
 pub mod reconcile;
 pub mod record;
@@ -338,6 +339,9 @@ pub struct Engine {
     inflight: Mutex<HashMap<Uuid, tokio::time::Instant>>,
     /// `reload_coalesce` windows, per reload target.
     pub(crate) reloads: coalesce::Coalescer,
+    /// Keys being reconciled, and being looked at by the recovery tick, across rounds.
+    pub(crate) reconciling: Arc<looks::Looks>,
+    pub(crate) recovering: Arc<looks::Looks>,
 }
 
 impl Engine {
@@ -390,6 +394,8 @@ impl Engine {
             schedule: scheduler::Signal::default(),
             inflight: Mutex::new(HashMap::new()),
             reloads: coalesce::Coalescer::default(),
+            reconciling: Arc::new(looks::Looks::new(recovery::CONCURRENCY)),
+            recovering: Arc::new(looks::Looks::new(recovery::CONCURRENCY)),
         });
         let journaled = engine.open_slots(&config);
         engine.seed_last_successes(&config, journaled);

@@ -223,31 +223,34 @@ fn views(key: &KeyConfig, values: &[Read], active_fp: Option<&str>) -> Vec<Desti
 }
 
 /// One periodic round: every key reconciled once, spread evenly over `interval` (key `i` of `n` at
-/// `(i+1)/n` of it, so a lone key is looked at when the interval has passed), at most 64 at a time. A fleet's reads then reach the portal and the stores as a
-/// steady trickle rather than a burst every interval, and the process wakes for them only as often
-/// as they are due. Ends after `interval` (or at shutdown).
+/// `(i+1)/n` of it, so a lone key is looked at when the interval has passed), at most 64 at a time.
+/// A fleet's reads then reach the portal and the stores as a steady trickle rather than a burst every
+/// interval, and the process wakes for them only as often as they are due. Each look is a task of
+/// its own ([`Looks`](super::looks::Looks)): a key whose provider hangs is skipped by the next round
+/// while its look runs, and holds up neither the other keys nor the next round. Ends after
+/// `interval` (or at shutdown).
 pub async fn reconcile_spread(engine: &Arc<Engine>, interval: std::time::Duration) {
     let config = engine.config();
     let n = config.keys.len().max(1) as u32;
     let start = tokio::time::Instant::now();
-    let round = futures::stream::iter(0..config.keys.len())
-        .map(|i| {
-            let (engine, config) = (engine.clone(), config.clone());
-            let at = start + interval.mul_f64(f64::from(i as u32 + 1) / f64::from(n));
-            async move {
-                tokio::time::sleep_until(at).await;
-                reconcile_key(&engine, &config.keys[i], true).await;
-            }
-        })
-        .buffer_unordered(CONCURRENCY)
-        .for_each(|()| async {});
-    tokio::select! {
-        _ = engine.shutdown.cancelled() => return,
-        _ = round => {}
+    for i in 0..config.keys.len() {
+        let at = start + interval.mul_f64(f64::from(i as u32 + 1) / f64::from(n));
+        tokio::select! {
+            () = engine.shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(at) => {}
+        }
+        let (e, c) = (engine.clone(), config.clone());
+        let look = async move {
+            reconcile_key(&e, &c.keys[i], true).await;
+        };
+        let _ = engine
+            .reconciling
+            .start(&config.keys[i].name, &engine.shutdown, look)
+            .await;
     }
     tokio::select! {
-        _ = engine.shutdown.cancelled() => {}
-        _ = tokio::time::sleep_until(start + interval) => {}
+        () = engine.shutdown.cancelled() => {}
+        () = tokio::time::sleep_until(start + interval) => {}
     }
 }
 

@@ -212,26 +212,44 @@ pub async fn recover_all(engine: &Arc<Engine>) -> Vec<(String, Decision)> {
 
 /// The periodic part of recovery: owed re-rotations of lost keys, and interrupted rotations nobody
 /// is running (an ambiguous regenerate not resolved yet). Also retries failed journal writes.
-pub async fn recovery_tick(engine: &Arc<Engine>) {
+///
+/// Each key's look is a task of its own ([`Looks`](super::looks::Looks), 64 at a time): the tick
+/// returns once they are started, and a key whose look from an earlier tick still runs (its provider
+/// hanging) is skipped, so it holds up no other key and no later tick. The returned [`Started`] lets
+/// a caller wait for this tick's looks to end.
+pub async fn recovery_tick(engine: &Arc<Engine>) -> Started {
     engine.flush_journals().await;
     let config = engine.config();
+    let mut started = Vec::new();
     // Only keys whose journal says a rotation was interrupted or a re-rotation is owed: the rest
     // (nearly all of a fleet, nearly always) are neither claimed nor read.
-    let pending: Vec<usize> = (0..config.keys.len())
-        .filter(|&i| {
-            engine
-                .slot(&config.keys[i].name)
-                .is_some_and(|s| s.may_need_recovery())
-        })
-        .collect();
-    futures::stream::iter(pending)
-        .for_each_concurrent(CONCURRENCY, |i| {
-            let (engine, config) = (engine.clone(), config.clone());
-            async move {
-                recover_key(&engine, &config.keys[i], false).await;
-            }
-        })
-        .await;
+    for i in 0..config.keys.len() {
+        let key = &config.keys[i].name;
+        if !engine.slot(key).is_some_and(|s| s.may_need_recovery()) {
+            continue;
+        }
+        let (e, c) = (engine.clone(), config.clone());
+        let look = async move {
+            recover_key(&e, &c.keys[i], false).await;
+        };
+        if let Some(task) = engine.recovering.start(key, &engine.shutdown, look).await {
+            started.push(task);
+        }
+    }
+    Started(started)
+}
+
+/// The looks a [`recovery_tick`] started.
+#[must_use = "the looks run on their own; `finished` waits for them"]
+pub struct Started(Vec<tokio::task::JoinHandle<()>>);
+
+impl Started {
+    /// Waits until every look of the tick has ended.
+    pub async fn finished(self) {
+        for task in self.0 {
+            let _ = task.await;
+        }
+    }
 }
 
 /// Reads what [`decide`] needs, under the key's claim, and acts on the decision.

@@ -188,3 +188,85 @@ async fn drift_without_auto_recover_is_reported_not_rerotated() {
         })
         .await;
 }
+
+/// A key whose portal accepts connections and never answers holds up no other key: the other key's
+/// drift is found and repaired round after round while the hanging key's status request is still
+/// open (its timeout is long, and each timeout is retried).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_whose_portal_hangs_does_not_stall_reconcile_of_the_others() {
+    let stack = Stack::start().await;
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hang_addr = hang.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = hang.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(conn);
+            }
+        }
+    });
+    let o = reconciling();
+    stack
+        .seed_destinations(&stack.portal.current_secret().await)
+        .await;
+    // `hung` comes second in the file, so each round looks at it after the seeded key; a round that
+    // waited for it would hold the seeded key's next look back for minutes.
+    let mut text = stack.config(&o);
+    text.push_str(&format!(
+        r#"
+[providers.hanging]
+kind = "aos"
+base_url = "http://{hang_addr}"
+management_token = {{ env = "KEYROTD_TEST_AOS_TOKEN" }}
+account_id = "acct_hung"
+timeout = "120s"
+
+[[keys]]
+name = "hung"
+provider = "hanging"
+  [[keys.destinations]]
+  store = "local"
+  file = "hung.key"
+"#
+    ));
+    let config = stack.write_config_text(&text);
+    let daemon = stack.daemon(&config).await;
+    stack
+        .eventually(LONG, "reconcile sees the seeded key in sync", || async {
+            let k = daemon.key().await;
+            k["drift"] == false
+                && k["destinations"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().all(|d| d["in_sync"] == true))
+        })
+        .await;
+
+    // Two connections to the hanging portal: the first look at start, and the first round's (which
+    // comes after the seeded key's in that round). From now on the seeded key is looked at again
+    // only by a later round.
+    stack
+        .eventually(
+            LONG,
+            "the first round's look at the hanging key",
+            || async { accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2 },
+        )
+        .await;
+    let oob_key = stack.portal.rotate_out_of_band().await;
+    stack
+        .eventually(LONG, "the seeded key's drift repaired", || async {
+            stack.portal.state().await.key_id != oob_key
+                && stack.journal()["last_outcome"] == "success"
+        })
+        .await;
+    stack.assert_consistent(&o).await;
+    // All along, the hanging key's requests were open: its status was never read.
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let (_, hung) = daemon.get("/v1/keys/hung").await;
+    assert!(hung["key_id"].is_null(), "{hung:#}");
+    server.abort();
+}

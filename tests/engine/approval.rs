@@ -278,7 +278,7 @@ async fn re_rotations_of_a_lost_key_and_drift_repairs_never_wait() {
     j.lost = true;
     fx.write_journal(&j);
     let fx = fx.start();
-    recovery::recovery_tick(fx.engine()).await;
+    recovery::recovery_tick(fx.engine()).await.finished().await;
     fx.settle().await;
     assert_eq!(fx.portal().regenerations(), 1);
     assert_eq!(fx.last_outcome(), Some(Outcome::Success));

@@ -25,7 +25,7 @@ async fn a_rotation_cannot_start_while_recovery_decides_the_key() {
     let fx = fx.start();
 
     let engine = fx.engine().clone();
-    let tick = tokio::spawn(async move { recovery::recovery_tick(&engine).await });
+    let tick = tokio::spawn(async move { recovery::recovery_tick(&engine).await.finished().await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = fx.engine().rotate(KEY, fx.request()).await;
     assert!(
