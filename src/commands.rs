@@ -614,6 +614,14 @@ async fn follow_local(engine: &Arc<Engine>, id: uuid::Uuid, key: &str, watch: bo
     let _ = tokio::time::timeout(Duration::from_secs(30), engine.tasks.wait()).await;
     engine.notices.flush(NOTICE_FLUSH).await;
     println!("outcome: {outcome}");
+    if outcome == Outcome::Degraded {
+        // The background fill ended with this process: say who finishes the job.
+        println!(
+            "the destinations this rotation could not confirm are filled by the daemon's reconcile \
+             (`keyrotd run`), copied from a destination that holds the new key; nothing is \
+             regenerated for them"
+        );
+    }
     outcome
 }
 

@@ -405,3 +405,67 @@ async fn the_regeneration_budget_spent_by_the_cli_binds_the_daemon() {
     );
     stack.assert_consistent(&o).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_emergency_rotation_with_openbao_down_rotates_only_with_allow_partial() {
+    let stack = Stack::start().await;
+    // The command's own background fill ends with its process: the daemon's reconcile copies the
+    // key to what the command could not reach.
+    let o = Options {
+        reconcile_interval: "5s".into(),
+        ..Options::default()
+    };
+    let config = stack.write_config(&o);
+    let before = stack.portal.state().await;
+    stack.bao.down();
+
+    // `--force` alone: preflight needs every destination, so nothing is regenerated.
+    let args = ["rotate", KEY, "--reason", "test: key exposed", "--force"];
+    let (code, out, err) = keyrotd(&stack, &config, &args);
+    assert_eq!(code, 1, "aborted: stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("outcome: aborted"), "{out}");
+    assert_eq!(stack.portal.state().await.key_id, before.key_id);
+
+    // The operator's explicit choice: rotated, stored where it can be, `degraded` (exit code 3).
+    let args = [&args[..], &["--allow-partial"]].concat();
+    let (code, out, err) = keyrotd(&stack, &config, &args);
+    assert_eq!(code, 3, "degraded: stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("outcome: degraded"), "{out}");
+    assert!(out.contains("filled by the daemon's reconcile"), "{out}");
+    let now = stack.portal.state().await;
+    assert_ne!(now.key_id, before.key_id, "the exposed key is gone");
+    let held = stack.destination_fingerprints().await;
+    assert_ne!(
+        held[0],
+        Some(now.fingerprint.clone()),
+        "OpenBao was out of reach"
+    );
+    assert_eq!(
+        held[1..],
+        [Some(now.fingerprint.clone()), Some(now.fingerprint.clone())],
+        "AWS and the key file hold the new key"
+    );
+    let audit = stack.audit();
+    assert!(
+        audit.iter().any(|r| r["event"] == "started"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("partial destinations allowed"))),
+        "the choice is in the audit log: {audit:#?}"
+    );
+
+    // OpenBao back: the daemon's reconcile fills what the command could not reach.
+    stack.bao.up();
+    let _daemon = stack.daemon(&config).await;
+    stack
+        .eventually(LONG, "OpenBao filled with the new key", || async {
+            stack.vault_fingerprint().await == Some(now.fingerprint.clone())
+        })
+        .await;
+    stack.assert_consistent(&o).await;
+    assert_eq!(
+        stack.portal.state().await.regenerations,
+        1,
+        "regenerated once"
+    );
+}

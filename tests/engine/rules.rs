@@ -190,7 +190,7 @@ async fn a_lost_key_that_cannot_be_rerotated_backs_off() {
     // than 20 attempts, each audited; none regenerates.
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        recovery::recovery_tick(fx.engine()).await;
+        recovery::recovery_tick(fx.engine()).await.finished().await;
         fx.settle().await;
     }
     let attempts = tries(&fx);
@@ -352,4 +352,32 @@ async fn shutdown_waits_for_an_issued_key_from_its_regenerate_response() {
         Ok(RunResult::Finished(Outcome::Success))
     ));
     assert!(fx.engine().drain_deadline(grace) <= tokio::time::Instant::now() + grace);
+}
+
+/// A verify that fails with `auto_recover = false` (the key was rotated elsewhere while keyrotd
+/// stored its own) ends `failed` with drift flagged, never `success` with a dead key taken as active.
+#[tokio::test(start_paused = true)]
+async fn a_failed_verify_without_auto_recover_ends_failed_with_drift_flagged() {
+    let fx = Fx::new(Spec::default().key("auto_recover = false"));
+    fx.portal()
+        .fail(Op::AuthCheck, 1, Fault::Delay(Duration::from_secs(1)));
+    fx.store("b").delay_writes(Duration::from_millis(1500));
+    let fx = fx.start();
+    let provider = fx.provider.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let keyrotd::provider::Provider::Scripted(p) = &**provider {
+            p.rotate_out_of_band();
+        }
+    });
+    assert_eq!(fx.rotate().await, RunResult::Finished(Outcome::Failed));
+    fx.settle().await;
+    assert_eq!(fx.metric("keyrotd_drift", &[("key", KEY)]), 1.0);
+    assert_eq!(fx.portal().regenerations(), 1, "nothing re-rotated");
+    let j = fx.journal();
+    assert_ne!(
+        j.active_key_id.as_deref(),
+        Some(fx.portal().key_id().as_str()),
+        "the journal does not take the portal's key for one keyrotd stored"
+    );
 }
