@@ -140,7 +140,10 @@ impl Rotation {
                     meta.trigger,
                     meta.started_at,
                 )));
-                slot.remember(r.clone());
+                slot.remember(
+                    r.clone(),
+                    super::slot::records_per_key(rt.config.keys.len()),
+                );
                 r
             }
         };

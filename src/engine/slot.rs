@@ -26,8 +26,18 @@ use crate::journal::{KeyJournal, PendingApproval, Phase};
 use crate::provider::KeyStatus;
 use crate::telemetry::Outcome;
 
-/// How many finished rotations per key the engine remembers for `GET /v1/rotations/{id}`.
+/// How many finished rotations per key the engine remembers for `GET /v1/rotations/{id}`, at most.
 pub const RECORDS_PER_KEY: usize = 100;
+/// How many records the engine keeps in all: a large fleet keeps fewer per key (never under
+/// [`RECORDS_PER_KEY_AT_LEAST`]), so a year of daily rotations of 10,000 keys does not pile up a
+/// million records in memory. The audit log keeps every rotation.
+pub const RECORDS_IN_ALL: usize = 20_000;
+pub const RECORDS_PER_KEY_AT_LEAST: usize = 2;
+
+/// How many records each of `keys` keys keeps (see [`RECORDS_IN_ALL`]).
+pub fn records_per_key(keys: usize) -> usize {
+    (RECORDS_IN_ALL / keys.max(1)).clamp(RECORDS_PER_KEY_AT_LEAST, RECORDS_PER_KEY)
+}
 
 /// The live, in-memory view of a key (never persisted; rebuilt by observation after a restart).
 #[derive(Debug, Default)]
@@ -165,11 +175,11 @@ impl KeySlot {
             .find(|r| r.lock().unwrap_or_else(|p| p.into_inner()).rotation_id == id)
     }
 
-    /// Remembers a rotation's record (the last [`RECORDS_PER_KEY`]).
-    pub fn remember(&self, record: Arc<Mutex<RotationRecord>>) {
+    /// Remembers a rotation's record, keeping the last `keep` ([`records_per_key`]).
+    pub fn remember(&self, record: Arc<Mutex<RotationRecord>>, keep: usize) {
         let mut live = self.live();
         live.records.push_back(record);
-        while live.records.len() > RECORDS_PER_KEY {
+        while live.records.len() > keep.max(1) {
             live.records.pop_front();
         }
     }
@@ -233,15 +243,27 @@ mod tests {
 
     #[test]
     fn only_the_last_records_are_kept() {
-        let slot = KeySlot::new(KeyJournal::new("k"));
-        for _ in 0..RECORDS_PER_KEY + 5 {
-            slot.remember(Arc::new(Mutex::new(RotationRecord::new(
-                "k",
-                Uuid::new_v4(),
-                crate::journal::Trigger::Api,
-                Utc::now(),
-            ))));
+        for (keys, kept) in [(1, RECORDS_PER_KEY), (1_000, 20), (10_000, 2), (50_000, 2)] {
+            assert_eq!(records_per_key(keys), kept, "{keys} keys");
+            let slot = KeySlot::new(KeyJournal::new("k"));
+            let ids: Vec<Uuid> = (0..RECORDS_PER_KEY + 5).map(|_| Uuid::new_v4()).collect();
+            for id in &ids {
+                slot.remember(
+                    Arc::new(Mutex::new(RotationRecord::new(
+                        "k",
+                        *id,
+                        crate::journal::Trigger::Api,
+                        Utc::now(),
+                    ))),
+                    records_per_key(keys),
+                );
+            }
+            assert_eq!(slot.live().records.len(), kept, "{keys} keys");
+            assert!(
+                slot.record(*ids.last().unwrap()).is_some(),
+                "the newest is kept"
+            );
+            assert!(slot.record(ids[0]).is_none(), "the oldest is not");
         }
-        assert_eq!(slot.live().records.len(), RECORDS_PER_KEY);
     }
 }
