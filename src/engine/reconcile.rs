@@ -289,8 +289,13 @@ pub async fn reconcile_key(engine: &Arc<Engine>, key: &KeyConfig, act: bool) -> 
         engine.set_status(&slot, s);
     }
     let repair = judge(&obs, &journal, key);
-    let drift = repair.drift(&obs.views);
     let was_drifting = slot.live().drift;
+    // A look that could not decide (the provider or the destinations out of reach) neither raises
+    // nor clears the flag: drift found earlier stays shown until a look sees the key in sync.
+    let drift = match &repair {
+        Repair::Skip(_) => was_drifting,
+        found => found.drift(&obs.views),
+    };
     engine.set_destinations(&slot, obs.views.clone(), drift);
     // The replica holding the key tells its owner; the others only show it.
     if drift && !was_drifting && engine.acts_on(&key.name) {

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use keyrotd::engine::{RotationRequest, RunResult, Trigger, TriggerError, recovery, scheduler};
+use keyrotd::engine::{
+    RotationRequest, RunResult, Trigger, TriggerError, reconcile, recovery, scheduler,
+};
 use keyrotd::journal::Phase;
 use keyrotd::telemetry::Outcome;
 use keyrotd::testing::{Fault, Op, StoreFault};
@@ -380,4 +382,23 @@ async fn a_failed_verify_without_auto_recover_ends_failed_with_drift_flagged() {
         Some(fx.portal().key_id().as_str()),
         "the journal does not take the portal's key for one keyrotd stored"
     );
+}
+
+/// Drift that reconcile found stays flagged through a look that cannot read the provider: only a look
+/// that sees the key in sync clears it.
+#[tokio::test(start_paused = true)]
+async fn a_look_that_cannot_read_the_provider_keeps_the_drift_flag() {
+    let fx = Fx::new(Spec::default().key("auto_recover = false")).start();
+    fx.settle().await;
+    fx.portal().rotate_out_of_band();
+    reconcile::reconcile_all(fx.engine()).await;
+    assert_eq!(fx.metric("keyrotd_drift", &[("key", KEY)]), 1.0);
+    fx.portal().fail(Op::Status, 10, Fault::Transient);
+    reconcile::reconcile_all(fx.engine()).await;
+    assert_eq!(
+        fx.metric("keyrotd_drift", &[("key", KEY)]),
+        1.0,
+        "a look that could not read the provider clears nothing"
+    );
+    assert_eq!(fx.portal().regenerations(), 0);
 }
