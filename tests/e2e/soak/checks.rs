@@ -149,8 +149,9 @@ struct Unheld {
 impl Unheld {
     /// A key is never lost unnoticed: once its portal's active key has been in none of its
     /// destinations for [`UNHELD_BOUND`], keyrotd flags it (`keyrotd_drift` 1, or the journal's `lost`
-    /// with a failed rotation). Looked at only while the daemon runs (its metrics start afresh at
-    /// each start, and its first look at the keys sets `keyrotd_drift`).
+    /// with a failed rotation). Looked at only while the daemon runs, and once it has looked at the
+    /// key (its metrics start afresh at each start, and its first look at the key sets
+    /// `keyrotd_drift`).
     async fn check(&mut self, s: &Soak) {
         let Some(metrics) = s.metrics().await else {
             return;
@@ -172,6 +173,11 @@ impl Unheld {
                 continue;
             }
             let flagged = super::settle::flag(s, &name, &metrics).is_some();
+            // A daemon just (re)started has not looked at the key yet (`observing`): its drift flag
+            // is set by that first look, so the key is judged once it has been.
+            if !flagged && s.observing(&name).await {
+                continue;
+            }
             let broken = (!flagged).then(|| {
                 format!(
                     "{name}: no destination has held the portal's active key for {:.0} s, and keyrotd flags nothing (journal {})",

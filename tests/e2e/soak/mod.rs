@@ -96,6 +96,16 @@ impl Soak {
     }
 
     /// `GET path` on the daemon: (status, body), or why there was no answer.
+    /// Whether the daemon's view of `key` says its first look since the daemon started is still to
+    /// come (`observing`); false when the daemon cannot be asked.
+    async fn observing(&self, key: &str) -> bool {
+        let Ok((200, text)) = self.api_get(&format!("/v1/keys/{key}")).await else {
+            return false;
+        };
+        serde_json::from_str::<serde_json::Value>(&text)
+            .is_ok_and(|v| v["observing"] == serde_json::Value::Bool(true))
+    }
+
     async fn api_get(&self, path: &str) -> Result<(u16, String), String> {
         let base = self.admin_url().ok_or("the daemon is restarting")?;
         let r = self
