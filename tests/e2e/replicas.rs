@@ -702,8 +702,10 @@ async fn wait_ready(r: &Replica) {
 async fn a_replica_cut_off_from_openbao_stops_while_another_takes_its_keys_over() {
     // OpenBao holds the leases only: the keys go to AWS and files, which the cut-off replica still
     // reaches, so nothing but the lease stands between it and a regenerate.
+    // Eight keys: the cut-off replica gets several, so the third replica below (which must be the
+    // owner of one it tried, against two running replicas) is found in a few tries.
     let world = World::start(WorldOptions {
-        keys: 4,
+        keys: 8,
         schedule: Some(EVERY_5S.into()),
         with_vault_destination: false,
         ..WorldOptions::default()
@@ -718,7 +720,7 @@ async fn a_replica_cut_off_from_openbao_stops_while_another_takes_its_keys_over(
         world.replica_in(&ns, 0, 1).await
     })
     .await
-    .expect("16 candidates in a row owned none of the 4 keys");
+    .expect("16 candidates in a row owned none of the 8 keys");
     let rs = [&cut_off, &host];
     let ids = wait_settled(&world, &rs).await;
     // From its namespace it does its work: each of its keys rotated on schedule.
@@ -784,7 +786,7 @@ async fn a_replica_cut_off_from_openbao_stops_while_another_takes_its_keys_over(
     let (cut_id, host_id) = (ids[0].clone(), ids[1].clone());
     let (found, rejected) = spawn_until(
         &world,
-        32,
+        48,
         async || world.replica().await,
         |id| {
             let all = [cut_id.clone(), host_id.clone(), id.clone()];
@@ -797,7 +799,7 @@ async fn a_replica_cut_off_from_openbao_stops_while_another_takes_its_keys_over(
     )
     .await;
     let (third, _) = found
-        .unwrap_or_else(|| panic!("32 candidates in a row were the owner of none of {tried:?}"));
+        .unwrap_or_else(|| panic!("48 candidates in a row were the owner of none of {tried:?}"));
     let rs = [&cut_off, &host, &third];
     let everyone: Vec<&Replica> = rs.iter().copied().chain(rejected.iter()).collect();
 
