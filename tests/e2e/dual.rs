@@ -174,10 +174,14 @@ async fn revoke_after_retires_a_kept_old_key_and_logs_it() {
     let record = d.rotate_key(KEY, "test: revoke_after").await;
     assert_eq!(record["outcome"], "degraded", "{record:#}");
     assert_eq!(stack.vendor.live(KEY).await.len(), 2);
+    // The audit record is written once the vendor has answered the revoke: wait for both.
     eventually(
         Duration::from_secs(30),
-        "the old key revoked at revoke_after",
-        || async { !stack.vendor.live(KEY).await.contains(&old[0]) },
+        "the old key revoked at revoke_after, and audited",
+        || async {
+            !stack.vendor.live(KEY).await.contains(&old[0])
+                && !audited(&stack, "revoked").is_empty()
+        },
     )
     .await;
     let revoked = audited(&stack, "revoked");
