@@ -206,6 +206,13 @@ impl Buf {
 fn capture() -> (tracing::subscriber::DefaultGuard, Buf, Buf) {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
+    // tracing-core caches a callsite's interest for the process. While exactly one dispatcher is
+    // registered (this capture), a callsite first hit by another test's thread, which has none,
+    // caches "never" and the capture misses it for good (tokio-rs/tracing#3611). A second dispatcher,
+    // registered for the life of the binary and the default of no thread, keeps tracing-core on its
+    // general path, which asks every registered dispatcher.
+    static PINNED: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    PINNED.get_or_init(|| tracing::Dispatch::new(tracing_subscriber::registry()));
     let (text, json) = (Buf::default(), Buf::default());
     let (t, j) = (text.clone(), json.clone());
     let subscriber = tracing_subscriber::registry()
