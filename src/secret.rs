@@ -41,6 +41,22 @@ pub enum SecretRefError {
     FileEmpty(String),
 }
 
+/// An environment variable's name as an error may show it. A name that is not a valid variable name
+/// (letters, digits and `_`, not starting with a digit) may be a credential written where its name
+/// belongs (`token = { env = "hvs.…" }`): it is not quoted.
+fn shown_env_name(name: &str) -> String {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        name.to_string()
+    } else {
+        "(name not shown: not a valid variable name; is a credential written where its name belongs?)"
+            .to_string()
+    }
+}
+
 impl SecretRef {
     /// Reads the credential now. Called at config load only.
     pub fn resolve(&self) -> Result<Secret, SecretRefError> {
@@ -51,9 +67,9 @@ impl SecretRef {
     pub fn resolve_in(&self, base: Option<&std::path::Path>) -> Result<Secret, SecretRefError> {
         match self {
             SecretRef::Env(name) => match std::env::var(name) {
-                Ok(v) if v.is_empty() => Err(SecretRefError::EnvEmpty(name.clone())),
+                Ok(v) if v.is_empty() => Err(SecretRefError::EnvEmpty(shown_env_name(name))),
                 Ok(v) => Ok(Secret::from(v)),
-                Err(_) => Err(SecretRefError::EnvMissing(name.clone())),
+                Err(_) => Err(SecretRefError::EnvMissing(shown_env_name(name))),
             },
             SecretRef::File(path) => {
                 let joined;
@@ -144,6 +160,26 @@ pub fn fingerprint(secret: &Secret) -> String {
 pub fn fingerprint_bytes(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     hex::encode(&digest[..6])
+}
+
+#[cfg(test)]
+mod env_name_tests {
+    use super::*;
+
+    #[test]
+    fn an_env_name_that_looks_like_a_credential_is_not_quoted() {
+        let missing = SecretRef::Env("KEYROTD_TEST_SURELY_UNSET_1".into()).resolve();
+        assert!(
+            missing
+                .unwrap_err()
+                .to_string()
+                .contains("KEYROTD_TEST_SURELY_UNSET_1")
+        );
+        let misplaced = SecretRef::Env("hvs.CAESI-secret-token".into()).resolve();
+        let shown = misplaced.unwrap_err().to_string();
+        assert!(!shown.contains("hvs.CAESI"), "{shown}");
+        assert!(shown.contains("not a valid variable name"), "{shown}");
+    }
 }
 
 #[cfg(test)]
