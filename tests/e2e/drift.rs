@@ -28,6 +28,19 @@ async fn rerotations(daemon: &Daemon, reason: &str) -> f64 {
     )
 }
 
+/// Waits until the daemon's view of the key shows no drift and every destination in sync.
+async fn in_sync(stack: &Stack, daemon: &Daemon, what: &str) {
+    stack
+        .eventually(LONG, what, || async {
+            let k = daemon.key().await;
+            k["drift"] == false
+                && k["destinations"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().all(|d| d["in_sync"] == true))
+        })
+        .await;
+}
+
 /// The daemon, started over destinations that already hold the portal's current key.
 async fn seeded(stack: &Stack, o: &Options) -> Daemon {
     stack
@@ -42,15 +55,7 @@ async fn an_out_of_band_rotation_is_detected_and_rerotated() {
     let stack = Stack::start().await;
     let o = reconciling();
     let daemon = seeded(&stack, &o).await;
-    stack
-        .eventually(LONG, "reconcile sees every destination in sync", || async {
-            let k = daemon.key().await;
-            k["drift"] == false
-                && k["destinations"]
-                    .as_array()
-                    .is_some_and(|d| d.iter().all(|d| d["in_sync"] == true))
-        })
-        .await;
+    in_sync(&stack, &daemon, "reconcile sees every destination in sync").await;
 
     let oob_key = stack.portal.rotate_out_of_band().await;
     let oob_secret = stack.portal.current_secret().await;
@@ -236,15 +241,7 @@ provider = "hanging"
     ));
     let config = stack.write_config_text(&text);
     let daemon = stack.daemon(&config).await;
-    stack
-        .eventually(LONG, "reconcile sees the seeded key in sync", || async {
-            let k = daemon.key().await;
-            k["drift"] == false
-                && k["destinations"]
-                    .as_array()
-                    .is_some_and(|d| d.iter().all(|d| d["in_sync"] == true))
-        })
-        .await;
+    in_sync(&stack, &daemon, "reconcile sees the seeded key in sync").await;
 
     // Two connections to the hanging portal: the first look at start, and the first round's (which
     // comes after the seeded key's in that round). From now on the seeded key is looked at again
