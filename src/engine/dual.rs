@@ -152,6 +152,7 @@ async fn known_ids(r: &Rotation) -> Result<Vec<String>, String> {
 /// not say whether a key was made is resolved with `list` (a key nobody knew is revoked) and the
 /// create is tried again; without `list` it is simply tried again.
 async fn create(r: &Rotation, old: &Old, known: &[String]) -> Result<Issued, End> {
+    r.lease_settled().await;
     let mut attempt = 0;
     loop {
         let sent_at = r.engine.clock.now();
@@ -228,7 +229,7 @@ async fn may_create(r: &Rotation, old: &Old, now: chrono::DateTime<chrono::Utc>)
         .engine
         .coordination
         .as_ref()
-        .map(|c| c.may_regenerate(&r.key.name))
+        .map(|c| c.may_regenerate_as(&r.key.name, r.tenure))
     {
         format!("no create without the key's lease: {e}")
     } else {

@@ -52,14 +52,7 @@ pub async fn run(r: &Rotation, before: Option<&KeyStatus>) -> Regen {
         .map(|s| s.key_id.clone())
         .or_else(|| journal.active_key_id.clone());
     fail::fail_point!("after_preflight");
-    // Several replicas: a lease being re-checked after an outage is waited for (bounded), not
-    // taken for a refusal.
-    if let Some(c) = &r.engine.coordination {
-        tokio::select! {
-            () = c.lease_settled(&r.key.name, r.tenure) => {}
-            () = r.engine.shutdown.cancelled() => {}
-        }
-    }
+    r.lease_settled().await;
     let mut attempt = 0;
     loop {
         if r.engine.shutdown.is_cancelled() {

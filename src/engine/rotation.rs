@@ -536,6 +536,18 @@ impl Rotation {
         }
     }
 
+    /// Several replicas: a lease being re-checked after an outage is waited for (at most one
+    /// ttl, or until shutdown), not taken for a refusal. Called before the first regenerate or
+    /// create is sent; without `[coordination]` it returns at once.
+    pub(super) async fn lease_settled(&self) {
+        if let Some(c) = &self.engine.coordination {
+            tokio::select! {
+                () = c.lease_settled(&self.key.name, self.tenure) => {}
+                () = self.engine.shutdown.cancelled() => {}
+            }
+        }
+    }
+
     fn drift_seen(&self, ident: &Ident, why: &str) {
         self.event(EventKind::Drift, why);
         let mut n = self.notice(NoticeEvent::DriftDetected);

@@ -368,3 +368,53 @@ async fn no_secret_of_a_dual_rotation_reaches_an_output() {
         assert!(!out.contains(&s), "a secret leaked");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dual_create_waits_for_a_lease_being_rechecked_after_a_store_outage() {
+    use keyrotd::coordination::kv::{Kv, memory::MemoryKv};
+    use keyrotd::coordination::{Coordinator, FenceError, Replica};
+    use std::sync::Arc;
+
+    let fx = Fx::new(spec());
+    let kv = Arc::new(MemoryKv::default());
+    let ttl = Duration::from_secs(30);
+    let config = keyrotd::config::CoordinationConfig {
+        store: "a".into(),
+        path: "keyrotd/leases".into(),
+        ttl,
+    };
+    let replica = Arc::new(Coordinator::new(
+        Replica::named("host-x", 1, crate::fixture::t0()),
+        Kv::Memory(kv.clone()),
+        &config,
+        fx.clock.clone(),
+        Arc::new(keyrotd::telemetry::Metrics::new()),
+    ));
+    let keys = vec![KEY.to_string()];
+    replica.tick(&keys, |_| false).await;
+    assert!(replica.holds(KEY));
+    // The lease store goes away for a ttl: the key stays held, the lease unrenewed.
+    kv.set_down(true);
+    tokio::time::advance(ttl).await;
+    replica.tick(&keys, |_| false).await;
+    assert!(matches!(
+        replica.may_regenerate(KEY),
+        Err(FenceError::Unrenewed(_))
+    ));
+    let fx = fx.start_replica(replica.clone());
+    let rotation = {
+        let engine = fx.engine().clone();
+        let req = fx.request();
+        tokio::spawn(async move { engine.rotate(KEY, req).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!rotation.is_finished(), "the create waits for the lease");
+    assert_eq!(fx.portal().calls(Op::Create), 0);
+    // The store is back: the next ticks renew the lease and re-check the key, and the create goes.
+    kv.set_down(false);
+    replica.tick(&keys, |_| false).await;
+    replica.tick(&keys, |_| false).await;
+    let (_, result) = rotation.await.expect("the rotation task").expect("started");
+    assert_eq!(result, RunResult::Finished(Outcome::Success));
+    assert_eq!(fx.portal().calls(Op::Create), 1);
+}
