@@ -231,6 +231,10 @@ pub struct KeyJournal {
     pub overlap_since: Option<DateTime<Utc>>,
     /// `revoke_after`: when `pending_revoke` is revoked even if a dependent never confirmed.
     pub revoke_due: Option<DateTime<Utc>>,
+    /// Drift was reported and no look has seen the key in sync since: a restart shows it (metric,
+    /// `/v1/keys`) before its first look. Written only when it changes; absent means false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub drift: bool,
 }
 
 impl Default for KeyJournal {
@@ -265,6 +269,7 @@ impl Default for KeyJournal {
             unconfirmed: Vec::new(),
             overlap_since: None,
             revoke_due: None,
+            drift: false,
         }
     }
 }

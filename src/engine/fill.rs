@@ -64,7 +64,7 @@ impl Fill {
             self.round().await;
         }
         if self.confirmed.iter().all(|c| *c) {
-            self.all_in_sync();
+            self.all_in_sync().await;
         }
     }
 
@@ -136,7 +136,7 @@ impl Fill {
         }
     }
 
-    fn all_in_sync(&self) {
+    async fn all_in_sync(&self) {
         let views = self
             .key
             .destinations
@@ -151,6 +151,7 @@ impl Fill {
                 error: None,
             })
             .collect();
-        self.engine.set_destinations(&self.slot, views, false);
+        self.engine.set_destinations(&self.slot, views);
+        self.engine.set_drift(&self.slot, false).await;
     }
 }

@@ -441,6 +441,7 @@ impl Engine {
             self.metrics
                 .rotation_pending(&k.name, journal.pending_approval.is_some());
             dual::seed_metrics(&self.metrics, &journal);
+            self.metrics.drift(&k.name, journal.drift);
             let slot = KeySlot::new(journal);
             self.metrics.journal_blocked(&k.name, blocked.is_some());
             slot.live().blocked = blocked;
@@ -702,18 +703,35 @@ impl Engine {
         slot.live().status = Some(status.clone());
     }
 
-    pub(crate) fn set_destinations(
-        &self,
-        slot: &KeySlot,
-        views: Vec<DestinationView>,
-        drift: bool,
-    ) {
-        self.metrics.drift(&slot.name, drift);
+    pub(crate) fn set_destinations(&self, slot: &KeySlot, views: Vec<DestinationView>) {
         let mut live = slot.live();
         live.destinations = views;
         live.destinations_at = Some(self.clock.now());
-        live.drift = drift;
         live.observing = false;
+    }
+
+    /// Shows drift at once (metric, `/v1/keys`) and keeps it in the journal, so a restart shows it
+    /// before its first look. The journal is written only when the flag changes, only by the
+    /// replica holding the key, and never for a key blocked by an unreadable journal (only an
+    /// operator's rotation writes that one anew). It is not a change of the key's rotation state:
+    /// the slot's generation (which reconcile compares) is left alone.
+    pub(crate) async fn set_drift(&self, slot: &KeySlot, drift: bool) {
+        self.metrics.drift(&slot.name, drift);
+        let blocked = {
+            let mut live = slot.live();
+            live.drift = drift;
+            live.blocked.is_some()
+        };
+        if blocked || !self.acts_on(&slot.name) {
+            return;
+        }
+        let mut j = slot.lock_journal().await;
+        if j.drift == drift {
+            return;
+        }
+        j.drift = drift;
+        let written = self.persist(&j).await;
+        self.written(slot, &written);
     }
 
     pub(crate) fn set_next_rotation(&self, key: &str, at: Option<DateTime<Utc>>) {

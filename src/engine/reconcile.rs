@@ -296,7 +296,8 @@ pub async fn reconcile_key(engine: &Arc<Engine>, key: &KeyConfig, act: bool) -> 
         Repair::Skip(_) => was_drifting,
         found => found.drift(&obs.views),
     };
-    engine.set_destinations(&slot, obs.views.clone(), drift);
+    engine.set_destinations(&slot, obs.views.clone());
+    engine.set_drift(&slot, drift).await;
     // The replica holding the key tells its owner; the others only show it.
     if drift && !was_drifting && engine.acts_on(&key.name) {
         drift_found(engine, key, &repair, &obs);

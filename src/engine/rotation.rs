@@ -773,8 +773,7 @@ impl Rotation {
             why,
         );
         if how == Failure::Drift {
-            self.engine.metrics.drift(&self.key.name, true);
-            self.slot.live().drift = true;
+            self.engine.set_drift(&self.slot, true).await;
         }
         let keys = Keys {
             old_key_id: None,
@@ -825,8 +824,8 @@ impl Rotation {
             tracing::info!("Key unblocked: its journal was written anew by this rotation.");
         }
         let lagging = dist.confirmed_count() < self.key.destinations.len();
-        self.engine
-            .set_destinations(&self.slot, dist.views.clone(), lagging);
+        self.engine.set_destinations(&self.slot, dist.views.clone());
+        self.engine.set_drift(&self.slot, lagging).await;
         let keys = || Keys {
             old_key_id: if *resumed {
                 None

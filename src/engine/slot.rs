@@ -39,7 +39,8 @@ pub fn records_per_key(keys: usize) -> usize {
     (RECORDS_IN_ALL / keys.max(1)).clamp(RECORDS_PER_KEY_AT_LEAST, RECORDS_PER_KEY)
 }
 
-/// The live, in-memory view of a key (never persisted; rebuilt by observation after a restart).
+/// The live, in-memory view of a key: rebuilt by observation after a restart, except the fields
+/// that mirror the journal (`drift` among them, so a restart does not hide drift already found).
 #[derive(Debug, Default)]
 pub struct Live {
     /// Mirror of the journal's phase, for readers that must not wait on the journal mutex.
@@ -92,6 +93,7 @@ impl KeySlot {
             pending_approval: journal.pending_approval.clone(),
             first_contact: journal.is_first_contact(),
             lost: journal.lost,
+            drift: journal.drift,
             ..Live::default()
         };
         Arc::new(KeySlot {

@@ -182,8 +182,7 @@ impl Watch {
             &detail,
             now,
         ));
-        self.engine.metrics.drift(&self.key.name, true);
-        self.slot.live().drift = true;
+        self.engine.set_drift(&self.slot, true).await;
         let mut n = self.notice(NoticeEvent::DriftDetected);
         n.reason = Some(format!(
             "the provider's active key changed during the watch: {detail}"

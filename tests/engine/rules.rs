@@ -402,3 +402,34 @@ async fn a_look_that_cannot_read_the_provider_keeps_the_drift_flag() {
     );
     assert_eq!(fx.portal().regenerations(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn drift_found_before_a_restart_is_shown_after_it_until_a_look_sees_the_key_in_sync() {
+    let fx = Fx::new(Spec::default().key("auto_recover = false")).start();
+    fx.settle().await;
+    assert!(!fx.journal().drift);
+    fx.portal().rotate_out_of_band();
+    reconcile::reconcile_all(fx.engine()).await;
+    assert_eq!(fx.metric("keyrotd_drift", &[("key", KEY)]), 1.0);
+    assert!(fx.journal().drift, "the journal keeps the drift found");
+    // Restarted: the new process shows the drift before it has looked at the key at all.
+    let fx = fx.restart().await;
+    assert_eq!(
+        fx.metric("keyrotd_drift", &[("key", KEY)]),
+        1.0,
+        "a restart does not hide drift already found"
+    );
+    let view = fx.engine().key_views().into_iter().find(|v| v.name == KEY);
+    assert!(view.is_some_and(|v| v.drift));
+    // The owner puts the portal's key in every destination: the next look clears the flag, in the
+    // journal too.
+    let active = fx.portal().secret();
+    for store in crate::fixture::STORES {
+        fx.store(store)
+            .put(&crate::fixture::target().to_string(), &active);
+    }
+    reconcile::reconcile_all(fx.engine()).await;
+    assert_eq!(fx.metric("keyrotd_drift", &[("key", KEY)]), 0.0);
+    assert!(!fx.journal().drift);
+    assert_eq!(fx.portal().regenerations(), 0);
+}
