@@ -232,7 +232,9 @@ pub struct KeyJournal {
     /// `revoke_after`: when `pending_revoke` is revoked even if a dependent never confirmed.
     pub revoke_due: Option<DateTime<Utc>>,
     /// Drift was reported and no look has seen the key in sync since: a restart shows it (metric,
-    /// `/v1/keys`) before its first look. Written only when it changes; absent means false.
+    /// `/v1/keys`) before its first look. Set by a rotation's end (`failed` with drift, or a
+    /// conclusion some destination did not confirm) in the same write, otherwise written on its own
+    /// only when it changes; absent means false.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub drift: bool,
 }
@@ -473,7 +475,11 @@ impl KeyJournal {
     /// The rotation of `meta` ended `failed`, leaving the key as `how` says.
     pub fn failed(&mut self, meta: &RotationMeta, how: Failure, at: DateTime<Utc>) {
         match how {
-            Failure::Refused | Failure::Drift => self.phase = Phase::Idle,
+            Failure::Refused => self.phase = Phase::Idle,
+            Failure::Drift => {
+                self.phase = Phase::Idle;
+                self.drift = true;
+            }
             Failure::Lost => {
                 self.phase = Phase::Idle;
                 self.lost = true;

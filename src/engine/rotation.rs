@@ -773,6 +773,7 @@ impl Rotation {
             why,
         );
         if how == Failure::Drift {
+            // The journal's `failed` transition already keeps the flag: this only shows it.
             self.engine.set_drift(&self.slot, true).await;
         }
         let keys = Keys {
@@ -808,6 +809,9 @@ impl Rotation {
             && !self.engine.shutdown.is_cancelled();
         let old_key_id = self.slot.journal().await.old_key_id;
         let window = dist.window;
+        let lagging = dist.confirmed_count() < self.key.destinations.len();
+        // The drift flag goes in the same write as the conclusion (`set_drift` below then only
+        // shows it).
         let _ = self
             .engine
             .commit(&self.slot, |j| {
@@ -815,6 +819,7 @@ impl Rotation {
                 if let Some(w) = window {
                     j.window_observed(w);
                 }
+                j.drift = lagging;
             })
             .await;
         // An operator's rotation after a journal was set aside ends the block: the key has a journal
@@ -823,7 +828,6 @@ impl Rotation {
             self.engine.metrics.journal_blocked(&self.key.name, false);
             tracing::info!("Key unblocked: its journal was written anew by this rotation.");
         }
-        let lagging = dist.confirmed_count() < self.key.destinations.len();
         self.engine.set_destinations(&self.slot, dist.views.clone());
         self.engine.set_drift(&self.slot, lagging).await;
         let keys = || Keys {
